@@ -1,0 +1,312 @@
+"""Structured configs: the schema every stage's Hydra config is merged into.
+
+Hydra checks overrides against these dataclasses, so a typo (`loss.bta=1`) or a wrong
+type (`loss.k=many`) fails before anything runs. Checks that need more than a type
+(ranges, arithmetic between keys) live in the `check_*` functions below and raise
+`ConfigError`, which names the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from ntp_rl.errors import ConfigError
+
+
+class PositiveForm(Enum):
+    """How beta enters the ground-truth reward (PAPER.md section 3)."""
+
+    exponent = "exponent"  # r = (1/p) ** ((1-p) ** beta), the paper's typeset equation
+    multiplicative = "multiplicative"  # r = (1/p) * (1-p) ** beta
+
+
+class LossImpl(Enum):
+    fused = "fused"  # LM head + loss chunk by chunk: no [tokens x vocab] logits ever exist
+    chunked = "chunked"  # over the model's logits, fp32 one chunk at a time
+    reference = "reference"  # plain autograd over fp32 logits; slow, for checking
+
+
+class ModelArch(Enum):
+    qwen3 = "qwen3"
+    qwen3_moe = "qwen3_moe"
+    hf = "hf"  # any causal LM from the hub or a local directory (continued pre-training)
+
+
+class DataSource(Enum):
+    embedded = "embedded"  # the procedural reasoning corpus generated locally
+    hf = "hf"  # any `datasets` source with a text field
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class WandbMode(Enum):
+    auto = "auto"  # online when logged in, offline otherwise
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Schedule(Enum):
+    wsd = "wsd"  # warmup-stable-decay, as in the paper
+    cosine = "cosine"
+    constant = "constant"
+
+
+class NonFinitePolicy(Enum):
+    stop = "stop"  # end the run with a clear message; no checkpoint is written
+    skip = "skip"  # drop the step (no update), count it, go on
+
+
+@dataclass
+class LossConfig:
+    """The reward-shaped next-token loss. beta = lambda_top = lambda_tail = 0 is exactly CE."""
+
+    name: str = "ce"  # the preset's name, used in run names and tags
+    beta: float = 0.0  # ground-truth reward factor: < 0 precision, > 0 diversity
+    lambda_top: float = 0.0  # reward of negatives inside the top-k (paper: lambda-tilde)
+    lambda_tail: float = 0.0  # reward of negatives outside the top-k (paper: lambda-hat)
+    k: int = 100  # size of the top-k set; also used for the top-k / tail mass diagnostics
+    positive_form: PositiveForm = PositiveForm.exponent
+    impl: LossImpl = LossImpl.fused
+    chunk_size: int = 4096  # tokens per chunk for the fused and chunked paths
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    arch: ModelArch = ModelArch.qwen3
+    name_or_path: Optional[str] = None  # arch=hf: hub name or local directory
+    vocab_size: Optional[int] = None  # null: taken from the tokenizer
+    hidden_size: int = 192
+    num_layers: int = 4
+    intermediate_size: int = 512
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # null: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # Mixture of experts (arch=qwen3_moe)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.embedded
+    seq_len: int = 256  # tokens per training sequence
+    # source=embedded: the procedural corpus (ntp_rl/data/corpus.py)
+    difficulty: int = 2  # 1 (one small step) .. 5 (long chains, big numbers)
+    seed: int = 0  # the corpus's seed; the run's `seed` varies init and data order only
+    num_train_docs: int = 60000
+    num_val_docs: int = 1000
+    vocab_size: int = 512  # size of the locally trained BPE tokenizer
+    # source=hf: a hub dataset name, a local directory, or local .jsonl/.json/.parquet/.txt
+    # files (a glob works); the text in `text_field` is tokenized and packed.
+    path: Optional[str] = None
+    name: Optional[str] = None  # the dataset's config (subset) name
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    val_docs: int = 200  # documents held out from the start of the split for validation
+    max_train_docs: Optional[int] = None  # null: all of them
+    tokenizer: Optional[str] = None  # HF tokenizer name or directory (default: the model's)
+    cache_dir: Optional[str] = None  # null: <out_dir>/cache
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: Schedule = Schedule.wsd
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
+    min_lr_ratio: float = 0.1  # lr at the end of the decay, as a share of lr
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    micro_batch_size: int = 16  # sequences per forward pass on one process
+    precision: Precision = Precision.auto
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    eval_sequences: int = 64  # validation sequences per evaluation
+    save_every: int = 200
+    keep_last: int = 2  # checkpoints kept in the run directory
+    on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: stop after this many skipped steps
+
+
+@dataclass
+class WandbConfig:
+    project: str = "ntp-rl"
+    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.auto
+    group: Optional[str] = None  # null: the run's own name (a pipeline sets its lineage)
+    name: Optional[str] = None  # null: derived from the stage and the overrides
+    tags: list[str] = field(default_factory=list)  # added to the swept settings
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Keys every stage has."""
+
+    stage: str = "?"
+    seed: int = 0
+    out_dir: str = "outputs"
+    run_dir: Optional[str] = None  # null: <out_dir>/<stage>/<time>-<overrides>
+    resume: Optional[str] = None  # null: fresh run; auto: latest checkpoint of this run; or a path
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    stage: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+
+
+# ---------------------------------------------------------------------------
+# Checks beyond types. Each raises ConfigError naming the key.
+
+
+def _positive(value: Any, key: str) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(key, "must be > 0", value)
+
+
+def _finite(value: float, key: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(key, "must be a finite number", value)
+
+
+def check_loss(loss: Any, vocab_size: Optional[int] = None) -> None:
+    for key in ("beta", "lambda_top", "lambda_tail"):
+        _finite(loss[key], f"loss.{key}")
+    if loss.k < 1 or (vocab_size is not None and loss.k > vocab_size):
+        bound = f"1..{vocab_size} (the vocabulary size)" if vocab_size else ">= 1"
+        raise ConfigError("loss.k", f"must be in {bound}", loss.k)
+    _positive(loss.chunk_size, "loss.chunk_size")
+
+
+def check_model(model: Any) -> None:
+    arch = ModelArch(model.arch)
+    if arch is ModelArch.hf:
+        if not model.name_or_path:
+            raise ConfigError("model.name_or_path", "is required with model.arch=hf (a hub name or a local directory)")
+        return
+    for key in ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "max_position_embeddings"):
+        _positive(model[key], f"model.{key}")
+    if model.num_heads % model.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"must divide model.num_heads={model.num_heads}", model.num_kv_heads)
+    if model.head_dim is None and model.hidden_size % model.num_heads:
+        raise ConfigError("model.num_heads", f"must divide model.hidden_size={model.hidden_size} (or set model.head_dim)", model.num_heads)
+    if arch is ModelArch.qwen3_moe:
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            _positive(model[key], f"model.{key}")
+        if model.num_experts_per_tok > model.num_experts:
+            raise ConfigError("model.num_experts_per_tok", f"must be <= model.num_experts={model.num_experts}", model.num_experts_per_tok)
+
+
+def check_data(data: Any) -> None:
+    _positive(data.seq_len, "data.seq_len")
+    source = DataSource(data.source)
+    if source is DataSource.embedded:
+        if not 1 <= data.difficulty <= 5:
+            raise ConfigError("data.difficulty", "must be in 1..5", data.difficulty)
+        _positive(data.num_train_docs, "data.num_train_docs")
+        _positive(data.num_val_docs, "data.num_val_docs")
+        if data.vocab_size < 64:
+            raise ConfigError("data.vocab_size", "must be >= 64", data.vocab_size)
+    else:
+        if not data.path:
+            raise ConfigError("data.path", "is required with data.source=hf (a hub dataset name or local files)")
+        _positive(data.val_docs, "data.val_docs")
+
+
+def check_optim(optim: Any) -> None:
+    for key in ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "decay_fraction", "min_lr_ratio"):
+        _finite(optim[key], f"optim.{key}")
+    _positive(optim.lr, "optim.lr")
+    if optim.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", "must be >= 0", optim.weight_decay)
+    for key in ("beta1", "beta2"):
+        if not 0 <= optim[key] < 1:
+            raise ConfigError(f"optim.{key}", "must be in [0, 1)", optim[key])
+    if optim.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", "must be >= 0", optim.warmup_steps)
+    if not 0 <= optim.decay_fraction <= 1:
+        raise ConfigError("optim.decay_fraction", "must be in [0, 1]", optim.decay_fraction)
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio", "must be in [0, 1]", optim.min_lr_ratio)
+
+
+def check_batch(batch_size: int, micro_batch_size: int, num_processes: int, prefix: str = "train") -> int:
+    """Return the gradient accumulation steps, or say which key to change."""
+    _positive(batch_size, f"{prefix}.batch_size")
+    _positive(micro_batch_size, f"{prefix}.micro_batch_size")
+    per_step = micro_batch_size * num_processes
+    if batch_size % per_step:
+        raise ConfigError(
+            f"{prefix}.batch_size",
+            f"must be a multiple of {prefix}.micro_batch_size x processes = {micro_batch_size} x {num_processes} = {per_step}",
+            batch_size,
+        )
+    return batch_size // per_step
+
+
+def check_train(train: Any) -> None:
+    for key in ("max_steps", "log_every", "eval_every", "save_every", "keep_last", "eval_sequences"):
+        _positive(train[key], f"train.{key}")
+    _positive(train.batch_size, "train.batch_size")
+    _positive(train.micro_batch_size, "train.micro_batch_size")
+
+
+def check_run(cfg: Any) -> None:
+    if cfg.resume not in (None, "never", "auto") and not Path(cfg.resume).exists():
+        raise ConfigError("resume", "must be null, never, auto, or an existing checkpoint directory", cfg.resume)
+
+
+def check_pretrain(cfg: Any) -> None:
+    check_run(cfg)
+    check_loss(cfg.loss)
+    check_model(cfg.model)
+    check_data(cfg.data)
+    check_optim(cfg.optim)
+    check_train(cfg.train)
