@@ -9,6 +9,7 @@ type (`loss.k=many`) fails before anything runs. Checks that need more than a ty
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -197,9 +198,14 @@ class PretrainConfig(RunConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig}
+
+
 def register_schemas() -> None:
+    """Make each stage's dataclass available to its YAML as `<stage>_schema`."""
     cs = ConfigStore.instance()
-    cs.store(name="pretrain_schema", node=PretrainConfig)
+    for stage, schema in SCHEMAS.items():
+        cs.store(name=f"{stage}_schema", node=schema)
 
 
 # ---------------------------------------------------------------------------
@@ -220,8 +226,8 @@ def check_loss(loss: Any, vocab_size: Optional[int] = None) -> None:
     for key in ("beta", "lambda_top", "lambda_tail"):
         _finite(loss[key], f"loss.{key}")
     if loss.k < 1 or (vocab_size is not None and loss.k > vocab_size):
-        bound = f"1..{vocab_size} (the vocabulary size)" if vocab_size else ">= 1"
-        raise ConfigError("loss.k", f"must be in {bound}", loss.k)
+        bound = f"in 1..{vocab_size} (the vocabulary size)" if vocab_size else ">= 1"
+        raise ConfigError("loss.k", f"must be {bound}", loss.k)
     _positive(loss.chunk_size, "loss.chunk_size")
 
 
@@ -291,11 +297,15 @@ def check_batch(batch_size: int, micro_batch_size: int, num_processes: int, pref
     return batch_size // per_step
 
 
+def launched_processes() -> int:
+    """Processes of this launch, as torchrun / accelerate launch announce them to each process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def check_train(train: Any) -> None:
     for key in ("max_steps", "log_every", "eval_every", "save_every", "keep_last", "eval_sequences"):
         _positive(train[key], f"train.{key}")
-    _positive(train.batch_size, "train.batch_size")
-    _positive(train.micro_batch_size, "train.micro_batch_size")
+    check_batch(train.batch_size, train.micro_batch_size, launched_processes())
 
 
 def check_run(cfg: Any) -> None:

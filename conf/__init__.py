@@ -1,0 +1,1 @@
+"""Hydra config tree, installed as the package ntp_rl.conf (see pyproject.toml)."""

@@ -1,0 +1,3 @@
+from ntp_rl.cli import main
+
+main()

@@ -1,0 +1,206 @@
+"""`ntp-rl <stage> [hydra overrides]`: pick the stage, let Hydra compose its config, run it.
+
+Hydra owns the command line after the stage name, so its flags (-m, --cfg job, --info,
+--help) keep working. Before handing over, every job the command would run is composed
+once here, so a bad override costs one clear line and exit code 2 instead of a traceback,
+even in the middle of a sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from ntp_rl.errors import TrainingDiverged, UserError
+
+PROG = "ntp-rl"
+
+# stage -> (what it does, the issue that builds it when it is not built yet)
+STAGES: dict[str, tuple[str, Optional[str]]] = {
+    "pretrain": ("pre-train a model with the reward-shaped next-token loss", None),
+    "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", "issue #3"),
+    "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", "issue #4"),
+    "pipeline": ("pretrain -> eval -> rl -> eval as one lineage", "issue #5"),
+    "compare": ("tables and plots across finished runs", "issue #5"),
+}
+
+HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}
+
+
+def conf_dir() -> Path:
+    import ntp_rl.conf  # conf/ is mapped to this package (pyproject.toml)
+
+    return Path(ntp_rl.conf.__path__[0]).resolve()
+
+
+def usage() -> str:
+    lines = [
+        f"usage: {PROG} <stage> [key=value ...] [hydra flags: -m, --cfg job, --info, --help]",
+        "",
+        "stages:",
+    ]
+    for name, (what, pending) in STAGES.items():
+        note = f"  (not built yet: {pending})" if pending else ""
+        lines.append(f"  {name:<9} {what}{note}")
+    lines += [
+        "",
+        "examples:",
+        f"  {PROG} pretrain                          # the tiny default, CPU, a few minutes",
+        f"  {PROG} pretrain loss=precision           # presets: ce precision diversity tail_penalty head_reward",
+        f"  {PROG} pretrain -m loss.beta=-0.25,0,0.5 # a sweep: one run per value",
+        f"  {PROG} pretrain --cfg job                # print the composed config",
+        f"  accelerate launch --num_processes 2 -m ntp_rl pretrain",
+    ]
+    return "\n".join(lines)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(usage(), file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
+    pending = STAGES[stage][1]
+    if pending:
+        fail(f"the '{stage}' stage is not built yet ({pending}); built: "
+             + ", ".join(name for name, (_, todo) in STAGES.items() if not todo))
+    try:
+        if not HYDRA_INFO_FLAGS.intersection(rest):
+            check_command_line(stage, rest)
+    except UserError as exc:
+        fail(str(exc), exc.exit_code)
+    run_with_hydra(stage, rest)
+
+
+def run_with_hydra(stage: str, hydra_args: list[str]) -> None:
+    import hydra
+
+    from ntp_rl.config import register_schemas
+
+    register_schemas()
+    task = _stage_task(stage)
+    sys.argv = [f"{PROG} {stage}", *hydra_args]
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(task)()
+
+
+def _stage_task(stage: str) -> Callable:
+    def task(cfg):  # Hydra calls this once per job (once per sweep point with -m)
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import open_dict
+
+        from ntp_rl.stages import run_stage
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and cfg.run_dir is None:
+            with open_dict(cfg):
+                cfg.run_dir = hydra_cfg.runtime.output_dir
+        overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
+        try:
+            return run_stage(stage, cfg, overrides=overrides)
+        except (UserError, TrainingDiverged) as exc:
+            fail(str(exc), exc.exit_code)
+
+    return task
+
+
+# ---------------------------------------------------------------------------
+# Checking a command line before Hydra runs it
+
+
+def check_command_line(stage: str, hydra_args: list[str]) -> None:
+    """Compose every job of the command (each sweep point) and run the stage's config checks."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ntp_rl.config import register_schemas
+    from ntp_rl.stages import check_stage_config
+
+    try:
+        args = get_args_parser().parse_args(hydra_args)
+    except SystemExit:
+        raise UserError(f"cannot parse the command line: {' '.join(hydra_args)}") from None
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # Hydra's grammar errors
+        raise UserError(_first_line(exc)) from None
+    jobs = BasicSweeper.split_arguments(parsed, None)[0] if args.multirun else [overrides]
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for job in jobs:
+            try:
+                cfg = compose(config_name=stage, overrides=list(job))
+            except Exception as exc:
+                raise UserError(explain_compose_error(exc, stage)) from None
+            check_stage_config(stage, cfg)
+    GlobalHydra.instance().clear()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def explain_compose_error(exc: BaseException, stage: str) -> str:
+    """Turn Hydra / OmegaConf composition errors into one line naming the key."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = exc
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.partition("/")
+        options = exc.options or []
+        if options:
+            return f"{group}={option}: unknown {group} preset; choose one of: {', '.join(sorted(options))}"
+        return f"{exc.missing_cfg_file}: no such config"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key and "not in" in str(cause):
+        parent_key, _, name = cause.full_key.rpartition(".")
+        return f"{cause.full_key}: unknown key; {_known_keys_hint(stage, parent_key, name)}"
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        message = _first_line(cause).split("\n")[0]
+        return f"{cause.full_key}: {message}"
+    return _first_line(exc)
+
+
+def _known_keys_hint(stage: str, parent_key: str, name: str) -> str:
+    """List the keys that do exist where the unknown one was given, closest first."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    from ntp_rl.config import SCHEMAS
+
+    node = OmegaConf.structured(SCHEMAS[stage])
+    for part in filter(None, parent_key.split(".")):
+        node = node.get(part) if part in node else None
+        if node is None or not OmegaConf.is_config(node):
+            return "see `--cfg job` for the keys"
+    keys = [k for k in node.keys()]
+    close = difflib.get_close_matches(name, keys, n=1)
+    where = f"'{parent_key}'" if parent_key else "the top level"
+    suggestion = f"did you mean '{close[0]}'? " if close else ""
+    return f"{suggestion}keys in {where}: {', '.join(keys)}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
