@@ -1,0 +1,185 @@
+"""Checkpoints: Hugging Face weights plus everything needed to resume exactly.
+
+A checkpoint directory `checkpoints/step_00000400/` holds
+  model.safetensors, config.json, generation_config.json, tokenizer files
+      -> `AutoModelForCausalLM.from_pretrained(dir)` needs nothing from ntp-rl;
+  optimizer.pt, trainer_state.pt (step, data position, scheduler, extra state),
+  rng_state_<rank>.pt (one per process).
+It is written into a hidden temporary directory and renamed into place only when whole,
+so a kill during the write leaves the previous checkpoint as the latest one. Only
+safetensors and `torch.load(weights_only=True)` are used to read it back.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ntp_rl.errors import DataError
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / TRAINER_STATE).exists() and (path / "config.json").exists()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_model_dir(path: str, key: str) -> Path:
+    """A run directory, a checkpoints/ directory or a model directory -> a loadable model directory."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return p
+    for root in (p / "checkpoints", p):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise DataError(f"{key}={path}: no model there (neither a run directory with checkpoints nor a model directory)")
+
+
+def rng_state() -> dict[str, Any]:
+    # Plain tensors and lists, so that loading works with weights_only=True.
+    mt_name, mt_keys, mt_pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy_keys": torch.from_numpy(np.asarray(mt_keys, dtype=np.int64)),
+        "numpy_pos": int(mt_pos),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_gauss": float(gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    accelerator: Any,
+    model: torch.nn.Module,
+    lm_of: Any,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write a checkpoint on every process's behalf; all processes must call this together.
+
+    `lm_of(unwrapped_model)` returns the Hugging Face model inside the training module.
+    """
+    root = Path(root)
+    final = checkpoint_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    full_state = accelerator.get_state_dict(model)  # gathers shards under FSDP; every rank calls it
+    if accelerator.is_main_process:
+        lm = lm_of(accelerator.unwrap_model(model))
+        prefix = _prefix_of(accelerator.unwrap_model(model), lm)
+        lm_state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+        lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    _save_optimizer(accelerator, model, optimizer, tmp)
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        (tmp / "trainer_state.json").write_text(json.dumps(_jsonable(trainer_state), indent=2) + "\n")
+        if final.exists():  # a re-run of the same step: replace it only now that the new one is whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prefix_of(module: torch.nn.Module, lm: torch.nn.Module) -> str:
+    for name, sub in module.named_modules():
+        if sub is lm:
+            return f"{name}." if name else ""
+    raise ValueError("the language model is not inside the training module")
+
+
+def _save_optimizer(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(directory))
+    elif accelerator.is_main_process:
+        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+
+def load_training_state(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore optimizer, this process's RNG, and return the trainer state of checkpoint `path`."""
+    from accelerate.utils import DistributedType
+
+    path = Path(path)
+    try:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            from accelerate.utils import load_fsdp_optimizer
+
+            load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(path))
+        else:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        rng_file = path / f"rng_state_{accelerator.process_index}.pt"
+        if rng_file.exists():  # absent when resuming on more processes than were saved
+            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise DataError(f"resume: checkpoint {path} is unreadable ({str(exc).splitlines()[0]})") from exc
+    return state
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 16 else f"<tensor {tuple(value.shape)}>"
+    return value

@@ -1,0 +1,132 @@
+"""Models: Qwen3-family presets built from config, or any Hugging Face causal LM.
+
+Every model is a plain `transformers` model, so a checkpoint directory loads with
+`AutoModelForCausalLM.from_pretrained(dir)` and nothing from this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ntp_rl.config import LossImpl, ModelArch
+from ntp_rl.errors import ConfigError, DataError
+from ntp_rl.losses import LossOutput, RewardShaping, shaped_ntp_loss, shaped_ntp_loss_fused, shaped_ntp_loss_reference
+
+
+def _arch(model_cfg: Any) -> ModelArch:
+    return ModelArch(getattr(model_cfg.arch, "value", model_cfg.arch))
+
+
+def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_token_id: int | None) -> nn.Module:
+    """A freshly initialised model from a preset, or the pretrained weights of model.name_or_path."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    arch = _arch(model_cfg)
+    if arch is ModelArch.hf:
+        return load_pretrained(model_cfg.name_or_path, key="model.name_or_path", attn_implementation=model_cfg.attn_implementation)
+
+    common = dict(
+        vocab_size=model_cfg.vocab_size or vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        num_key_value_heads=model_cfg.num_kv_heads,
+        head_dim=model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_heads,
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        rope_theta=model_cfg.rope_theta,
+        rms_norm_eps=model_cfg.rms_norm_eps,
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+        initializer_range=model_cfg.init_std,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+    if arch is ModelArch.qwen3_moe:
+        config = Qwen3MoeConfig(
+            intermediate_size=model_cfg.intermediate_size,
+            moe_intermediate_size=model_cfg.moe_intermediate_size,
+            num_experts=model_cfg.num_experts,
+            num_experts_per_tok=model_cfg.num_experts_per_tok,
+            **common,
+        )
+        model_cls = Qwen3MoeForCausalLM
+    else:
+        config = Qwen3Config(intermediate_size=model_cfg.intermediate_size, **common)
+        model_cls = Qwen3ForCausalLM
+    config._attn_implementation = model_cfg.attn_implementation
+    return model_cls(config)
+
+
+def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: str = "sdpa", dtype: Any = None) -> nn.Module:
+    """Load an HF causal LM; a missing or unreadable directory is a one-line DataError."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists() or len(path.parts) > 2
+    if looks_local and not (path / "config.json").exists():
+        raise DataError(f"{key}={name_or_path}: no Hugging Face model there (config.json is missing)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line})") from exc
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        embeddings = model.get_input_embeddings().weight
+        total -= embeddings.numel()
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not embeddings:
+            total -= head.weight.numel()
+    return total
+
+
+def _has_plain_linear_head(lm: nn.Module) -> bool:
+    """The fused loss recomputes `hidden @ W.T`; models that change logits after the head cannot use it."""
+    head = lm.get_output_embeddings()
+    config = lm.config
+    return (
+        isinstance(head, nn.Linear)
+        and head.bias is None
+        and not getattr(config, "final_logit_softcapping", None)
+        and getattr(config, "logit_scale", None) in (None, 1.0)
+    )
+
+
+class ShapedLossLM(nn.Module):
+    """A causal LM whose forward returns the reward-shaped loss for next-token prediction.
+
+    Wrapping the LM (instead of calling its parts from the training loop) keeps DDP's and
+    FSDP's hooks around the LM head, which the fused loss reads directly.
+    """
+
+    def __init__(self, lm: nn.Module, loss_cfg: Any):
+        super().__init__()
+        self.lm = lm
+        self.shaping = RewardShaping.from_config(loss_cfg)
+        self.impl = LossImpl(getattr(loss_cfg.impl, "value", loss_cfg.impl))
+        self.chunk_size = int(loss_cfg.chunk_size)
+        if self.impl is LossImpl.fused and not _has_plain_linear_head(lm):
+            self.impl = LossImpl.chunked
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LossOutput:
+        if self.impl is LossImpl.fused:
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            head = self.lm.get_output_embeddings()
+            return shaped_ntp_loss_fused(hidden, head.weight, labels, self.shaping, chunk_size=self.chunk_size)
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if self.impl is LossImpl.chunked:
+            return shaped_ntp_loss(logits, labels, self.shaping, chunk_size=self.chunk_size)
+        return shaped_ntp_loss_reference(logits, labels, self.shaping)
+
+
+def check_vocab(model: nn.Module, tokenizer: Any) -> None:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ConfigError("model.vocab_size", f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab}", vocab)

@@ -1,0 +1,164 @@
+"""Run directories: where a run's config, metrics, checkpoints and results live.
+
+Rank 0 alone decides the directory and tells the other processes, because each process
+would otherwise read its own clock. `run.json` says what state the run is in
+(running / finished / failed / diverged), so a half-done run never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from ntp_rl.checkpoint import latest_checkpoint
+from ntp_rl.errors import ConfigError, TrainingDiverged
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_run_info(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_name(stage: str, overrides: Sequence[str], explicit: Optional[str] = None) -> str:
+    """`pretrain-loss=precision,loss.beta=-0.1`: the stage plus what the command changed."""
+    if explicit:
+        return explicit
+    shown = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in NAME_EXCLUDED_KEYS]
+    return f"{stage}-{','.join(shown)}" if shown else stage
+
+
+# Keys that say where or how a run is recorded, not what it computes.
+NAME_EXCLUDED_KEYS = {"run_dir", "resume", "out_dir", "logger.wandb.mode", "logger.wandb.project",
+                      "logger.wandb.entity", "logger.wandb.group", "logger.wandb.name", "logger.progress_bar"}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)[:120]
+
+
+@dataclass
+class RunDir:
+    path: Path
+    name: str
+    resume_from: Optional[Path] = None  # the checkpoint this run continues from
+    info: dict = field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def update(self, **info: Any) -> None:
+        """Record the run's state in run.json (main process only)."""
+        self.info.update(info, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json_atomic(self.path / RUN_FILE, self.info)
+
+    def write_config(self, cfg: Any) -> None:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        tmp = self.path / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.path / CONFIG_FILE)
+
+
+def choose_run_dir(cfg: Any, stage: str, overrides: Sequence[str]) -> RunDir:
+    """Decide (on rank 0) where this run lives and which checkpoint, if any, it resumes.
+
+    resume=auto with no run_dir picks the newest unfinished run of the same name, so
+    re-running the command that crashed carries on where it stopped.
+    """
+    name = run_name(stage, overrides, cfg.logger.wandb.name)
+    stage_root = Path(cfg.out_dir) / stage
+    resume = cfg.resume if cfg.resume not in (None, "never") else None
+
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    elif resume == "auto":
+        path = _newest_unfinished(stage_root, _safe(name)) or _fresh_path(stage_root, name)
+    elif resume:
+        path = _run_dir_of_checkpoint(Path(resume))
+    else:
+        path = _fresh_path(stage_root, name)
+
+    resume_from: Optional[Path] = None
+    if resume == "auto":
+        resume_from = latest_checkpoint(path / "checkpoints")
+    elif resume:
+        resume_from = Path(resume)
+        if latest_checkpoint(resume_from.parent) is None or not (resume_from / "trainer_state.pt").exists():
+            raise ConfigError("resume", "is not a complete ntp-rl checkpoint (no trainer_state.pt)", resume)
+    elif latest_checkpoint(path / "checkpoints") is not None:
+        raise ConfigError("run_dir", "already holds checkpoints of a run; pass resume=auto to continue it, "
+                          "or choose another run_dir", str(path))
+
+    info = read_run_info(path) if resume_from else {}
+    return RunDir(path=path, name=name, resume_from=resume_from, info=info)
+
+
+def _fresh_path(stage_root: Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = stage_root / f"{stamp}-{_safe(name)}"
+    suffix = 1
+    while path.exists():
+        path = stage_root / f"{stamp}-{_safe(name)}-{suffix}"
+        suffix += 1
+    return path
+
+
+def _newest_unfinished(stage_root: Path, safe_name: str) -> Optional[Path]:
+    pattern = re.compile(r"^\d{8}-\d{6}-" + re.escape(safe_name) + r"(-\d+)?$")
+    candidates = sorted((p for p in stage_root.glob("*") if pattern.match(p.name)), reverse=True)
+    for path in candidates:
+        if read_run_info(path).get("status") != "finished" and latest_checkpoint(path / "checkpoints"):
+            return path
+    return None
+
+
+def _run_dir_of_checkpoint(checkpoint: Path) -> Path:
+    # <run_dir>/checkpoints/step_XXXXXXXX
+    return checkpoint.resolve().parent.parent
+
+
+def create(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], world_size: int) -> None:
+    """Make the directory and its first records (main process only)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.checkpoints.mkdir(exist_ok=True)
+    run.write_config(cfg)
+    started = run.info.get("started_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    run.update(stage=stage, name=run.name, status="running", started_at=started, overrides=list(overrides),
+               world_size=world_size, resumed_from=str(run.resume_from) if run.resume_from else None)
+
+
+@contextmanager
+def recording_failures(run: RunDir, is_main: bool) -> Iterator[None]:
+    """Whatever stops the run early is written to run.json, so it never looks finished."""
+    try:
+        yield
+    except TrainingDiverged:
+        raise  # already recorded, with the step and the last good checkpoint
+    except KeyboardInterrupt:
+        if is_main:
+            run.update(status="interrupted")
+        raise
+    except BaseException as exc:
+        if is_main:
+            text = str(exc).strip()
+            run.update(status="failed", error=f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+        raise

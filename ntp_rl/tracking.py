@@ -1,0 +1,132 @@
+"""Metrics go to two places: W&B (through Accelerate's tracker) and the run's metrics.jsonl.
+
+The local file is the record `ntp-rl compare` reads, so a run is fully described without
+a W&B server. W&B mode `auto` logs online when the user is logged in and offline
+otherwise (saying so once); `disabled` skips W&B entirely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+from urllib.parse import urlparse
+
+from omegaconf import OmegaConf
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def wandb_mode(requested: Any) -> str:
+    """Resolve `auto` to online/offline; an explicit WANDB_MODE in the environment wins over auto."""
+    mode = getattr(requested, "value", requested)
+    if mode != "auto":
+        return mode
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if env_mode == "dryrun" else env_mode
+    return "online" if wandb_logged_in() else "offline"
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            continue
+    return rows
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+class Tracker:
+    """Created on every process; only the main process writes anything."""
+
+    def __init__(self, accelerator: Any, run_dir: Path, mode: str, *, stage: str, run_name: str, group: Optional[str],
+                 tags: Sequence[str], cfg: Any, resume_step: Optional[int], wandb_id: Optional[str], logger_cfg: Any):
+        self.accelerator = accelerator
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+        self.is_main = accelerator.is_main_process
+        self.wandb_run = None
+        if not self.is_main:
+            return
+        self._metrics_path = self.run_dir / METRICS_FILE
+        if resume_step is not None:
+            self._drop_rows_after(resume_step)
+        self._metrics_file = open(self._metrics_path, "a", buffering=1)
+        if mode == "disabled":
+            return
+        if mode == "offline":
+            print(f"W&B: not logged in, logging offline to {self.run_dir / 'wandb'} "
+                  f"(upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)", file=sys.stderr)
+        accelerator.init_trackers(
+            logger_cfg.wandb.project,
+            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            init_kwargs={"wandb": {
+                "name": run_name,
+                "group": group or run_name,
+                "job_type": stage,
+                "tags": list(tags),
+                "dir": str(self.run_dir),
+                "mode": mode,
+                "id": wandb_id,
+                "resume": "allow",
+                "entity": logger_cfg.wandb.entity,
+                "settings": {"console": "off", "quiet": True, "silent": True},
+            }},
+        )
+        self.wandb_run = accelerator.get_tracker("wandb", unwrap=True)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint; keep one record of each."""
+        if not self._metrics_path.exists():
+            return
+        kept = [json.dumps(r) for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
+        tmp = self._metrics_path.with_name(f".{METRICS_FILE}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self._metrics_path)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._metrics_file.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.is_main and self.wandb_run is not None:
+            for key, value in values.items():
+                self.wandb_run.summary[key] = _clean(value)
+
+    def finish(self) -> None:
+        if not self.is_main:
+            return
+        self._metrics_file.close()
+        if self.wandb_run is not None:
+            self.accelerator.end_training()
