@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ntp_rl.errors import DataError
+from ntp_rl.faults import kill_point
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
@@ -114,6 +115,9 @@ def save_checkpoint(
 
     full_state = accelerator.get_state_dict(model)  # gathers shards under FSDP; every rank calls it
     if accelerator.is_main_process:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a shard-writing bar per checkpoint would break ours
         lm = lm_of(accelerator.unwrap_model(model))
         prefix = _prefix_of(accelerator.unwrap_model(model), lm)
         lm_state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
@@ -122,6 +126,7 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
     _save_optimizer(accelerator, model, optimizer, tmp)
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    kill_point("checkpoint_write", step)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -133,6 +138,7 @@ def save_checkpoint(
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    kill_point("checkpoint_done", step)
     return final
 
 

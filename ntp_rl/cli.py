@@ -8,9 +8,7 @@ even in the middle of a sweep.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 from ntp_rl.errors import TrainingDiverged, UserError
@@ -27,12 +25,6 @@ STAGES: dict[str, tuple[str, Optional[str]]] = {
 }
 
 HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}
-
-
-def conf_dir() -> Path:
-    import ntp_rl.conf  # conf/ is mapped to this package (pyproject.toml)
-
-    return Path(ntp_rl.conf.__path__[0]).resolve()
 
 
 def usage() -> str:
@@ -76,38 +68,43 @@ def main(argv: Optional[list[str]] = None) -> None:
     if pending:
         fail(f"the '{stage}' stage is not built yet ({pending}); built: "
              + ", ".join(name for name, (_, todo) in STAGES.items() if not todo))
+    swept: list[str] = []
     try:
         if not HYDRA_INFO_FLAGS.intersection(rest):
-            check_command_line(stage, rest)
+            swept = check_command_line(stage, rest)
     except UserError as exc:
         fail(str(exc), exc.exit_code)
-    run_with_hydra(stage, rest)
+    run_with_hydra(stage, rest, swept)
 
 
-def run_with_hydra(stage: str, hydra_args: list[str]) -> None:
+def run_with_hydra(stage: str, hydra_args: list[str], swept_keys: list[str]) -> None:
     import hydra
 
-    from ntp_rl.config import register_schemas
+    from ntp_rl.config import conf_dir, register_schemas
 
     register_schemas()
-    task = _stage_task(stage)
+    task = _stage_task(stage, swept_keys)
     sys.argv = [f"{PROG} {stage}", *hydra_args]
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(task)()
 
 
-def _stage_task(stage: str) -> Callable:
+def _stage_task(stage: str, swept_keys: list[str]) -> Callable:
     def task(cfg):  # Hydra calls this once per job (once per sweep point with -m)
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
-        from omegaconf import open_dict
 
+        from ntp_rl.rundir import run_name
         from ntp_rl.stages import run_stage
 
         hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN and cfg.run_dir is None:
-            with open_dict(cfg):
-                cfg.run_dir = hydra_cfg.runtime.output_dir
         overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # A sweep's runs sit side by side in the sweep directory, named by what they swept.
+            if cfg.run_dir is None:
+                cfg.run_dir = hydra_cfg.runtime.output_dir
+            if cfg.logger.wandb.name is None:
+                swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept_keys]
+                cfg.logger.wandb.name = run_name(stage, swept)
         try:
             return run_stage(stage, cfg, overrides=overrides)
         except (UserError, TrainingDiverged) as exc:
@@ -120,15 +117,14 @@ def _stage_task(stage: str) -> Callable:
 # Checking a command line before Hydra runs it
 
 
-def check_command_line(stage: str, hydra_args: list[str]) -> None:
-    """Compose every job of the command (each sweep point) and run the stage's config checks."""
-    from hydra import compose, initialize_config_dir
+def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
+    """Compose every job of the command (each sweep point), run the stage's config checks,
+    and return the keys the command sweeps over."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ntp_rl.config import register_schemas
+    from ntp_rl.config import compose
     from ntp_rl.stages import check_stage_config
 
     try:
@@ -142,16 +138,13 @@ def check_command_line(stage: str, hydra_args: list[str]) -> None:
         raise UserError(_first_line(exc)) from None
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if args.multirun else [overrides]
 
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        for job in jobs:
-            try:
-                cfg = compose(config_name=stage, overrides=list(job))
-            except Exception as exc:
-                raise UserError(explain_compose_error(exc, stage)) from None
-            check_stage_config(stage, cfg)
-    GlobalHydra.instance().clear()
+    for job in jobs:
+        try:
+            cfg = compose(stage, list(job))
+        except Exception as exc:
+            raise UserError(explain_compose_error(exc, stage)) from None
+        check_stage_config(stage, cfg)
+    return [o.key_or_group for o in parsed if o.is_sweep_override()] if args.multirun else []
 
 
 def _first_line(exc: BaseException) -> str:

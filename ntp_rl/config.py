@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
@@ -79,7 +79,7 @@ class LossConfig:
     k: int = 100  # size of the top-k set; also used for the top-k / tail mass diagnostics
     positive_form: PositiveForm = PositiveForm.exponent
     impl: LossImpl = LossImpl.fused
-    chunk_size: int = 4096  # tokens per chunk for the fused and chunked paths
+    chunk_size: int = 1024  # tokens per chunk for the fused and chunked paths
 
 
 @dataclass
@@ -199,6 +199,27 @@ class PretrainConfig(RunConfig):
 
 
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig}
+
+
+def conf_dir() -> Path:
+    import ntp_rl.conf  # conf/ is mapped to this package (pyproject.toml)
+
+    return Path(ntp_rl.conf.__path__[0]).resolve()
+
+
+def compose(stage: str, overrides: Sequence[str] = ()) -> Any:
+    """The config `ntp-rl <stage> <overrides>` would run, composed without Hydra's app (for tests and pipelines)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name=stage, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def register_schemas() -> None:

@@ -89,23 +89,27 @@ class _ChunkResult(NamedTuple):
 def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardShaping, with_grad: bool) -> _ChunkResult:
     """Surrogate, diagnostics and (optionally) the analytic gradient for rows that all count.
 
-    `logits` is fp32 [n, V]; no autograd happens here.
+    `logits` is fp32 [n, V] and is overwritten (it becomes log p): at large vocabularies the
+    chunk's [n, V] buffers are the memory cost of the loss, so only two are ever alive.
+    No autograd happens here.
     """
     k = min(shaping.k, logits.shape[-1])
-    log_p = torch.log_softmax(logits, dim=-1)
+    log_p = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
     p = log_p.exp()
     log_p_y = log_p.gather(1, targets[:, None]).squeeze(1)
     p_y = log_p_y.exp()
     w_y = positive_weight(log_p_y, shaping)
 
-    top_idx = logits.topk(k, dim=-1, sorted=False).indices
+    top_idx = log_p.topk(k, dim=-1, sorted=False).indices
     log_p_top = log_p.gather(1, top_idx)
     p_top = log_p_top.exp()
     y_in_top = (top_idx == targets[:, None]).any(dim=-1)
+    accuracy = (log_p.argmax(-1) == targets).float()
 
     # sum_a p_a log p_a over all tokens, over the top-k, and the ground truth's own term,
-    # so the negatives' sums follow without building a [n, V] weight tensor.
-    plogp_all = torch.xlogy(p, p).sum(-1)
+    # so the negatives' sums follow without building a [n, V] weight tensor. (A row-wise
+    # dot product: p * log_p would be one more [n, V] buffer.)
+    plogp_all = (p.unsqueeze(1) @ log_p.unsqueeze(2)).view(-1)
     plogp_top = (p_top * log_p_top).sum(-1)
     plogp_y = p_y * log_p_y
     mass_top = p_top.sum(-1)
@@ -116,7 +120,6 @@ def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardSh
     neg_tail_mass = (1.0 - mass_top) - torch.where(y_in_top, zero, p_y)
 
     loss = -(w_y * log_p_y + shaping.lambda_top * neg_top_plogp + shaping.lambda_tail * neg_tail_plogp)
-    accuracy = (logits.argmax(-1) == targets).float()
     stat_sums = torch.stack(
         [(-log_p_y).sum(), (-plogp_all).sum(), accuracy.sum(), p_y.sum(), mass_top.sum(), (1.0 - mass_top).sum()]
     )
@@ -161,7 +164,7 @@ def shaped_ntp_loss_reference(
         reward = torch.full_like(p, shaping.lambda_tail).scatter_(1, top_idx, shaping.lambda_top)
         weights = p * reward
         weights.scatter_(1, targets[:, None], positive_weight(lp.gather(1, targets[:, None]), shaping))
-        stats = _shaped_chunk(z.detach(), targets, shaping, with_grad=False).stat_sums
+        stats = _shaped_chunk(z.detach().clone(), targets, shaping, with_grad=False).stat_sums
     loss_sum = -(weights * log_p).sum()
     loss, stats = _finish(loss_sum, stats, rows.numel())
     return LossOutput(loss, stats)
@@ -202,7 +205,7 @@ def shaped_ntp_loss(
     labels: torch.Tensor,
     shaping: RewardShaping,
     ignore_index: int = -100,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> LossOutput:
     """The shaped loss over given logits, in fp32 chunks of `chunk_size` tokens."""
     loss, stat_sums = _ShapedLossFromLogits.apply(logits, labels, shaping, chunk_size, ignore_index)
@@ -270,7 +273,7 @@ def shaped_ntp_loss_fused(
     labels: torch.Tensor,
     shaping: RewardShaping,
     ignore_index: int = -100,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> LossOutput:
     """The shaped loss of `hidden @ weight.T` (an LM head without bias), chunk by chunk."""
     loss, stat_sums = _FusedLinearShapedLoss.apply(hidden, weight, labels, shaping, chunk_size, ignore_index)

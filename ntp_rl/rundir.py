@@ -42,13 +42,19 @@ def run_name(stage: str, overrides: Sequence[str], explicit: Optional[str] = Non
     """`pretrain-loss=precision,loss.beta=-0.1`: the stage plus what the command changed."""
     if explicit:
         return explicit
-    shown = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in NAME_EXCLUDED_KEYS]
+    shown = setting_overrides(overrides)
     return f"{stage}-{','.join(shown)}" if shown else stage
 
 
 # Keys that say where or how a run is recorded, not what it computes.
-NAME_EXCLUDED_KEYS = {"run_dir", "resume", "out_dir", "logger.wandb.mode", "logger.wandb.project",
-                      "logger.wandb.entity", "logger.wandb.group", "logger.wandb.name", "logger.progress_bar"}
+BOOKKEEPING_KEYS = {"run_dir", "resume", "out_dir", "data.cache_dir", "logger.wandb.mode", "logger.wandb.project",
+                    "logger.wandb.entity", "logger.wandb.group", "logger.wandb.name", "logger.wandb.tags",
+                    "logger.progress_bar"}
+
+
+def setting_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that change what a run computes: its name and its W&B tags (64 characters at most)."""
+    return [o[:64] for o in overrides if o.split("=", 1)[0].lstrip("+~") not in BOOKKEEPING_KEYS]
 
 
 def _safe(name: str) -> str:
@@ -154,11 +160,11 @@ def recording_failures(run: RunDir, is_main: bool) -> Iterator[None]:
     except TrainingDiverged:
         raise  # already recorded, with the step and the last good checkpoint
     except KeyboardInterrupt:
-        if is_main:
+        if is_main and run.path.is_dir():
             run.update(status="interrupted")
         raise
     except BaseException as exc:
-        if is_main:
+        if is_main and run.path.is_dir():
             text = str(exc).strip()
             run.update(status="failed", error=f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
         raise

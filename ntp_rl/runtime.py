@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import secrets
 import sys
 from typing import Any, Optional, Sequence
 
@@ -28,7 +29,10 @@ def make_accelerator(precision: Any, wandb_mode_resolved: str) -> Any:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log_with = None if wandb_mode_resolved == "disabled" else "wandb"
-    return Accelerator(mixed_precision=mixed, log_with=log_with, step_scheduler_with_optimizer=False)
+    # cpu=True on machines without a GPU is what makes several launched processes form a
+    # gloo process group (Accelerate's MULTI_CPU) instead of each training alone.
+    return Accelerator(mixed_precision=mixed, log_with=log_with, cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False)
 
 
 def choose_run(cfg: Any, stage: str, overrides: Sequence[str], accelerator: Any) -> RunDir:
@@ -56,13 +60,11 @@ def open_run(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], accele
     """Create the run directory and its records, and start tracking (W&B + metrics.jsonl)."""
     if accelerator.is_main_process:
         if "wandb_id" not in run.info and mode != "disabled":
-            import wandb
-
-            run.info["wandb_id"] = wandb.util.generate_id()
+            run.info["wandb_id"] = secrets.token_hex(6)  # kept in run.json so a resumed run logs to the same W&B run
         rundir.create(run, cfg, stage, overrides, accelerator.num_processes)
     accelerator.wait_for_everyone()
     run.info = rundir.read_run_info(run.path)  # the other ranks learn the W&B id here
-    tags = [*overrides, *cfg.logger.wandb.tags]
+    tags = [*rundir.setting_overrides(overrides), *cfg.logger.wandb.tags]
     return Tracker(accelerator, run.path, mode, stage=stage, run_name=run.name, group=cfg.logger.wandb.group,
                    tags=tags, cfg=cfg, resume_step=resume_step, wandb_id=run.info.get("wandb_id"),
                    logger_cfg=cfg.logger)

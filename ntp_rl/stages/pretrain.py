@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ntp_rl import checkpoint as ckpt
 from ntp_rl.config import ModelArch, NonFinitePolicy, check_batch, check_loss, check_pretrain
 from ntp_rl.errors import ConfigError, TrainingDiverged
+from ntp_rl.faults import kill_point
 from ntp_rl.losses import STAT_NAMES
 from ntp_rl.models import ShapedLossLM, build_model, check_vocab, count_parameters, load_pretrained
 from ntp_rl.rundir import recording_failures, write_json_atomic
@@ -61,9 +62,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
 
-    tracker = open_run(run_dir, cfg, "pretrain", overrides, accelerator, mode,
-                       resume_step=_saved_step(resume_from) if resume_from else None)
     with recording_failures(run_dir, accelerator.is_main_process):
+        tracker = open_run(run_dir, cfg, "pretrain", overrides, accelerator, mode,
+                           resume_step=_saved_step(resume_from) if resume_from else None)
         model = ShapedLossLM(lm, cfg.loss)
         optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
@@ -101,7 +102,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         tracker.summary({"unigram_nll": data.unigram_nll, "params": n_params})
 
         def validate(step: int) -> dict[str, float]:
+            model.eval()
             metrics = _evaluate(model, data.val[: cfg.train.eval_sequences], cfg.train.micro_batch_size, accelerator)
+            model.train()
             tracker.log({f"val/{k}": v for k, v in metrics.items()} | {"val/unigram_nll": data.unigram_nll}, step=step)
             say(f"  val @ {step}: nll {metrics['nll']:.4f} (unigram {data.unigram_nll:.3f}) | ppl {metrics['ppl']:.3f} | "
                 f"entropy {metrics['entropy']:.3f} | top-1 {metrics['accuracy']:.3f} | tail mass {metrics['tail_mass']:.4f}")
@@ -119,7 +122,6 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="pretrain", dynamic_ncols=True,
                    disable=not (accelerator.is_main_process and cfg.logger.progress_bar))
         started = time.perf_counter()
-        model.train()
         step = start_step
         while step < cfg.train.max_steps:
             step_start = time.perf_counter()
@@ -148,6 +150,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             bar.update(1)
+            kill_point("step", step)
 
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 means = accelerator.reduce(torch.cat([loss_sum.view(1), stat_sums]) / grad_accum, reduction="mean")
@@ -164,15 +167,12 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", nll=f"{metrics['train/nll']:.3f}",
                                 ent=f"{metrics['train/entropy']:.3f}", tok_s=f"{metrics['perf/tokens_per_sec']:.0f}")
             if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-                model.eval()
                 val_metrics = validate(step)
-                model.train()
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
                 save(step)
         bar.close()
 
         if not val_metrics:  # resumed a run that had already reached max_steps
-            model.eval()
             val_metrics = validate(step)
         wall = time.perf_counter() - started
         final = ckpt.latest_checkpoint(run_dir.checkpoints)

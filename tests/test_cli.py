@@ -1,0 +1,106 @@
+"""The command line: stages, Hydra's flags, and one clear line for every mistake."""
+
+import pytest
+
+from conftest import run_cli
+from ntp_rl.cli import check_command_line, main
+from ntp_rl.config import compose
+from ntp_rl.errors import UserError
+
+
+def test_help_lists_every_stage(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for stage in ("pretrain", "rl", "eval", "pipeline", "compare"):
+        assert f"  {stage} " in out
+
+
+def test_no_arguments_prints_usage_and_fails(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "usage: ntp-rl <stage>" in capsys.readouterr().err
+
+
+def test_cfg_job_prints_the_composed_config():
+    result = run_cli("pretrain", "loss=precision", "loss.k=20", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "beta: -0.25" in result.stdout and "k: 20" in result.stdout and "name: precision" in result.stdout
+
+
+def test_hydra_help_still_works():
+    result = run_cli("pretrain", "--help")
+    assert result.returncode == 0
+    assert "loss" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("ce", dict(beta=0.0, lambda_top=0.0, lambda_tail=0.0)),
+        ("precision", dict(beta=-0.25, lambda_top=0.0, lambda_tail=0.0)),
+        ("diversity", dict(beta=0.5, lambda_top=0.0, lambda_tail=0.0)),
+        ("tail_penalty", dict(beta=0.0, lambda_top=0.0, lambda_tail=-0.1, k=100)),
+        ("head_reward", dict(beta=0.0, lambda_top=0.1, lambda_tail=0.0, k=100)),
+    ],
+)
+def test_loss_presets_are_the_papers_settings(preset, expected):
+    cfg = compose("pretrain", [f"loss={preset}"])
+    assert cfg.loss.name == preset
+    for key, value in expected.items():
+        assert cfg.loss[key] == value
+
+
+def test_any_loss_field_is_overridable():
+    cfg = compose("pretrain", ["loss=precision", "loss.beta=-0.1", "loss.k=20", "loss.positive_form=multiplicative"])
+    assert (cfg.loss.beta, cfg.loss.k, cfg.loss.positive_form.value) == (-0.1, 20, "multiplicative")
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["loss.bta=1"], ["loss.bta", "beta"]),
+        (["bogus=1"], ["bogus"]),
+        (["loss=foo"], ["loss=foo", "precision"]),
+        (["model=huge"], ["model=huge", "tiny"]),
+        (["loss.k=many"], ["loss.k"]),
+        (["loss.k=0"], ["loss.k"]),
+        (["loss.beta=nan"], ["loss.beta"]),
+        (["loss.lambda_tail=inf"], ["loss.lambda_tail"]),
+        (["loss.positive_form=additive"], ["loss.positive_form", "exponent", "multiplicative"]),
+        (["data.seq_len=0"], ["data.seq_len"]),
+        (["data.seq_len=-5"], ["data.seq_len"]),
+        (["data=hf"], ["data.path"]),
+        (["data.difficulty=9"], ["data.difficulty"]),
+        (["train.batch_size=10", "train.micro_batch_size=4"], ["train.batch_size", "train.micro_batch_size"]),
+        (["model.num_heads=5"], ["model.num_heads"]),
+        (["optim.lr=-1"], ["optim.lr"]),
+        (["optim.beta2=1.5"], ["optim.beta2"]),
+        (["model=hf"], ["model.name_or_path"]),
+        (["resume=/no/such/checkpoint"], ["resume"]),
+        (["-m", "loss.beta=0,inf"], ["loss.beta=inf"]),
+        (["loss.beta=[1,2]"], ["loss.beta"]),
+    ],
+)
+def test_bad_overrides_fail_with_one_line_naming_the_key(args, names):
+    with pytest.raises(UserError) as exc:
+        check_command_line("pretrain", args)
+    message = str(exc.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
+
+
+def test_bad_input_from_the_shell_exits_2_with_one_line(tmp_path):
+    result = run_cli("pretrain", "loss.k=0", f"out_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("ntp-rl: error: loss.k=0")
+    assert not any(tmp_path.iterdir()), "a refused run must leave nothing behind"
+
+
+@pytest.mark.parametrize("args, needle", [(["frobnicate"], "unknown stage 'frobnicate'"), (["rl"], "not built yet")])
+def test_unknown_or_unbuilt_stage(args, needle):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert needle in result.stderr and result.stderr.strip().count("\n") == 0

@@ -1,0 +1,233 @@
+"""`ntp-rl pretrain` end to end on a tiny model: learning, records, checkpoints, resume, DDP, sweeps."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from ntp_rl.checkpoint import latest_checkpoint, list_checkpoints
+from ntp_rl.config import compose
+from ntp_rl.errors import ConfigError, TrainingDiverged
+from ntp_rl.stages import run_stage
+from ntp_rl.tracking import read_metrics
+
+
+def pretrain(overrides):
+    return run_stage("pretrain", compose("pretrain", overrides), overrides=overrides)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("run.json"))
+
+
+def train_rows(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def test_learns_and_writes_a_complete_run(tiny, tmp_path):
+    results = pretrain([*tiny, "train.max_steps=40", "train.eval_every=20", "train.save_every=20", "optim.lr=1e-2"])
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert results["val"]["nll"] < 0.8 * results["unigram_nll"], "the model should beat the unigram baseline"
+
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["stage"] == "pretrain"
+    assert json.loads((run_dir / "results.json").read_text())["step"] == 40
+    assert "beta: 0.0" in (run_dir / "config.yaml").read_text()
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "train/loss" in r]
+    val = [r for r in rows if "val/nll" in r]
+    assert [r["step"] for r in val] == [0, 20, 40]
+    for key in ("train/loss", "train/nll", "train/ppl", "train/entropy", "train/accuracy", "train/target_prob",
+                "train/topk_mass", "train/tail_mass", "train/lr", "train/grad_norm", "perf/tokens_per_sec",
+                "perf/peak_mem_gib"):
+        assert key in train[-1], key
+    assert val[-1]["val/nll"] < val[0]["val/nll"]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000020", "step_00000040"]
+
+
+def test_checkpoint_loads_with_transformers_alone(tiny, tmp_path):
+    pretrain(tiny)
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "ids = t('Question: What is 2 + 3?', return_tensors='pt').input_ids\n"
+        "print(m(ids).logits.shape[-1], len(t), 'ntp_rl' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, cwd="/",
+                         env={**os.environ, "PYTHONPATH": ""}, check=True)
+    vocab, tokenizer_len, imported = out.stdout.split()
+    assert int(vocab) >= int(tokenizer_len) and imported == "False"
+
+
+def test_resume_after_sigkill_continues_exactly(tiny, tmp_path):
+    common = [*tiny, "train.max_steps=8", "train.save_every=4", "train.log_every=1"]
+    straight = tmp_path / "straight"
+    pretrain([*common, f"run_dir={straight}"])
+
+    killed = tmp_path / "killed"
+    args = ["pretrain", *common, f"run_dir={killed}"]
+    first = run_cli(*args, env={"NTP_RL_KILL_AT": "step:6"})
+    assert first.returncode == -9, first.stderr
+    assert json.loads((killed / "run.json").read_text())["status"] == "running"  # not mistaken for finished
+    assert latest_checkpoint(killed / "checkpoints").name == "step_00000004"
+
+    second = run_cli(*args, "resume=auto")
+    assert second.returncode == 0, second.stderr
+    a, b = train_rows(straight), train_rows(killed)
+    assert sorted(b) == list(range(1, 9)), "one record per step, the repeated steps replaced"
+    for step in range(1, 9):
+        for key in ("train/loss", "train/grad_norm", "train/lr", "train/entropy"):
+            assert a[step][key] == b[step][key], (step, key)  # bit-identical on CPU
+    sa = torch.load(latest_checkpoint(straight / "checkpoints") / "optimizer.pt", weights_only=True)
+    sb = torch.load(latest_checkpoint(killed / "checkpoints") / "optimizer.pt", weights_only=True)
+    assert torch.equal(sa["state"][0]["exp_avg"], sb["state"][0]["exp_avg"])
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["pretrain", *tiny, f"run_dir={run_dir}"]
+    result = run_cli(*args, env={"NTP_RL_KILL_AT": "checkpoint_write:6"})
+    assert result.returncode == -9
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000003"
+    assert list((run_dir / "checkpoints").glob(".tmp-*")), "the half-written checkpoint stays hidden"
+    resumed = run_cli(*args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "step 3" in resumed.stdout
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000006"
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_auto_finds_the_unfinished_run_by_name(tiny, tmp_path):
+    first = run_cli("pretrain", *tiny, "loss=precision", env={"NTP_RL_KILL_AT": "step:5"})
+    assert first.returncode == -9
+    second = run_cli("pretrain", *tiny, "loss=precision", "resume=auto")
+    assert second.returncode == 0, second.stderr
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_existing_checkpoints_are_never_overwritten(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    pretrain([*tiny, f"run_dir={run_dir}"])
+    with pytest.raises(ConfigError, match="resume=auto"):
+        pretrain([*tiny, f"run_dir={run_dir}"])
+    again = pretrain([*tiny, f"run_dir={run_dir}", "resume=auto"])  # already finished: nothing to do
+    assert again["step"] == 6
+
+
+def test_non_finite_loss_stops_and_leaves_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    from ntp_rl import models
+
+    calls = {"n": 0}
+    forward = models.ShapedLossLM.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 8:  # micro-batches: 2 per step, so step 5 goes bad
+                return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(models.ShapedLossLM, "forward", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 5"):
+        pretrain([*tiny, f"run_dir={run_dir}"])
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "diverged" and "step_00000003" in info["error"]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000003"]
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(tiny, tmp_path, monkeypatch):
+    from ntp_rl import models
+
+    forward = models.ShapedLossLM.forward
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:  # one bad micro-batch in step 2
+                return out._replace(loss=out.loss * float("inf"))
+        return out
+
+    monkeypatch.setattr(models.ShapedLossLM, "forward", flaky)
+    results = pretrain([*tiny, "train.on_nonfinite=skip", "train.log_every=1"])
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert results["step"] == 6
+    assert train_rows(run_dir)[6]["train/nonfinite_skips"] == 1
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
+    one = tmp_path / "one"
+    pretrain([*tiny, "train.micro_batch_size=8", "train.log_every=1", f"run_dir={one}"])
+    two = tmp_path / "two"
+    # On a machine without GPUs, --multi_gpu is how `accelerate launch` is told to start
+    # several processes (they then train over gloo).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "pretrain",
+           *tiny, "train.micro_batch_size=4", "train.log_every=1", f"run_dir={two}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((two / "run.json").read_text())
+    assert info["status"] == "finished" and info["world_size"] == 2
+    assert len(run_dirs(tmp_path)) == 2, "rank 1 must not create a run directory of its own"
+    a, b = train_rows(one), train_rows(two)
+    for step in range(1, 7):
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-4), step
+        assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-3), step
+
+
+def test_shell_sweep_makes_one_run_per_value(tiny, tmp_path):
+    result = run_cli("pretrain", "-m", "loss.beta=-0.25,0,0.5", *tiny, "train.max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    dirs = run_dirs(tmp_path / "outputs" / "sweeps")
+    assert len(dirs) == 3
+    betas = sorted(float(json.loads((d / "run.json").read_text())["overrides"][0].split("=")[1]) for d in dirs)
+    assert betas == [-0.25, 0.0, 0.5]
+    for d in dirs:
+        info = json.loads((d / "run.json").read_text())
+        assert info["status"] == "finished" and info["name"].startswith("pretrain-loss.beta=")
+
+
+def test_wandb_run_gets_name_group_tags_and_config(tiny, tmp_path, monkeypatch):
+    captured = {}
+
+    def fake_init(self, project_name, config=None, init_kwargs=None):
+        captured.update(project=project_name, config=config, **init_kwargs["wandb"])
+
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "init_trackers", fake_init)
+    monkeypatch.setattr(Accelerator, "get_tracker", lambda self, name, unwrap=False: None)
+    pretrain([*tiny, "logger.wandb.mode=offline", "loss=precision", "loss.k=7", "train.max_steps=1"])
+    assert captured["project"] == "ntp-rl" and captured["job_type"] == "pretrain" and captured["mode"] == "offline"
+    assert {"loss=precision", "loss.k=7"} <= set(captured["tags"])
+    assert not any(t.startswith(("out_dir", "data.cache_dir", "logger.")) for t in captured["tags"])
+    assert captured["config"]["loss"]["beta"] == -0.25 and captured["config"]["loss"]["k"] == 7
+    assert captured["dir"].startswith(str(tmp_path))
+
+
+def test_hf_text_files_and_streaming(tiny, tmp_path, shared_cache):
+    from ntp_rl.data.corpus import sample_documents
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_documents("pretrain", 0, 2, 300)))
+    # A tokenizer from an earlier run's checkpoint stands in for a hub tokenizer.
+    pretrain([*tiny, "train.max_steps=1", f"run_dir={tmp_path / 'tok'}"])
+    tokenizer_dir = latest_checkpoint(tmp_path / "tok" / "checkpoints")
+    for streaming in ("false", "true"):
+        results = pretrain([*tiny, "data=hf", f"data.path={corpus}", f"data.tokenizer={tokenizer_dir}",
+                            "data.seq_len=32", "data.val_docs=20", f"data.streaming={streaming}",
+                            f"run_dir={tmp_path / streaming}"])
+        assert results["step"] == 6
