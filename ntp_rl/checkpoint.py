@@ -115,9 +115,6 @@ def save_checkpoint(
 
     full_state = accelerator.get_state_dict(model)  # gathers shards under FSDP; every rank calls it
     if accelerator.is_main_process:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a shard-writing bar per checkpoint would break ours
         lm = lm_of(accelerator.unwrap_model(model))
         prefix = _prefix_of(accelerator.unwrap_model(model), lm)
         lm_state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}

@@ -177,6 +177,25 @@ class LoggerConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A verifiable task (ntp_rl/tasks): what `rl` trains on and `eval` measures."""
+
+    name: str = "embedded"
+    kind: str = "embedded"  # a key of ntp_rl.tasks.KINDS
+    difficulty: int = 2  # kind=embedded: 1..5, as data.difficulty
+    seed: int = 0  # which problems: the same seed gives the same problems
+    format_reward: float = 0.0  # added to the reward when an answer could be extracted at all
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64  # sequences per generate call
+
+
+@dataclass
 class RunConfig:
     """Keys every stage has."""
 
@@ -202,7 +221,11 @@ SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig}
 
 
 def conf_dir() -> Path:
-    import ntp_rl.conf  # conf/ is mapped to this package (pyproject.toml)
+    """conf/ of the checkout this code runs from, else the copy installed as ntp_rl.conf."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "pretrain.yaml").exists():
+        return checkout
+    import ntp_rl.conf  # a wheel install: conf/ is shipped as this package (pyproject.toml)
 
     return Path(ntp_rl.conf.__path__[0]).resolve()
 

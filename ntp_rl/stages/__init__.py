@@ -21,6 +21,9 @@ def check_stage_config(stage: str, cfg: Any) -> None:
 
 
 def run_stage(stage: str, cfg: Any, overrides: Sequence[str] = ()) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the stages draw their own; transformers' would interleave
     check_stage_config(stage, cfg)
     module = importlib.import_module(f"ntp_rl.stages.{stage}")
     return module.run(cfg, overrides=list(overrides))

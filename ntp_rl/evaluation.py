@@ -1,0 +1,75 @@
+"""Scoring sampled completions of a task: Avg@n, Cons@n, pass@k, lengths.
+
+`rl` uses it for its periodic held-out checks and `eval` for its reports, so both stages
+report the same numbers under the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from ntp_rl.generation import Completion, Generator, Sampling
+from ntp_rl.metrics import majority_vote, pass_at_k
+from ntp_rl.tasks import Task, TaskProblem
+
+
+@dataclass
+class ProblemResult:
+    id: str
+    answer: str
+    n: int
+    correct: int  # samples whose answer is right
+    majority: str | None  # the majority-vote answer
+    majority_correct: bool
+    pass_at_k: dict[int, float]
+    mean_length: float  # response tokens
+    truncated: int  # samples cut off at max_new_tokens
+    samples: list[str] = field(default_factory=list)  # the completions' texts (kept when asked)
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score_problem(task: Task, problem: TaskProblem, completions: Sequence[Completion], ks: Sequence[int],
+                  keep_samples: bool = False) -> ProblemResult:
+    n = len(completions)
+    answers = [task.extract_answer(c.text) for c in completions]
+    flags = [a is not None and task.answer_matches(a, problem) for a in answers]
+    vote = majority_vote(answers)
+    return ProblemResult(
+        id=problem.id,
+        answer=problem.answer,
+        n=n,
+        correct=sum(flags),
+        majority=vote,
+        majority_correct=vote is not None and task.answer_matches(vote, problem),
+        pass_at_k={k: pass_at_k(n, sum(flags), k) for k in ks if k <= n},
+        mean_length=sum(len(c.token_ids) for c in completions) / max(n, 1),
+        truncated=sum(c.truncated for c in completions),
+        samples=[c.text for c in completions] if keep_samples else [],
+    )
+
+
+def summarize(results: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, float]:
+    """Means over problems: avg@n (mean accuracy), cons@n (majority vote right), pass@k, lengths."""
+    count = max(len(results), 1)
+    n = results[0].n if results else 0
+    summary = {
+        "problems": len(results),
+        "n": n,
+        f"avg@{n}": sum(r.correct / max(r.n, 1) for r in results) / count,
+        f"cons@{n}": sum(r.majority_correct for r in results) / count,
+        "mean_length": sum(r.mean_length for r in results) / count,
+        "truncated_frac": sum(r.truncated for r in results) / max(sum(r.n for r in results), 1),
+    }
+    for k in ks:
+        if k <= n:
+            summary[f"pass@{k}"] = sum(r.pass_at_k[k] for r in results) / count
+    return summary
+
+
+def sample_and_score(generator: Generator, task: Task, problems: Sequence[TaskProblem], n: int, sampling: Sampling,
+                     ks: Sequence[int], seed: int, keep_samples: bool = False) -> list[ProblemResult]:
+    completions = generator.generate([p.prompt for p in problems], n, sampling, seed)
+    return [score_problem(task, p, cs, ks, keep_samples) for p, cs in zip(problems, completions)]

@@ -1,0 +1,35 @@
+"""Sample-based metrics shared by `rl` (held-out checks) and `eval`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional, Sequence
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    Computed as a running product, 1 - prod_{i=n-c+1}^{n} (1 - k / i), which never forms
+    the huge binomials (n = 128, k = 64 would overflow a float).
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
+    """The most common extracted answer (None = no answer, never a candidate).
+
+    Ties go to the answer that appeared first among the samples, so the vote is a pure
+    function of the samples in order.
+    """
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
