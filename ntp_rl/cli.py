@@ -68,6 +68,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if pending:
         fail(f"the '{stage}' stage is not built yet ({pending}); built: "
              + ", ".join(name for name, (_, todo) in STAGES.items() if not todo))
+    rest = expand_model_paths(rest)
     swept: list[str] = []
     try:
         if not HYDRA_INFO_FLAGS.intersection(rest):
@@ -75,6 +76,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as exc:
         fail(str(exc), exc.exit_code)
     run_with_hydra(stage, rest, swept)
+
+
+def expand_model_paths(args: list[str]) -> list[str]:
+    """`model=<directory or hub name>` means `model=hf model.name_or_path=<it>`.
+
+    `model` is a config group (presets), so Hydra alone would refuse a path there; this
+    lets `ntp-rl eval model=outputs/pretrain/<run>` say what it means.
+    """
+    from ntp_rl.config import conf_dir
+
+    presets = {p.stem for p in (conf_dir() / "model").glob("*.yaml")}
+    expanded = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if key == "model" and eq and value not in presets and "," not in value:
+            expanded += ["model=hf", f"model.name_or_path={value}"]
+        else:
+            expanded.append(arg)
+    return expanded
 
 
 def run_with_hydra(stage: str, hydra_args: list[str], swept_keys: list[str]) -> None:

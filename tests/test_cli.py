@@ -104,3 +104,10 @@ def test_unknown_or_unbuilt_stage(args, needle):
     result = run_cli(*args)
     assert result.returncode == 2
     assert needle in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_a_model_path_stands_for_the_hf_preset():
+    from ntp_rl.cli import expand_model_paths
+
+    assert expand_model_paths(["model=outputs/run", "x=1"]) == ["model=hf", "model.name_or_path=outputs/run", "x=1"]
+    assert expand_model_paths(["model=tiny"]) == ["model=tiny"]
