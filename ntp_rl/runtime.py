@@ -5,12 +5,15 @@ from __future__ import annotations
 import resource
 import secrets
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from ntp_rl import rundir
+from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
 from ntp_rl.config import Precision
+from ntp_rl.errors import TrainingDiverged
 from ntp_rl.rundir import RunDir
 from ntp_rl.tracking import Tracker, wandb_mode
 
@@ -72,6 +75,29 @@ def open_run(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], accele
 
 def resolved_wandb_mode(cfg: Any) -> str:
     return wandb_mode(cfg.logger.wandb.mode)
+
+
+def printer(is_main: bool):
+    from tqdm.auto import tqdm
+
+    # tqdm.write keeps the progress bar intact below the printed lines.
+    return (lambda message: tqdm.write(message)) if is_main else (lambda message: None)
+
+
+def saved_step(path: Path) -> int:
+    return int(torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)["step"])
+
+
+def stop_diverged(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, run_dir: RunDir, tracker: Tracker, bar: Any) -> None:
+    """Record in run.json that the run diverged at `step`, and stop it; nothing from this step is saved."""
+    bar.close()
+    last = latest_checkpoint(run_dir.checkpoints)
+    message = (f"training diverged at step {step}: loss {loss.item():.4g}, grad norm {grad_norm.item():.4g} "
+               f"(non-finite); nothing was saved from this step; last good checkpoint: {last or 'none'}")
+    if tracker.is_main:
+        run_dir.update(status="diverged", error=message)
+    tracker.finish()
+    raise TrainingDiverged(message)
 
 
 def peak_memory_gib(device: torch.device) -> float:

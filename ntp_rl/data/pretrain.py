@@ -480,28 +480,39 @@ def _text_field(cfg: Any) -> str:
 
 
 def _load_dataset(cfg: Any) -> Any:
+    ds = load_hf_dataset(cfg.path, cfg.name, cfg.split, streaming=cfg.streaming,
+                         keys={"path": "data.path", "name": "data.name", "split": "data.split"})
+    if not cfg.streaming and len(ds) == 0:
+        raise DataError(f"data.path={cfg.path}: is empty (no documents)")
+    return ds
+
+
+def load_hf_dataset(path: str, name: str | None, split: str, streaming: bool = False,
+                    keys: dict[str, str] | None = None) -> Any:
+    """A `datasets` split from a hub name, a local directory, or local files (a glob works).
+
+    `keys` names the config keys that hold path, name and split, for the error messages.
+    """
     import datasets  # slow to import; only HF runs need it
 
-    path = cfg.path
+    keys = keys or {"path": "path", "name": "name", "split": "split"}
     builder = _file_builder(path)
     if builder is not None:
         files = sorted(glob.glob(os.path.expanduser(path), recursive=True))
         if not files:
-            raise DataError(f"data.path={path}: no such file")
+            raise DataError(f"{keys['path']}={path}: no such file")
         if all(os.path.getsize(f) == 0 for f in files):
-            raise DataError(f"data.path={path}: is empty (no documents)")
+            raise DataError(f"{keys['path']}={path}: is empty (no documents)")
         args: tuple = (builder,)
         kwargs: dict = {"data_files": files}
     else:
-        args, kwargs = (path, cfg.name), {}
+        args, kwargs = (path, name), {}
     try:
-        ds = datasets.load_dataset(*args, split=cfg.split, streaming=cfg.streaming, **kwargs)
+        return datasets.load_dataset(*args, split=split, streaming=streaming, **kwargs)
     except (datasets.exceptions.DatasetsError, OSError, ValueError, StopIteration) as exc:
         # Offline and unknown hub names, missing directories, bad splits, unreadable files.
-        raise DataError(f"data.path={path}: cannot load it (data.name={cfg.name}, data.split={cfg.split}): {_first_line(exc)}") from exc
-    if not cfg.streaming and len(ds) == 0:
-        raise DataError(f"data.path={path}: is empty (no documents)")
-    return ds
+        raise DataError(f"{keys['path']}={path}: cannot load it ({keys['name']}={name}, {keys['split']}={split}): "
+                        f"{_first_line(exc)}") from exc
 
 
 def _check_text_field(ds: Any, field: str, path: str) -> None:

@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from ntp_rl import checkpoint as ckpt
 from ntp_rl.config import ModelArch, NonFinitePolicy, check_batch, check_loss, check_pretrain
-from ntp_rl.errors import ConfigError, TrainingDiverged
+from ntp_rl.errors import ConfigError
 from ntp_rl.faults import kill_point
 from ntp_rl.losses import STAT_NAMES
 from ntp_rl.models import ShapedLossLM, build_model, check_vocab, count_parameters, load_pretrained
 from ntp_rl.rundir import recording_failures, write_json_atomic
 from ntp_rl.runtime import (choose_run, flops_per_token, make_accelerator, open_run, peak_flops, peak_memory_gib,
-                            resolved_wandb_mode)
+                            printer, resolved_wandb_mode, saved_step, stop_diverged)
 from ntp_rl.optim import build_adamw, lr_lambda
 
 
@@ -64,7 +64,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
 
     with recording_failures(run_dir, accelerator.is_main_process):
         tracker = open_run(run_dir, cfg, "pretrain", overrides, accelerator, mode,
-                           resume_step=_saved_step(resume_from) if resume_from else None)
+                           resume_step=saved_step(resume_from) if resume_from else None)
         model = ShapedLossLM(lm, cfg.loss)
         optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
@@ -91,7 +91,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                                       lm.config.num_attention_heads, getattr(lm.config, "head_dim", None)
                                       or lm.config.hidden_size // lm.config.num_attention_heads, seq_len)
         peak = peak_flops(device)
-        say = _printer(accelerator.is_main_process)
+        say = printer(accelerator.is_main_process)
         say(f"ntp-rl pretrain -> {run_dir.path}")
         say(f"  data:  {data.description}; unigram baseline NLL {data.unigram_nll:.3f}")
         say(f"  model: {cfg.model.name} ({n_params / 1e6:.2f}M params) | loss: {cfg.loss.name} (beta={cfg.loss.beta}, "
@@ -145,7 +145,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             else:
                 skipped += 1
                 if _value(cfg.train.on_nonfinite) == NonFinitePolicy.stop.value or skipped > cfg.train.max_nonfinite_skips:
-                    _diverged(step, loss_sum / grad_accum, grad_norm, run_dir, tracker, bar)
+                    stop_diverged(step, loss_sum / grad_accum, grad_norm, run_dir, tracker, bar)
                 say(f"  step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -190,15 +190,6 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         return results
 
 
-def _printer(is_main: bool):
-    # tqdm.write keeps the progress bar intact below the printed lines.
-    return (lambda message: tqdm.write(message)) if is_main else (lambda message: None)
-
-
-def _saved_step(path: Path) -> int:
-    return int(torch.load(Path(path) / ckpt.TRAINER_STATE, map_location="cpu", weights_only=True)["step"])
-
-
 def _value(x: Any) -> Any:
     return getattr(x, "value", x)
 
@@ -219,14 +210,3 @@ def _evaluate(model: torch.nn.Module, windows: torch.Tensor, micro_batch_size: i
     metrics["loss"] = (sums[-2] / tokens).item()
     metrics["ppl"] = math.exp(min(metrics["nll"], 50.0))
     return metrics
-
-
-def _diverged(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, run_dir: Any, tracker: Any, bar: Any) -> None:
-    bar.close()
-    last = ckpt.latest_checkpoint(run_dir.checkpoints)
-    message = (f"training diverged at step {step}: loss {loss.item():.4g}, grad norm {grad_norm.item():.4g} "
-               f"(non-finite); nothing was saved from this step; last good checkpoint: {last or 'none'}")
-    if tracker.is_main:
-        run_dir.update(status="diverged", error=message)
-    tracker.finish()
-    raise TrainingDiverged(message)
