@@ -63,6 +63,15 @@ class Schedule(Enum):
     constant = "constant"
 
 
+class AnswerFormat(Enum):
+    """How a dataset writes its reference answer (task kind hf_math)."""
+
+    auto = "auto"  # gsm8k when the field has "####", boxed when it has \boxed, else plain
+    gsm8k = "gsm8k"  # a worked solution ending "#### 42"
+    boxed = "boxed"  # a worked solution with the answer in \boxed{...}
+    plain = "plain"  # the field is the final answer itself
+
+
 class NonFinitePolicy(Enum):
     stop = "stop"  # end the run with a clear message; no checkpoint is written
     skip = "skip"  # drop the step (no update), count it, go on
@@ -185,6 +194,18 @@ class TaskConfig:
     difficulty: int = 2  # kind=embedded: 1..5, as data.difficulty
     seed: int = 0  # which problems: the same seed gives the same problems
     format_reward: float = 0.0  # added to the reward when an answer could be extracted at all
+    prompt_template: Optional[str] = None  # "{question}" is replaced by the problem; null: the kind's own
+    # kind=reasoning_gym: a dataset the reasoning-gym package generates (and scores) offline
+    dataset: Optional[str] = None  # e.g. chain_sum, basic_arithmetic, gsm_symbolic, countdown
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # the dataset's own config, e.g. {min_terms: 2}
+    # kind=hf_math: GSM8K / MATH-style data from `datasets`, scored with math-verify
+    path: Optional[str] = None  # hub name, local directory (train.jsonl, test.jsonl, ...) or local file(s)
+    subset: Optional[str] = None  # the dataset's config name, e.g. main for openai/gsm8k
+    train_split: str = "train"  # `datasets` split syntax works: train[:90%]
+    test_split: str = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: AnswerFormat = AnswerFormat.auto
 
 
 @dataclass

@@ -5,11 +5,13 @@ final answer out of a completion, and a reward (1.0 right / 0.0 wrong, plus an o
 format bonus). Tasks are registered by `kind`; a config (conf/task/*.yaml) picks one:
 
     embedded        the procedural corpus's held-out splits (ntp_rl/data/corpus.py)
-    (more kinds are registered by their modules: see KINDS)
+    reasoning_gym   procedural datasets generated and scored offline by reasoning-gym
+    hf_math         GSM8K / MATH-style data from `datasets`, scored with math-verify
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -60,6 +62,14 @@ def reward(task: Task, completion: str, problem: TaskProblem, format_weight: flo
 # kind -> factory(task_cfg) -> Task
 KINDS: dict[str, Callable[[Any], Task]] = {}
 
+# kind -> the module that registers it. build_task imports only the one asked for, so a
+# task's heavy dependencies (reasoning_gym, datasets, math_verify) load only when used.
+KIND_MODULES = {
+    "embedded": "ntp_rl.tasks.embedded",
+    "reasoning_gym": "ntp_rl.tasks.reasoning_gym",
+    "hf_math": "ntp_rl.tasks.hf_math",
+}
+
 
 def register(kind: str) -> Callable:
     def wrap(factory: Callable[[Any], Task]) -> Callable[[Any], Task]:
@@ -70,10 +80,15 @@ def register(kind: str) -> Callable:
 
 
 def build_task(task_cfg: Any) -> Task:
-    # Importing the modules registers their kinds; optional dependencies load only when used.
-    from ntp_rl.tasks import embedded  # noqa: F401
-
     kind = getattr(task_cfg.kind, "value", task_cfg.kind)
+    if kind in KIND_MODULES:
+        importlib.import_module(KIND_MODULES[kind])
     if kind not in KINDS:
-        raise ConfigError("task.kind", f"unknown task kind; choose one of: {', '.join(sorted(KINDS))}", kind)
+        known = sorted(set(KINDS) | set(KIND_MODULES))
+        raise ConfigError("task.kind", f"unknown task kind; choose one of: {', '.join(known)}", kind)
     return KINDS[kind](task_cfg)
+
+
+def fill_prompt(template: str, question: str) -> str:
+    # Not str.format: templates and questions may hold braces of their own (LaTeX, code).
+    return template.replace("{question}", question)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ntp_rl.data.corpus import extract_answer, sample_problems
 from ntp_rl.errors import ConfigError
-from ntp_rl.tasks import TASK_SPLITS, TaskProblem, register
+from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register
 
 # task split -> corpus split. "pretrain" is never served: those problems were trained on.
 CORPUS_SPLIT = {"train": "rl", "test": "test"}
@@ -18,6 +18,7 @@ class EmbeddedTask:
     difficulty: int
     seed: int
     name: str = "embedded"
+    prompt_template: Optional[str] = None  # null: the pre-training format, "Question: ...\nAnswer:"
     # A completion ends at EOS; should a model run on into a new problem, that is cut off.
     stop_strings: tuple[str, ...] = ("\nQuestion:",)
 
@@ -26,7 +27,8 @@ class EmbeddedTask:
             raise ValueError(f"split must be one of {TASK_SPLITS}, not {split!r}")
         corpus_split = CORPUS_SPLIT[split]
         return [
-            TaskProblem(id=f"{corpus_split}-{i}", prompt=p.prompt, answer=p.answer, meta={"question": p.question})
+            TaskProblem(id=f"{corpus_split}-{i}", answer=p.answer, meta={"question": p.question},
+                        prompt=fill_prompt(self.prompt_template, p.question) if self.prompt_template else p.prompt)
             for i, p in enumerate(sample_problems(corpus_split, self.seed, self.difficulty, n))
         ]
 
@@ -41,4 +43,5 @@ class EmbeddedTask:
 def build(task_cfg: Any) -> EmbeddedTask:
     if not 1 <= task_cfg.difficulty <= 5:
         raise ConfigError("task.difficulty", "must be in 1..5", task_cfg.difficulty)
-    return EmbeddedTask(difficulty=int(task_cfg.difficulty), seed=int(task_cfg.seed))
+    return EmbeddedTask(difficulty=int(task_cfg.difficulty), seed=int(task_cfg.seed), name=task_cfg.get("name", "embedded"),
+                        prompt_template=task_cfg.get("prompt_template"))
