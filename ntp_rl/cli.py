@@ -18,7 +18,7 @@ PROG = "ntp-rl"
 # stage -> (what it does, the issue that builds it when it is not built yet)
 STAGES: dict[str, tuple[str, Optional[str]]] = {
     "pretrain": ("pre-train a model with the reward-shaped next-token loss", None),
-    "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", "issue #3"),
+    "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", None),
     "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", "issue #4"),
     "pipeline": ("pretrain -> eval -> rl -> eval as one lineage", "issue #5"),
     "compare": ("tables and plots across finished runs", "issue #5"),
@@ -43,6 +43,7 @@ def usage() -> str:
         f"  {PROG} pretrain loss=precision           # presets: ce precision diversity tail_penalty head_reward",
         f"  {PROG} pretrain -m loss.beta=-0.25,0,0.5 # a sweep: one run per value",
         f"  {PROG} pretrain --cfg job                # print the composed config",
+        f"  {PROG} rl init_from=outputs/pretrain/<run> # GRPO on the embedded task; task=chain_sum|gsm8k|...",
         f"  accelerate launch --num_processes 2 -m ntp_rl pretrain",
     ]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from ntp_rl.errors import ConfigError
 
@@ -70,6 +71,13 @@ class AnswerFormat(Enum):
     gsm8k = "gsm8k"  # a worked solution ending "#### 42"
     boxed = "boxed"  # a worked solution with the answer in \boxed{...}
     plain = "plain"  # the field is the final answer itself
+
+
+class LossAggregation(Enum):
+    """How per-token policy losses become one number (verl: loss_agg_mode)."""
+
+    token_mean = "token_mean"  # DAPO: every response token of the batch weighs the same
+    seq_mean = "seq_mean"  # GRPO paper: mean over each response's tokens, then over responses
 
 
 class NonFinitePolicy(Enum):
@@ -238,7 +246,60 @@ class PretrainConfig(RunConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def _rollout_sampling() -> SamplingConfig:
+    return SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=48, batch_size=128)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO with verifiable rewards, DAPO-style (clip-higher, dynamic sampling, token-level loss).
+
+    Defaults are the paper's (PAPER.md section 6) except the batch sizes and step count,
+    which fit the tiny model on a CPU; the paper runs 128 prompts x 16 samples for ~1000 steps.
+    """
+
+    max_steps: int = 60
+    prompts_per_step: int = 16  # groups per step over all processes (paper: 128); each rank takes its share
+    num_generations: int = 8  # G, samples per prompt (paper: 16)
+    num_iterations: int = 1  # mu: passes over each rollout batch (1 = strictly on-policy)
+    num_mini_batches: int = 1  # optimizer updates per pass; the rollout batch is split this many ways
+    micro_batch_size: int = 64  # sequences per forward/backward on one process (memory, not maths)
+    advantage: str = "grpo"  # a key of ntp_rl.rl.advantages.ADVANTAGES
+    scale_rewards: bool = True  # divide by the group's std; false: only subtract the group mean (Dr. GRPO)
+    advantage_eps: float = 1e-6
+    policy_loss: str = "ppo_clip"  # a key of ntp_rl.rl.policy_loss.POLICY_LOSSES
+    clip_eps_low: float = 0.2  # ratio floor 1 - eps_low
+    clip_eps_high: float = 0.28  # ratio ceiling 1 + eps_high (clip-higher, DAPO)
+    loss_aggregation: LossAggregation = LossAggregation.token_mean
+    kl_coef: float = 0.0  # > 0: k3 KL penalty to the frozen init_from model (the paper uses none)
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal and sample more prompts
+    max_sampling_rounds: int = 3  # rounds of sampling per step at most (1 = no resampling)
+    mask_truncated: bool = False  # responses cut off at max_new_tokens get no loss
+    sampling: SamplingConfig = field(default_factory=_rollout_sampling)
+    train_problems: int = 4096  # size of the prompt pool from the task's train split (reshuffled each pass)
+    precision: Precision = Precision.auto
+    log_every: int = 1
+    save_every: int = 20
+    keep_last: int = 2
+    # Held-out evaluation on the task's test split, before training, every eval_every steps and at the end.
+    eval_every: int = 20
+    eval_problems: int = 128
+    eval_samples: int = 8  # n per problem: avg@n is the mean accuracy
+    eval_ks: list[int] = field(default_factory=lambda: [1, 8])  # unbiased pass@k for each k <= n
+    eval_sampling: SamplingConfig = field(default_factory=_rollout_sampling)
+
+
+@dataclass
+class RLConfig(RunConfig):
+    stage: str = "rl"
+    init_from: str = MISSING  # a pretrain/rl run directory, a checkpoint, or an HF model directory / hub name
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rl: GRPOConfig = field(default_factory=GRPOConfig)
+
+
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig}
+SCHEMAS["rl"] = RLConfig
 
 
 def conf_dir() -> Path:
@@ -385,3 +446,71 @@ def check_pretrain(cfg: Any) -> None:
     check_data(cfg.data)
     check_optim(cfg.optim)
     check_train(cfg.train)
+
+
+def check_sampling(sampling: Any, key: str, greedy_ok: bool = True) -> None:
+    _finite(sampling.temperature, f"{key}.temperature")
+    if sampling.temperature < 0 or (not greedy_ok and sampling.temperature == 0):
+        raise ConfigError(f"{key}.temperature", "must be >= 0 (0 = greedy)" if greedy_ok else "must be > 0 (GRPO needs samples)",
+                          sampling.temperature)
+    if not 0 < sampling.top_p <= 1:
+        raise ConfigError(f"{key}.top_p", "must be in (0, 1]", sampling.top_p)
+    _positive(sampling.max_new_tokens, f"{key}.max_new_tokens")
+    _positive(sampling.batch_size, f"{key}.batch_size")
+
+
+def check_init_from(init_from: str) -> None:
+    """A local path must hold a model; anything else is taken for a hub name and checked when loaded."""
+    from ntp_rl.checkpoint import resolve_model_dir
+    from ntp_rl.errors import DataError
+
+    path = Path(init_from)
+    if path.exists():
+        resolve_model_dir(init_from, key="init_from")
+    elif path.is_absolute() or init_from.startswith((".", "~")) or len(path.parts) > 2:
+        raise DataError(f"init_from={init_from}: no such directory (give a run directory, a checkpoint or an HF model)")
+
+
+def check_rl(cfg: Any) -> None:
+    from ntp_rl.rl.advantages import ADVANTAGES
+    from ntp_rl.rl.policy_loss import POLICY_LOSSES
+
+    check_run(cfg)
+    check_init_from(cfg.init_from)
+    check_optim(cfg.optim)
+    _finite(cfg.task.format_reward, "task.format_reward")
+    rl = cfg.rl
+    for key in ("max_steps", "prompts_per_step", "num_iterations", "num_mini_batches", "micro_batch_size",
+                "max_sampling_rounds", "train_problems", "log_every", "save_every", "keep_last", "eval_every",
+                "eval_problems", "eval_samples"):
+        _positive(rl[key], f"rl.{key}")
+    if rl.num_generations < 2:
+        raise ConfigError("rl.num_generations", "must be >= 2: group-relative advantages compare samples of a prompt",
+                          rl.num_generations)
+    world = launched_processes()
+    per_update = rl.num_mini_batches * world
+    if rl.prompts_per_step % per_update:
+        raise ConfigError("rl.prompts_per_step", f"must be a multiple of rl.num_mini_batches x processes = "
+                          f"{rl.num_mini_batches} x {world} = {per_update}", rl.prompts_per_step)
+    for key in ("clip_eps_low", "clip_eps_high", "advantage_eps", "kl_coef"):
+        _finite(rl[key], f"rl.{key}")
+    if not 0 <= rl.clip_eps_low < 1:
+        raise ConfigError("rl.clip_eps_low", "must be in [0, 1): the ratio is clipped below at 1 - clip_eps_low",
+                          rl.clip_eps_low)
+    if rl.clip_eps_high < 0:
+        raise ConfigError("rl.clip_eps_high", "must be >= 0: the ratio is clipped above at 1 + clip_eps_high",
+                          rl.clip_eps_high)
+    if rl.advantage_eps < 0:
+        raise ConfigError("rl.advantage_eps", "must be >= 0", rl.advantage_eps)
+    if rl.kl_coef < 0:
+        raise ConfigError("rl.kl_coef", "must be >= 0 (0 = no KL term)", rl.kl_coef)
+    if rl.advantage not in ADVANTAGES:
+        raise ConfigError("rl.advantage", f"unknown estimator; choose one of: {', '.join(sorted(ADVANTAGES))}", rl.advantage)
+    if rl.policy_loss not in POLICY_LOSSES:
+        raise ConfigError("rl.policy_loss", f"unknown loss; choose one of: {', '.join(sorted(POLICY_LOSSES))}",
+                          rl.policy_loss)
+    check_sampling(rl.sampling, "rl.sampling", greedy_ok=False)
+    check_sampling(rl.eval_sampling, "rl.eval_sampling")
+    bad_ks = [k for k in rl.eval_ks if not 1 <= k <= rl.eval_samples]
+    if bad_ks:
+        raise ConfigError("rl.eval_ks", f"every k must be in 1..rl.eval_samples={rl.eval_samples}", list(rl.eval_ks))

@@ -99,7 +99,7 @@ def test_bad_input_from_the_shell_exits_2_with_one_line(tmp_path):
     assert not any(tmp_path.iterdir()), "a refused run must leave nothing behind"
 
 
-@pytest.mark.parametrize("args, needle", [(["frobnicate"], "unknown stage 'frobnicate'"), (["rl"], "not built yet")])
+@pytest.mark.parametrize("args, needle", [(["frobnicate"], "unknown stage 'frobnicate'"), (["pipeline"], "not built yet")])
 def test_unknown_or_unbuilt_stage(args, needle):
     result = run_cli(*args)
     assert result.returncode == 2

@@ -1,0 +1,93 @@
+"""Policy losses per token, and how they are averaged into the loss that is differentiated.
+
+Everything here is a pure function of [batch, tokens] tensors and a response mask, so the
+arithmetic is checked on hand-computed cases in tests/test_rl.py. Losses live in a registry
+keyed by name (`rl.policy_loss`), as verl's policy-loss registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ntp_rl.config import LossAggregation
+
+# exp() of a larger log-ratio overflows fp32; ratios that far out are clipped anyway.
+_MAX_LOG_RATIO = 20.0
+
+
+@dataclass
+class PolicyLossOutput:
+    loss: torch.Tensor  # [B, T] per-token loss (mask not applied)
+    low_clipped: torch.Tensor  # [B, T] bool: ratio < 1 - eps_low where A < 0 (the clip stops the gradient)
+    high_clipped: torch.Tensor  # [B, T] bool: ratio > 1 + eps_high where A > 0
+
+
+POLICY_LOSSES: dict[str, Callable[..., PolicyLossOutput]] = {}
+
+
+def register_policy_loss(name: str) -> Callable:
+    def wrap(fn: Callable[..., PolicyLossOutput]) -> Callable[..., PolicyLossOutput]:
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float,
+             eps_high: float) -> PolicyLossOutput:
+    """PPO's clipped surrogate with asymmetric bounds (DAPO's clip-higher).
+
+    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old per token and
+    A the sequence's advantage. A wider upper bound lets unlikely tokens of good samples
+    grow faster, which keeps the policy's entropy from collapsing early.
+    """
+    ratio = torch.exp((logp - old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    adv = advantages.unsqueeze(-1).to(ratio.dtype)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    return PolicyLossOutput(
+        loss=torch.maximum(unclipped, clipped),
+        low_clipped=(ratio < 1 - eps_low) & (adv < 0),
+        high_clipped=(ratio > 1 + eps_high) & (adv > 0),
+    )
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) on samples from pi: exp(d) - d - 1, d = log pi_ref - log pi.
+
+    Unbiased, never negative, and of lower variance than the plain log-ratio (Schulman 2020).
+    """
+    d = (ref_logp - logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(d) - d - 1
+
+
+def _mode(mode: Any) -> LossAggregation:
+    return LossAggregation(getattr(mode, "value", mode))
+
+
+def aggregation_count(mask: torch.Tensor, mode: Any) -> torch.Tensor:
+    """What the loss is averaged over: response tokens (token_mean) or responses with a token (seq_mean).
+
+    Counted on each process and summed over processes by the caller, so the average is over
+    the global batch whatever the number of processes.
+    """
+    if _mode(mode) is LossAggregation.token_mean:
+        return mask.sum().float()
+    return (mask.sum(-1) > 0).sum().float()
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Any, count: torch.Tensor | float) -> torch.Tensor:
+    """Sum of this batch's share of the average: token_mean sums tokens, seq_mean sums per-response means.
+
+    Divided by `count` (from aggregation_count, over the whole global batch), so summing the
+    result over micro-batches and processes gives the global average.
+    """
+    mask = mask.to(values.dtype)
+    total = values * mask
+    if _mode(mode) is LossAggregation.token_mean:
+        return total.sum() / count
+    return (total.sum(-1) / mask.sum(-1).clamp_min(1)).sum() / count

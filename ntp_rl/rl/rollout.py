@@ -1,0 +1,194 @@
+"""Rollouts: which prompts, sampled how, kept or dropped, and turned into training tensors.
+
+Reproducibility rests on two pure functions: the prompts of a step come from the global
+prompt position (`PromptStream.take`), and the samples of each generate call from
+`rollout_seed(run seed, step, round, offset)`, where offset is the global index of the
+call's first prompt. A resumed run, or the same global batch split over another number
+of processes, therefore samples the same completions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ntp_rl.data.pretrain import _mix_seed
+from ntp_rl.generation import Generator, Sampling
+from ntp_rl.tasks import Task, TaskProblem, is_correct, reward
+
+
+def rollout_seed(seed: int, step: int, round_: int, offset: int) -> int:
+    # HFGenerator seeds each batch with seed * 100_003 + batch, which must stay below 2**63.
+    return _mix_seed("rollout", seed, step, round_, offset) % 2**40
+
+
+class PromptStream:
+    """An endless stream over a pool of problems, reshuffled every pass; `take` is pure in position."""
+
+    def __init__(self, problems: Sequence[TaskProblem], seed: int):
+        if not problems:
+            raise ValueError("the prompt pool is empty")
+        self.problems = list(problems)
+        self.seed = seed
+        self._cached: tuple[int, list[int]] | None = None
+
+    def take(self, position: int, n: int) -> list[TaskProblem]:
+        out = []
+        for index in range(position, position + n):
+            epoch, offset = divmod(index, len(self.problems))
+            out.append(self.problems[self._order(epoch)[offset]])
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._cached is None or self._cached[0] != epoch:
+            generator = torch.Generator().manual_seed(_mix_seed("prompts", self.seed, epoch))
+            self._cached = (epoch, torch.randperm(len(self.problems), generator=generator).tolist())
+        return self._cached[1]
+
+
+@dataclass
+class Group:
+    """One prompt's G samples and their rewards; a group never spans processes."""
+
+    problem_id: str
+    prompt_ids: list[int]
+    responses: list[list[int]]  # sampled token ids, as generated (EOS included when it ended there)
+    rewards: list[float]
+    correct: list[bool]
+    truncated: list[bool]
+
+    @property
+    def informative(self) -> bool:
+        """Rewards that differ: only then do group-relative advantages say anything."""
+        return len(set(self.rewards)) > 1
+
+
+def sample_groups(generator: Generator, task: Task, tokenizer: Any, problems: Sequence[TaskProblem], num_generations: int,
+                  sampling: Sampling, prompts_per_call: int, seed_at: Callable[[int], int], format_weight: float) -> list[Group]:
+    """G scored samples for each problem, generated `prompts_per_call` prompts at a time.
+
+    `seed_at(i)` gives the seed of the call whose first prompt is problems[i].
+    """
+    groups = []
+    for start in range(0, len(problems), prompts_per_call):
+        chunk = problems[start:start + prompts_per_call]
+        samples = generator.generate([p.prompt for p in chunk], num_generations, sampling, seed_at(start))
+        for problem, completions in zip(chunk, samples):
+            groups.append(Group(
+                problem_id=problem.id,
+                prompt_ids=tokenizer(problem.prompt, add_special_tokens=False)["input_ids"],
+                responses=[c.token_ids for c in completions],
+                rewards=[reward(task, c.text, problem, format_weight) for c in completions],
+                correct=[is_correct(task, c.text, problem) for c in completions],
+                truncated=[c.truncated for c in completions],
+            ))
+    return groups
+
+
+@dataclass
+class CollectedGroups:
+    groups: list[Group]  # the step's training groups, in global order
+    generated: list[Group]  # every group sampled in this step
+    rounds: int
+    dropped: int  # groups with equal rewards left out of the batch
+    filled: int  # groups with equal rewards trained on anyway because max_rounds ran out
+
+
+def collect_groups(sample_round: Callable[[int], list[Group]], target: int, dynamic: bool, max_rounds: int) -> CollectedGroups:
+    """Dynamic sampling (DAPO): drop groups whose rewards are all equal, sample more until `target` are kept.
+
+    `sample_round(r)` returns round r's groups of all processes in global order, so every
+    process takes the same decisions. When max_rounds runs out first, the batch is topped
+    up with the first equal-reward groups (zero advantage, as in plain GRPO) so that every
+    process still trains on the same number of sequences.
+    """
+    generated: list[Group] = []
+    kept: list[Group] = []
+    rounds = 0
+    while True:
+        new = sample_round(rounds)
+        rounds += 1
+        generated += new
+        kept += [g for g in new if g.informative or not dynamic]
+        if len(kept) >= target or rounds >= max_rounds or not dynamic:
+            break
+    filler = [g for g in generated if not g.informative][: max(0, target - len(kept))]
+    uninformative = sum(not g.informative for g in generated)
+    return CollectedGroups(groups=(kept + filler)[:target], generated=generated, rounds=rounds,
+                           dropped=uninformative - len(filler) if dynamic else 0, filled=len(filler) if dynamic else 0)
+
+
+@dataclass
+class RolloutBatch:
+    """Prompt + response sequences, right-padded, with what the loss needs per sequence and per token.
+
+    Token tensors are [N, L-1] and aligned with the labels input_ids[:, 1:].
+    """
+
+    input_ids: torch.Tensor  # [N, L]
+    attention_mask: torch.Tensor  # [N, L]
+    response_mask: torch.Tensor  # [N, L-1] bool: the label is a response token that gets a loss
+    advantages: torch.Tensor  # [N]
+    old_logp: Optional[torch.Tensor] = None  # [N, L-1] log-probs under the rollout policy
+    ref_logp: Optional[torch.Tensor] = None  # [N, L-1] log-probs under the reference model
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> "RolloutBatch":
+        """Rows start..stop, trimmed to their longest sequence."""
+        length = int(self.attention_mask[start:stop].sum(1).max())
+        tokens = lambda t: None if t is None else t[start:stop, : length - 1]  # noqa: E731
+        return RolloutBatch(input_ids=self.input_ids[start:stop, :length],
+                            attention_mask=self.attention_mask[start:stop, :length],
+                            response_mask=tokens(self.response_mask), advantages=self.advantages[start:stop],
+                            old_logp=tokens(self.old_logp), ref_logp=tokens(self.ref_logp))
+
+    def split(self, size: int) -> list["RolloutBatch"]:
+        return [self.rows(i, min(i + size, len(self))) for i in range(0, len(self), size)]
+
+    def to(self, device: torch.device) -> "RolloutBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return RolloutBatch(move(self.input_ids), move(self.attention_mask), move(self.response_mask),
+                            move(self.advantages), move(self.old_logp), move(self.ref_logp))
+
+
+def build_batch(groups: Sequence[Group], advantages: torch.Tensor, pad_id: int, mask_truncated: bool) -> RolloutBatch:
+    """One row per sample, group after group; `advantages` is [groups, G]."""
+    rows = [(g.prompt_ids, response, bool(g.truncated[j]))
+            for g in groups for j, response in enumerate(g.responses)]
+    length = max(len(p) + len(r) for p, r, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), length - 1), dtype=torch.bool)
+    for i, (prompt, response, truncated) in enumerate(rows):
+        n = len(prompt) + len(response)
+        input_ids[i, :n] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        if not (mask_truncated and truncated):
+            # label position t predicts token t+1: the response's labels start at len(prompt) - 1
+            response_mask[i, len(prompt) - 1:n - 1] = True
+    return RolloutBatch(input_ids, attention_mask, response_mask, advantages.reshape(-1).float())
+
+
+def token_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-probs of the batch's labels (and the policy's entropy), zero off the response.
+
+    Only the response positions' logits are turned into fp32 log-softmaxes; the logits are
+    divided by the sampling temperature, so the ratio compares the distributions that were
+    actually sampled from.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
+    mask = batch.response_mask
+    log_probs = torch.log_softmax(logits[mask].float() / temperature, dim=-1)  # [tokens, V]
+    picked = log_probs.gather(-1, batch.input_ids[:, 1:][mask].unsqueeze(-1)).squeeze(-1)
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device).masked_scatter(mask, picked)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            per_token = -(log_probs.exp() * log_probs).sum(-1)
+            entropy = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device).masked_scatter(mask, per_token)
+    return logp, entropy

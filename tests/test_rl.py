@@ -1,0 +1,428 @@
+"""`ntp-rl rl`: GRPO arithmetic on hand-computed cases, dynamic sampling, and whole runs from a small policy."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_cli
+from ntp_rl.checkpoint import latest_checkpoint, list_checkpoints
+from ntp_rl.cli import check_command_line
+from ntp_rl.config import compose
+from ntp_rl.errors import UserError
+from ntp_rl.rl.advantages import compute_advantages
+from ntp_rl.rl.policy_loss import aggregate, aggregation_count, k3_kl, ppo_clip
+from ntp_rl.rl.rollout import Group, PromptStream, build_batch, collect_groups, rollout_seed, token_logprobs
+from ntp_rl.stages import run_stage
+from ntp_rl.tasks import TaskProblem
+from ntp_rl.tracking import read_metrics
+
+# ---------------------------------------------------------------------------
+# Advantages
+
+
+def test_grpo_advantages_on_hand_computed_groups():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    scaled = compute_advantages("grpo", rewards, scale=True, eps=0.0)
+    # group 1: mean 1/2, unbiased std sqrt(1/3); group 2: mean 1/4, std 1/2
+    s = 0.5 / math.sqrt(1 / 3)
+    assert scaled[0].tolist() == pytest.approx([s, -s, -s, s])
+    assert scaled[1].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5])
+    assert scaled[2:].abs().sum() == 0 and not scaled.isnan().any(), "equal rewards carry no signal"
+
+    centred = compute_advantages("grpo", rewards, scale=False, eps=1e-6)
+    assert centred[0].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    assert centred[1].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    assert centred[2:].abs().sum() == 0
+
+
+def test_advantages_need_groups_of_two_or_more():
+    with pytest.raises(ValueError):
+        compute_advantages("grpo", torch.ones(4), scale=True, eps=1e-6)
+    with pytest.raises(ValueError):
+        compute_advantages("grpo", torch.ones(4, 1), scale=True, eps=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Clipped surrogate, KL, aggregation
+
+RATIOS = [0.5, 0.9, 1.0, 1.25, 1.5]
+
+
+def _clip_case(advantage: float, eps_high: float):
+    old = torch.zeros(1, len(RATIOS))
+    logp = torch.tensor([RATIOS]).log().requires_grad_(True)
+    out = ppo_clip(logp, old, torch.tensor([advantage]), eps_low=0.2, eps_high=eps_high)
+    out.loss.sum().backward()
+    return out, logp.grad[0]
+
+
+def test_clipped_loss_with_clip_higher_on_hand_computed_ratios():
+    out, grad = _clip_case(+1.0, eps_high=0.28)
+    # A > 0: max(-r, -clip(r, 0.8, 1.28)); only the upper bound can bind
+    assert out.loss[0].tolist() == pytest.approx([-0.5, -0.9, -1.0, -1.25, -1.28])
+    assert out.high_clipped[0].tolist() == [False, False, False, False, True]
+    assert not out.low_clipped.any()
+    # d/dlogp of -A r is -A r; a clipped token passes no gradient
+    assert grad.tolist() == pytest.approx([-0.5, -0.9, -1.0, -1.25, 0.0])
+
+    out, grad = _clip_case(-1.0, eps_high=0.28)
+    # A < 0: max(r, clip(r, 0.8, 1.28)); only the lower bound can bind
+    assert out.loss[0].tolist() == pytest.approx([0.8, 0.9, 1.0, 1.25, 1.5])
+    assert out.low_clipped[0].tolist() == [True, False, False, False, False]
+    assert not out.high_clipped.any()
+    assert grad.tolist() == pytest.approx([0.0, 0.9, 1.0, 1.25, 1.5])
+
+
+def test_clip_higher_is_asymmetric():
+    symmetric, grad = _clip_case(+1.0, eps_high=0.2)
+    assert symmetric.loss[0, 3].item() == pytest.approx(-1.2) and grad[3] == 0, "r=1.25 is clipped at 1.2"
+    higher, grad = _clip_case(+1.0, eps_high=0.28)
+    assert higher.loss[0, 3].item() == pytest.approx(-1.25) and grad[3] != 0, "but not at 1.28"
+
+
+def test_ratio_one_gives_the_policy_gradient():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    out = ppo_clip(logp, logp.detach(), torch.tensor([0.7]), 0.2, 0.28)
+    out.loss.sum().backward()
+    assert out.loss[0].tolist() == pytest.approx([-0.7, -0.7])
+    assert logp.grad[0].tolist() == pytest.approx([-0.7, -0.7])  # -A * grad log pi
+
+
+def test_k3_kl():
+    logp = torch.tensor([[-1.0, -2.0]])
+    assert k3_kl(logp, logp).abs().sum() == 0
+    ref = logp + math.log(2.0)
+    assert k3_kl(logp, ref)[0].tolist() == pytest.approx([2 - math.log(2) - 1] * 2)
+    assert (k3_kl(logp, logp - 3.0) > 0).all()
+
+
+def test_token_and_sequence_aggregation():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    tokens = aggregation_count(mask, "token_mean")
+    seqs = aggregation_count(mask, "seq_mean")
+    assert (tokens.item(), seqs.item()) == (4, 2), "an empty response is no sequence"
+    assert aggregate(values, mask, "token_mean", tokens).item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert aggregate(values, mask, "seq_mean", seqs).item() == pytest.approx((2 + 4) / 2)
+    # Shares computed on parts of the batch (micro-batches, processes) add up to the whole.
+    for mode, count in (("token_mean", tokens), ("seq_mean", seqs)):
+        parts = sum(aggregate(values[i:i + 1], mask[i:i + 1], mode, count) for i in range(3))
+        assert parts.item() == pytest.approx(aggregate(values, mask, mode, count).item())
+
+
+# ---------------------------------------------------------------------------
+# Dynamic sampling
+
+
+def _group(rewards):
+    return Group(problem_id="p", prompt_ids=[1], responses=[[2]] * len(rewards), rewards=list(rewards),
+                 correct=[r > 0 for r in rewards], truncated=[False] * len(rewards))
+
+
+SIGNAL, FLAT = (1.0, 0.0), (0.0, 0.0)
+
+
+def _rounds(*rounds):
+    calls = []
+
+    def sample_round(r):
+        calls.append(r)
+        return [_group(rw) for rw in rounds[r]]
+
+    return sample_round, calls
+
+
+def test_dynamic_sampling_drops_equal_reward_groups_and_samples_more():
+    sample_round, calls = _rounds([SIGNAL, FLAT, FLAT, SIGNAL], [SIGNAL, FLAT, SIGNAL, SIGNAL], [SIGNAL] * 4)
+    got = collect_groups(sample_round, target=4, dynamic=True, max_rounds=3)
+    assert calls == [0, 1], "stops as soon as the batch is full"
+    assert len(got.groups) == 4 and all(g.informative for g in got.groups)
+    assert (got.rounds, got.dropped, got.filled, len(got.generated)) == (2, 3, 0, 8)
+
+
+def test_dynamic_sampling_respects_the_cap_and_fills_with_equal_reward_groups():
+    sample_round, calls = _rounds([SIGNAL, FLAT, FLAT, FLAT], [FLAT, FLAT, SIGNAL, FLAT], [SIGNAL] * 4)
+    got = collect_groups(sample_round, target=4, dynamic=True, max_rounds=2)
+    assert calls == [0, 1]
+    assert [g.informative for g in got.groups] == [True, True, False, False]
+    assert (got.rounds, got.dropped, got.filled) == (2, 4, 2)
+
+
+def test_without_dynamic_sampling_one_round_is_trained_as_is():
+    sample_round, calls = _rounds([SIGNAL, FLAT, FLAT, FLAT], [SIGNAL] * 4)
+    got = collect_groups(sample_round, target=4, dynamic=False, max_rounds=3)
+    assert calls == [0] and len(got.groups) == 4
+    assert (got.dropped, got.filled) == (0, 0)
+
+
+# ---------------------------------------------------------------------------
+# Rollout plumbing
+
+
+def test_prompt_stream_is_a_pure_function_of_position():
+    pool = [TaskProblem(id=str(i), prompt=f"q{i}", answer=str(i)) for i in range(5)]
+    stream = PromptStream(pool, seed=3)
+    first = [p.id for p in stream.take(0, 12)]
+    assert sorted(first[:5]) == sorted(first[5:10]) == [str(i) for i in range(5)], "each pass visits every prompt once"
+    assert first[:5] != first[5:10], "reshuffled every pass"
+    assert [p.id for p in PromptStream(pool, seed=3).take(7, 5)] == first[7:12]
+
+
+def test_rollout_seeds_differ_by_step_round_and_offset():
+    seeds = {rollout_seed(0, s, r, o) for s in range(3) for r in range(3) for o in (0, 8)}
+    assert len(seeds) == 18 and all(0 <= s < 2**40 for s in seeds)
+    assert rollout_seed(0, 1, 2, 8) == rollout_seed(0, 1, 2, 8)
+
+
+def test_batch_masks_response_tokens_only():
+    g = Group(problem_id="p", prompt_ids=[5, 6], responses=[[7, 8, 0], [9]], rewards=[1.0, 0.0], correct=[True, False],
+              truncated=[False, True])
+    batch = build_batch([g], torch.tensor([[0.5, -0.5]]), pad_id=1, mask_truncated=False)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 0], [5, 6, 9, 1, 1]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    # label t is input t+1: the response's labels start at the prompt's last position
+    assert batch.response_mask.tolist() == [[False, True, True, True], [False, True, False, False]]
+    assert batch.advantages.tolist() == [0.5, -0.5]
+    masked = build_batch([g], torch.tensor([[0.5, -0.5]]), pad_id=1, mask_truncated=True)
+    assert masked.response_mask[1].sum() == 0, "a truncated response gets no loss"
+    assert masked.rows(1, 2).input_ids.tolist() == [[5, 6, 9]], "rows are trimmed to their longest sequence"
+
+
+def test_token_logprobs_match_an_unpadded_forward():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=17, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    groups = [Group("a", [3, 4, 5], [[6, 7], [8, 9, 10, 11]], [1.0, 0.0], [True, False], [False, False])]
+    batch = build_batch(groups, torch.tensor([[1.0, -1.0]]), pad_id=0, mask_truncated=False)
+    logp, entropy = token_logprobs(model, batch, temperature=0.7, with_entropy=True)
+    for row, (prompt, response) in enumerate([([3, 4, 5], [6, 7]), ([3, 4, 5], [8, 9, 10, 11])]):
+        ids = torch.tensor([prompt + response])
+        logits = model(ids).logits[0, len(prompt) - 1:-1].double() / 0.7
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+        got = logp[row][batch.response_mask[row]]
+        assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+        probs = torch.softmax(logits, -1)
+        assert entropy[row][batch.response_mask[row]].tolist() == pytest.approx(
+            (-(probs * probs.log()).sum(-1)).tolist(), abs=1e-5)
+    assert logp[~batch.response_mask].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------
+# Whole runs from a small pre-trained policy
+
+# Difficulty 1 and a format bonus: the small policy's groups then mostly hold different rewards.
+RL_TINY = [
+    "task.difficulty=1", "task.format_reward=0.5", "rl.max_steps=4", "rl.prompts_per_step=4", "rl.num_generations=4",
+    "rl.micro_batch_size=8", "rl.sampling.max_new_tokens=24", "rl.sampling.batch_size=8", "rl.train_problems=64",
+    "rl.eval_problems=8", "rl.eval_samples=4", "rl.eval_ks=[1,4]", "rl.eval_every=2", "rl.save_every=2",
+    "rl.eval_sampling.max_new_tokens=24", "optim.lr=1e-3", "logger.wandb.mode=disabled", "logger.progress_bar=false",
+]
+
+STEP_KEYS = ["reward", "reward_std", "accuracy", "frac_reward_zero_std", "dynamic_sampling/dropped_groups",
+             "dynamic_sampling/rounds", "entropy", "completions/mean_length", "completions/max_length",
+             "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "policy_loss", "grad_norm",
+             "lr", "perf/gen_tokens_per_sec", "perf/step_time_s"]
+
+
+# Subprocesses (a killed run and its resumption, `accelerate launch`) use one thread each too.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models' ops are too small to gain from a second thread, and on a shared 2-core
+    machine a thread waiting for a busy core makes them ten times slower; results do not change."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory, shared_cache) -> Path:
+    """A pre-trained run small enough to train in seconds, yet one that writes "#### <number>" answers."""
+    out = tmp_path_factory.mktemp("policy")
+    overrides = [*TINY, f"out_dir={out}", f"data.cache_dir={shared_cache}", f"run_dir={out / 'run'}", "data.difficulty=1",
+                 "data.seq_len=64", "train.batch_size=16", "train.micro_batch_size=16", "train.max_steps=60",
+                 "train.eval_every=60", "train.save_every=60", "optim.lr=1e-2", "optim.warmup_steps=5"]
+    run_stage("pretrain", compose("pretrain", overrides), overrides=overrides)
+    return out / "run"
+
+
+@pytest.fixture
+def rl_args(policy, tmp_path) -> list[str]:
+    return [*RL_TINY, f"init_from={policy}", f"out_dir={tmp_path / 'outputs'}"]
+
+
+def rl_run(args):
+    return run_stage("rl", compose("rl", args), overrides=args)
+
+
+def step_rows(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir) if "reward" in r}
+
+
+def eval_rows(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir) if "eval/avg@4" in r}
+
+
+def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
+    results = rl_run(rl_args)
+    (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("run.json")]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["step"] == 4 and saved["task"] == "embedded"
+    for when in ("eval_before", "eval_after"):
+        assert {"avg@4", "pass@1", "pass@4", "mean_length"} <= set(saved[when]), when
+    assert saved["eval_before"] == results["eval_before"]
+
+    steps = step_rows(run_dir)
+    assert sorted(steps) == [1, 2, 3, 4]
+    for row in steps.values():
+        for key in STEP_KEYS:
+            assert key in row, key
+        generated = row["dynamic_sampling/rounds"] * 4
+        zero_std = round(row["frac_reward_zero_std"] * generated)
+        assert row["dynamic_sampling/dropped_groups"] + row["dynamic_sampling/filled_groups"] == zero_std
+        assert 0 <= row["accuracy"] <= 1 and row["entropy"] > 0 and row["grad_norm"] > 0
+        assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == 0, "one on-policy update: ratio 1"
+    assert sorted(eval_rows(run_dir)) == [0, 2, 4]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000002", "step_00000004"]
+
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "print(m(**t('Question: What is 2 + 3?', return_tensors='pt')).logits.shape[-1], 'ntp_rl' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(latest_checkpoint(run_dir / "checkpoints"))], capture_output=True,
+                         text=True, cwd="/", env={**os.environ, "PYTHONPATH": ""}, check=True)
+    assert out.stdout.split()[1] == "False"
+
+
+def test_several_updates_per_step_with_kl_and_sequence_mean(rl_args):
+    results = rl_run([*rl_args, "rl.max_steps=2", "rl.num_iterations=2", "rl.num_mini_batches=2", "rl.kl_coef=0.05",
+                      "rl.loss_aggregation=seq_mean", "rl.mask_truncated=true", "optim.lr=1e-2", "rl.save_every=10",
+                      "rl.eval_every=10"])
+    run_dir = Path(results["checkpoint"]).parents[1]
+    steps = step_rows(run_dir)
+    # Later updates of a step see a policy that has moved: ratios leave 1 and the KL grows.
+    assert all(steps[s]["kl"] > 0 for s in (1, 2))
+    assert any(steps[s]["clip_ratio/low_mean"] + steps[s]["clip_ratio/high_mean"] > 0 for s in (1, 2))
+
+
+def test_resume_after_sigkill_reproduces_the_run(rl_args, tmp_path):
+    straight = tmp_path / "straight"
+    rl_run([*rl_args, f"run_dir={straight}"])
+
+    killed = tmp_path / "killed"
+    args = ["rl", *rl_args, f"run_dir={killed}"]
+    first = run_cli(*args, env={"NTP_RL_KILL_AT": "step:3", **ONE_THREAD})
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert json.loads((killed / "run.json").read_text())["status"] == "running"
+    assert latest_checkpoint(killed / "checkpoints").name == "step_00000002"
+    second = run_cli(*args, "resume=auto", env=ONE_THREAD)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout
+
+    a, b = step_rows(straight), step_rows(killed)
+    assert sorted(b) == [1, 2, 3, 4], "one record per step"
+    for step in range(1, 5):
+        for key in ("reward", "accuracy", "policy_loss", "grad_norm", "entropy", "completions/mean_length",
+                    "dynamic_sampling/dropped_groups"):
+            assert a[step][key] == b[step][key], (step, key)  # bit-identical on CPU
+    assert eval_rows(straight)[4] == eval_rows(killed)[4]
+    results = json.loads((killed / "results.json").read_text())
+    assert results["eval_before"] == json.loads((straight / "results.json").read_text())["eval_before"]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
+    # Two generate calls per round (2 prompts each), so each process makes exactly the calls
+    # the single process makes for its half of the prompts.
+    common = [*rl_args, "rl.max_steps=3", "rl.save_every=3", "rl.eval_every=3", "rl.sampling.batch_size=8"]
+    one = tmp_path / "one"
+    rl_run([*common, f"run_dir={one}"])
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "rl", *common, f"run_dir={two}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, **ONE_THREAD})
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((two / "run.json").read_text())
+    assert info["status"] == "finished" and info["world_size"] == 2
+    a, b = step_rows(one), step_rows(two)
+    for step in (1, 2, 3):
+        for key in ("reward", "accuracy", "frac_reward_zero_std", "dynamic_sampling/dropped_groups",
+                    "completions/mean_length"):
+            assert b[step][key] == a[step][key], (step, key)  # the same rollouts
+        for key in ("policy_loss", "entropy"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        ([], ["init_from", "required"]),
+        (["init_from=/no/such/run"], ["init_from=/no/such/run"]),
+        (["rl.num_generations=1"], ["rl.num_generations"]),
+        (["rl.clip_eps_low=1.5"], ["rl.clip_eps_low"]),
+        (["rl.clip_eps_high=-0.1"], ["rl.clip_eps_high"]),
+        (["rl.prompts_per_step=6", "rl.num_mini_batches=4"], ["rl.prompts_per_step", "rl.num_mini_batches"]),
+        (["rl.advantage=ppo"], ["rl.advantage", "grpo"]),
+        (["rl.policy_loss=nope"], ["rl.policy_loss", "ppo_clip"]),
+        (["rl.loss_aggregation=sum"], ["rl.loss_aggregation", "token_mean", "seq_mean"]),
+        (["rl.sampling.temperature=0"], ["rl.sampling.temperature"]),
+        (["rl.eval_ks=[1,16]"], ["rl.eval_ks"]),
+        (["rl.kl_coef=-1"], ["rl.kl_coef"]),
+        (["task=nope"], ["task=nope", "chain_sum", "gsm8k"]),
+        (["rl.num_generation=4"], ["rl.num_generation", "num_generations"]),
+    ],
+)
+def test_bad_config_fails_with_one_line_naming_the_key(args, names, tmp_path):
+    init = [] if not args or args[0].startswith("init_from") else [f"init_from={tmp_path}"]
+    (tmp_path / "config.json").write_text("{}")  # enough for init_from to look like a model directory
+    with pytest.raises(UserError) as exc:
+        check_command_line("rl", [*init, *args])
+    message = str(exc.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "task").glob("*.yaml")))
+def test_every_task_preset_composes_into_an_rl_run(preset, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    check_command_line("rl", [f"init_from={tmp_path}", f"task={preset}"])
+    assert compose("rl", [f"init_from={tmp_path}", f"task={preset}"]).task.name == preset
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["task.kind=bogus"], "task.kind=bogus: unknown task kind; choose one of: embedded, hf_math, reasoning_gym"),
+        (["task=chain_sum", "task.dataset=nope"], "task.dataset=nope: unknown reasoning-gym dataset; choose one of: "),
+        (["task=chain_sum", "+task.dataset_kwargs.min_terms=9", "+task.dataset_kwargs.max_terms=2"], "task.dataset_kwargs="),
+        (["task=gsm8k", "task.path=/no/such/dir"], "task.path=/no/such/dir: no such file or directory"),
+        (["task=gsm8k", "task.path=/no/such/file.jsonl"], "task.path=/no/such/file.jsonl: no such file"),
+    ],
+)
+def test_bad_task_is_refused_before_the_run_directory_exists(policy, tmp_path, args, error):
+    out = tmp_path / "outputs"
+    with pytest.raises(UserError) as exc:
+        rl_run([*RL_TINY, f"init_from={policy}", f"out_dir={out}", *args])
+    assert str(exc.value).startswith(error) and "\n" not in str(exc.value)
+    assert not out.exists(), "a refused run must leave nothing behind"
+
+
+def test_bad_input_from_the_shell_exits_2_with_one_line(policy, tmp_path):
+    out = tmp_path / "outputs"
+    result = run_cli("rl", f"init_from={policy}", f"out_dir={out}", "task=chain_sum", "task.dataset=nope", env=ONE_THREAD)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("ntp-rl: error: task.dataset=nope: unknown reasoning-gym dataset; choose one of: ")
+    assert not out.exists()
