@@ -71,11 +71,35 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
     looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists() or len(path.parts) > 2
     if looks_local and not (path / "config.json").exists():
         raise DataError(f"{key}={name_or_path}: no Hugging Face model there (config.json is missing)")
+    from safetensors import SafetensorError
+
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
+        # use_safetensors: weights never come through pickle, whatever else lies in the directory.
+        return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
+                                                    dtype=dtype or torch.float32, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line})") from exc
+
+
+# model config key -> the HF config attribute it sets
+_ARCH_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size"}
+
+
+def check_same_architecture(lm: nn.Module, model_cfg: Any, source: str) -> None:
+    """A resumed run must be the model its config describes, or the optimizer state is meaningless."""
+    arch = _arch(model_cfg)
+    if arch is ModelArch.hf:
+        return
+    expected_type = "qwen3_moe" if arch is ModelArch.qwen3_moe else "qwen3"
+    diffs = [] if lm.config.model_type == expected_type else [f"model_type {lm.config.model_type} != {expected_type}"]
+    for key, attr in _ARCH_FIELDS.items():
+        have = getattr(lm.config, attr, None)
+        if have != model_cfg[key]:
+            diffs.append(f"model.{key}={model_cfg[key]} but the checkpoint has {have}")
+    if diffs:
+        raise ConfigError("model", f"does not match the checkpoint {source}: {'; '.join(diffs)}")
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -22,7 +22,8 @@ from ntp_rl.config import ModelArch, NonFinitePolicy, check_batch, check_loss, c
 from ntp_rl.errors import ConfigError, TrainingDiverged
 from ntp_rl.faults import kill_point
 from ntp_rl.losses import STAT_NAMES
-from ntp_rl.models import ShapedLossLM, build_model, check_vocab, count_parameters, load_pretrained
+from ntp_rl.models import (ShapedLossLM, build_model, check_same_architecture, check_vocab, count_parameters,
+                           load_pretrained)
 from ntp_rl.rundir import RESULTS_FILE, read_results, recording_failures, write_json_atomic
 from ntp_rl.runtime import (choose_run, flops_per_token, make_accelerator, open_run, peak_flops, peak_memory_gib,
                             resolved_wandb_mode)
@@ -57,6 +58,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         return finished
     if resume_from is not None:
         lm = load_pretrained(str(resume_from), key="resume")
+        check_same_architecture(lm, cfg.model, str(resume_from))
     else:
         lm = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     check_vocab(lm, tokenizer)
