@@ -19,7 +19,7 @@ PROG = "ntp-rl"
 STAGES: dict[str, tuple[str, Optional[str]]] = {
     "pretrain": ("pre-train a model with the reward-shaped next-token loss", None),
     "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", "issue #3"),
-    "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", "issue #4"),
+    "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", None),
     "pipeline": ("pretrain -> eval -> rl -> eval as one lineage", "issue #5"),
     "compare": ("tables and plots across finished runs", "issue #5"),
 }
