@@ -44,6 +44,7 @@ def usage() -> str:
         f"  {PROG} pretrain -m loss.beta=-0.25,0,0.5 # a sweep: one run per value",
         f"  {PROG} pretrain --cfg job                # print the composed config",
         f"  accelerate launch --num_processes 2 -m ntp_rl pretrain",
+        f"  {PROG} eval model=outputs/pretrain/<run> # Avg@n, Cons@n, pass@k, entropy (eval=paper: n=128)",
     ]
     return "\n".join(lines)
 

@@ -212,6 +212,20 @@ def test_a_uniform_model_has_known_diagnostics(tokenizer, tmp_path, shared_cache
     assert d["topk_mass"] == pytest.approx(5 / vocab, rel=1e-4) and d["target_rank_median"] == 1
 
 
+def test_diagnostics_on_a_datasets_text_source(tokenizer, tmp_path, shared_cache):
+    from ntp_rl.data.corpus import sample_documents
+
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(json.dumps({"body": d}) + "\n" for d in sample_documents("test", 1, 3, 60)))
+    model_dir = save_model(tmp_path / "model", tokenizer, {})
+    record = evaluate(setup(tmp_path, shared_cache, model_dir, "eval.num_problems=1", "eval.n=1", "eval.ks=[1]",
+                            "data=hf", f"data.path={corpus}", "data.text_field=body", "data.val_docs=30",
+                            "data.seq_len=32", "diagnostics.num_sequences=3"))
+    d = record["diagnostics"]
+    assert str(corpus) in d["text"] and d["tokens"] == 3 * 32
+    assert d["nll"] == pytest.approx(math.log(len(tokenizer)), rel=1e-5)
+
+
 def test_wandb_gets_summary_table_and_figures(tokenizer, tmp_path, shared_cache, monkeypatch):
     from accelerate import Accelerator
 
