@@ -19,7 +19,7 @@ PROG = "ntp-rl"
 STAGES: dict[str, tuple[str, Optional[str]]] = {
     "pretrain": ("pre-train a model with the reward-shaped next-token loss", None),
     "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", "issue #3"),
-    "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", "issue #4"),
+    "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", None),
     "pipeline": ("pretrain -> eval -> rl -> eval as one lineage", "issue #5"),
     "compare": ("tables and plots across finished runs", "issue #5"),
 }
@@ -44,6 +44,7 @@ def usage() -> str:
         f"  {PROG} pretrain -m loss.beta=-0.25,0,0.5 # a sweep: one run per value",
         f"  {PROG} pretrain --cfg job                # print the composed config",
         f"  accelerate launch --num_processes 2 -m ntp_rl pretrain",
+        f"  {PROG} eval model=outputs/pretrain/<run> # Avg@n, Cons@n, pass@k, entropy (eval=paper: n=128)",
     ]
     return "\n".join(lines)
 
