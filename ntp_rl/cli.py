@@ -21,7 +21,7 @@ STAGES: dict[str, tuple[str, Optional[str]]] = {
     "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", "issue #3"),
     "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", None),
     "pipeline": ("pretrain -> eval -> rl -> eval as one lineage", "issue #5"),
-    "compare": ("tables and plots across finished runs", "issue #5"),
+    "compare": ("tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]", None),
 }
 
 HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}
@@ -69,6 +69,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     if pending:
         fail(f"the '{stage}' stage is not built yet ({pending}); built: "
              + ", ".join(name for name, (_, todo) in STAGES.items() if not todo))
+    if stage == "compare":  # reads finished runs' files; no config to compose
+        from ntp_rl.stages.compare import main as compare_main
+
+        try:
+            return compare_main(rest)
+        except UserError as exc:
+            fail(str(exc), exc.exit_code)
     rest = expand_model_paths(rest)
     swept: list[str] = []
     try:

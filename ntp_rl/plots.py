@@ -55,6 +55,33 @@ def plot_histogram(path: Path, edges: Sequence[float], counts: Sequence[int], ti
     return _save(fig, path)
 
 
+def plot_curves(path: Path, curves: Mapping[str, Mapping[str, Mapping[int, Sequence[float]]]], xlabel: str,
+                ylabels: Mapping[str, str], title: str, log_y: bool = False) -> Path:
+    """One panel per metric, one line per setting: the mean over seeds, shaded from min to max.
+
+    `curves` maps metric -> setting -> step -> the seeds' values at that step.
+    """
+    panels = [key for key in curves if curves[key]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), dpi=120, squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for i, (setting, by_step) in enumerate(sorted(curves[key].items())):
+            steps = sorted(by_step)
+            means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+            ax.plot(steps, means, color=f"C{i}", label=setting, linewidth=1.5)
+            if any(len(by_step[s]) > 1 for s in steps):
+                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                color=f"C{i}", alpha=0.15, linewidth=0)
+        if log_y:  # losses fall by orders of magnitude; the settings differ at the end
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabels.get(key, key))
+        ax.set_title(ylabels.get(key, key), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
 def _save(fig: "plt.Figure", path: Path) -> Path:
     path = Path(path)
     fig.tight_layout()
