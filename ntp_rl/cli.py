@@ -19,9 +19,9 @@ PROG = "ntp-rl"
 STAGES: dict[str, tuple[str, Optional[str]]] = {
     "pretrain": ("pre-train a model with the reward-shaped next-token loss", None),
     "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", None),
-    "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", "issue #4"),
+    "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", None),
     "pipeline": ("pretrain -> eval -> rl -> eval as one lineage", "issue #5"),
-    "compare": ("tables and plots across finished runs", "issue #5"),
+    "compare": ("tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]", None),
 }
 
 HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}
@@ -45,6 +45,7 @@ def usage() -> str:
         f"  {PROG} pretrain --cfg job                # print the composed config",
         f"  {PROG} rl init_from=outputs/pretrain/<run> # GRPO on the embedded task; task=chain_sum|gsm8k|...",
         f"  accelerate launch --num_processes 2 -m ntp_rl pretrain",
+        f"  {PROG} eval model=outputs/pretrain/<run> # Avg@n, Cons@n, pass@k, entropy (eval=paper: n=128)",
     ]
     return "\n".join(lines)
 
@@ -69,6 +70,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     if pending:
         fail(f"the '{stage}' stage is not built yet ({pending}); built: "
              + ", ".join(name for name, (_, todo) in STAGES.items() if not todo))
+    if stage == "compare":  # reads finished runs' files; no config to compose
+        from ntp_rl.stages.compare import main as compare_main
+
+        try:
+            return compare_main(rest)
+        except UserError as exc:
+            fail(str(exc), exc.exit_code)
     rest = expand_model_paths(rest)
     swept: list[str] = []
     try:

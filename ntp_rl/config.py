@@ -298,7 +298,47 @@ class RLConfig(RunConfig):
     rl: GRPOConfig = field(default_factory=GRPOConfig)
 
 
+@dataclass
+class EvalSettings:
+    """What `eval` samples and reports: n completions per problem, scored as Avg@n, Cons@n and pass@k."""
+
+    n: int = 16  # samples per problem (the paper: 128; `eval=paper`)
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # pass@k for each k <= n
+    num_problems: int = 64  # the first problems of the task's split (fewer if the task has fewer)
+    split: str = "test"  # the task's split; "test" is held out from pretrain and rl alike
+    keep_samples: bool = False  # also write every completion to samples.jsonl
+    precision: Precision = Precision.auto  # auto: bf16 weights on GPU, fp32 on CPU
+
+
+@dataclass
+class DiagnosticsConfig:
+    """The model's next-token distribution on held-out text (`data`): how sure it is, and where it branches."""
+
+    enabled: bool = True
+    num_sequences: int = 64  # held-out windows of data.seq_len tokens
+    batch_size: int = 16  # windows per forward pass
+    k: int = 100  # top-k mass is the probability of the k likeliest tokens; tail mass the rest
+    # Entropy (nats) above which a token counts as a "forking" token. 0.672 is the 80th
+    # percentile Wang et al. (2025, "Beyond the 80/20 rule", arXiv 2506.01939) found in
+    # Qwen3-8B's chains of thought on AIME: their top 20%, where reasoning branches. A fixed
+    # threshold (not a per-run percentile) lets runs be compared by the share above it.
+    forking_threshold: float = 0.672
+    bins: int = 50  # entropy histogram bins over [0, log V]
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    stage: str = "eval"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    data: DataConfig = field(default_factory=DataConfig)  # the held-out text of the diagnostics
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+
+
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig}
+SCHEMAS["eval"] = EvalConfig
 SCHEMAS["rl"] = RLConfig
 
 
@@ -448,15 +488,41 @@ def check_pretrain(cfg: Any) -> None:
     check_train(cfg.train)
 
 
-def check_sampling(sampling: Any, key: str, greedy_ok: bool = True) -> None:
-    _finite(sampling.temperature, f"{key}.temperature")
-    if sampling.temperature < 0 or (not greedy_ok and sampling.temperature == 0):
-        raise ConfigError(f"{key}.temperature", "must be >= 0 (0 = greedy)" if greedy_ok else "must be > 0 (GRPO needs samples)",
-                          sampling.temperature)
+def check_sampling(sampling: Any, prefix: str = "sampling") -> None:
+    if sampling.temperature < 0 or not math.isfinite(sampling.temperature):
+        raise ConfigError(f"{prefix}.temperature", "must be a finite number >= 0 (0 = greedy)", sampling.temperature)
     if not 0 < sampling.top_p <= 1:
-        raise ConfigError(f"{key}.top_p", "must be in (0, 1]", sampling.top_p)
-    _positive(sampling.max_new_tokens, f"{key}.max_new_tokens")
-    _positive(sampling.batch_size, f"{key}.batch_size")
+        raise ConfigError(f"{prefix}.top_p", "must be in (0, 1]", sampling.top_p)
+    _positive(sampling.max_new_tokens, f"{prefix}.max_new_tokens")
+    _positive(sampling.batch_size, f"{prefix}.batch_size")
+
+
+def check_eval(cfg: Any) -> None:
+    from ntp_rl.tasks import TASK_SPLITS
+
+    if cfg.resume not in (None, "never"):
+        raise ConfigError("resume", "eval runs are not resumed (they save no checkpoints); run the command again", cfg.resume)
+    check_model(cfg.model)
+    check_sampling(cfg.sampling)
+    ev = cfg.eval
+    _positive(ev.n, "eval.n")
+    _positive(ev.num_problems, "eval.num_problems")
+    if not ev.ks:
+        raise ConfigError("eval.ks", "must list at least one k, e.g. eval.ks=[1,8]", list(ev.ks))
+    too_big = [k for k in ev.ks if not 1 <= k <= ev.n]
+    if too_big:
+        raise ConfigError("eval.ks", f"every k must be in 1..eval.n={ev.n} (pass@k draws k of the n samples); "
+                          f"{too_big[0]} is not", list(ev.ks))
+    if ev.split not in TASK_SPLITS:
+        raise ConfigError("eval.split", f"must be one of: {', '.join(TASK_SPLITS)}", ev.split)
+    diag = cfg.diagnostics
+    if diag.enabled:
+        check_data(cfg.data)
+        for key in ("num_sequences", "batch_size", "k", "bins"):
+            _positive(diag[key], f"diagnostics.{key}")
+        if diag.forking_threshold < 0 or not math.isfinite(diag.forking_threshold):
+            raise ConfigError("diagnostics.forking_threshold", "must be a finite entropy in nats, >= 0",
+                              diag.forking_threshold)
 
 
 def check_init_from(init_from: str) -> None:
@@ -509,7 +575,9 @@ def check_rl(cfg: Any) -> None:
     if rl.policy_loss not in POLICY_LOSSES:
         raise ConfigError("rl.policy_loss", f"unknown loss; choose one of: {', '.join(sorted(POLICY_LOSSES))}",
                           rl.policy_loss)
-    check_sampling(rl.sampling, "rl.sampling", greedy_ok=False)
+    check_sampling(rl.sampling, "rl.sampling")
+    if rl.sampling.temperature == 0:
+        raise ConfigError("rl.sampling.temperature", "must be > 0: GRPO compares different samples of a prompt", 0)
     check_sampling(rl.eval_sampling, "rl.eval_sampling")
     bad_ks = [k for k in rl.eval_ks if not 1 <= k <= rl.eval_samples]
     if bad_ks:

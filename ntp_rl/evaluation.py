@@ -25,6 +25,8 @@ class ProblemResult:
     pass_at_k: dict[int, float]
     mean_length: float  # response tokens
     truncated: int  # samples cut off at max_new_tokens
+    min_length: int = 0
+    max_length: int = 0
     samples: list[str] = field(default_factory=list)  # the completions' texts (kept when asked)
 
     def row(self) -> dict[str, Any]:
@@ -37,6 +39,7 @@ def score_problem(task: Task, problem: TaskProblem, completions: Sequence[Comple
     answers = [task.extract_answer(c.text) for c in completions]
     flags = [a is not None and task.answer_matches(a, problem) for a in answers]
     vote = majority_vote(answers)
+    lengths = [len(c.token_ids) for c in completions]
     return ProblemResult(
         id=problem.id,
         answer=problem.answer,
@@ -45,14 +48,16 @@ def score_problem(task: Task, problem: TaskProblem, completions: Sequence[Comple
         majority=vote,
         majority_correct=vote is not None and task.answer_matches(vote, problem),
         pass_at_k={k: pass_at_k(n, sum(flags), k) for k in ks if k <= n},
-        mean_length=sum(len(c.token_ids) for c in completions) / max(n, 1),
+        mean_length=sum(lengths) / max(n, 1),
         truncated=sum(c.truncated for c in completions),
+        min_length=min(lengths, default=0),
+        max_length=max(lengths, default=0),
         samples=[c.text for c in completions] if keep_samples else [],
     )
 
 
 def summarize(results: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, float]:
-    """Means over problems: avg@n (mean accuracy), cons@n (majority vote right), pass@k, lengths."""
+    """Means over problems: avg@n (mean accuracy), cons@n (majority vote right), pass@k; lengths (tokens) over all samples."""
     count = max(len(results), 1)
     n = results[0].n if results else 0
     summary = {
@@ -61,6 +66,8 @@ def summarize(results: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, 
         f"avg@{n}": sum(r.correct / max(r.n, 1) for r in results) / count,
         f"cons@{n}": sum(r.majority_correct for r in results) / count,
         "mean_length": sum(r.mean_length for r in results) / count,
+        "min_length": min((r.min_length for r in results), default=0),
+        "max_length": max((r.max_length for r in results), default=0),
         "truncated_frac": sum(r.truncated for r in results) / max(sum(r.n for r in results), 1),
     }
     for k in ks:

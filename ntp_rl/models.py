@@ -6,6 +6,7 @@ Every model is a plain `transformers` model, so a checkpoint directory loads wit
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_t
             moe_intermediate_size=model_cfg.moe_intermediate_size,
             num_experts=model_cfg.num_experts,
             num_experts_per_tok=model_cfg.num_experts_per_tok,
+            output_router_logits=True,  # train with the load-balancing loss, as HF's own forward does
             **common,
         )
         model_cls = Qwen3MoeForCausalLM
@@ -69,11 +71,35 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
     looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists() or len(path.parts) > 2
     if looks_local and not (path / "config.json").exists():
         raise DataError(f"{key}={name_or_path}: no Hugging Face model there (config.json is missing)")
+    from safetensors import SafetensorError
+
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
+        # use_safetensors: weights never come through pickle, whatever else lies in the directory.
+        return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
+                                                    dtype=dtype or torch.float32, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line})") from exc
+
+
+# model config key -> the HF config attribute it sets
+_ARCH_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size"}
+
+
+def check_same_architecture(lm: nn.Module, model_cfg: Any, source: str) -> None:
+    """A resumed run must be the model its config describes, or the optimizer state is meaningless."""
+    arch = _arch(model_cfg)
+    if arch is ModelArch.hf:
+        return
+    expected_type = "qwen3_moe" if arch is ModelArch.qwen3_moe else "qwen3"
+    diffs = [] if lm.config.model_type == expected_type else [f"model_type {lm.config.model_type} != {expected_type}"]
+    for key, attr in _ARCH_FIELDS.items():
+        have = getattr(lm.config, attr, None)
+        if have != model_cfg[key]:
+            diffs.append(f"model.{key}={model_cfg[key]} but the checkpoint has {have}")
+    if diffs:
+        raise ConfigError("model", f"does not match the checkpoint {source}: {'; '.join(diffs)}")
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
@@ -116,14 +142,25 @@ class ShapedLossLM(nn.Module):
             self.impl = LossImpl.chunked
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LossOutput:
+        config = self.lm.config
+        moe = bool(getattr(config, "output_router_logits", False))
+        extra = {"output_router_logits": True} if moe else {}
         if self.impl is LossImpl.fused:
-            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
             head = self.lm.get_output_embeddings()
-            return shaped_ntp_loss_fused(hidden, head.weight, labels, self.shaping, chunk_size=self.chunk_size)
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        if self.impl is LossImpl.chunked:
-            return shaped_ntp_loss(logits, labels, self.shaping, chunk_size=self.chunk_size)
-        return shaped_ntp_loss_reference(logits, labels, self.shaping)
+            result = shaped_ntp_loss_fused(out.last_hidden_state, head.weight, labels, self.shaping, chunk_size=self.chunk_size)
+        else:
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+            fn = shaped_ntp_loss if self.impl is LossImpl.chunked else shaped_ntp_loss_reference
+            kwargs = {"chunk_size": self.chunk_size} if self.impl is LossImpl.chunked else {}
+            result = fn(out.logits, labels, self.shaping, **kwargs)
+        if not moe:
+            return result
+        # The router's load-balancing loss keeps experts in use; it is added as HF adds it.
+        balance = sys.modules[type(self.lm).__module__].load_balancing_loss_func(
+            out.router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
+        stats = dict(result.stats, router_aux_loss=balance.detach().float())
+        return LossOutput(result.loss + config.router_aux_loss_coef * balance.to(result.loss.dtype), stats)
 
 
 def check_vocab(model: nn.Module, tokenizer: Any) -> None:

@@ -23,6 +23,7 @@ from ntp_rl.errors import ConfigError, TrainingDiverged
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "results.json"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -36,6 +37,16 @@ def read_run_info(path: Path) -> dict:
         return json.loads((Path(path) / RUN_FILE).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def read_results(path: Path) -> Optional[dict]:
+    """The results of a finished run, or None when it has not finished."""
+    if read_run_info(path).get("status") != "finished":
+        return None
+    try:
+        return json.loads((Path(path) / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def run_name(stage: str, overrides: Sequence[str], explicit: Optional[str] = None) -> str:

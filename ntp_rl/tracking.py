@@ -124,6 +124,19 @@ class Tracker:
             for key, value in values.items():
                 self.wandb_run.summary[key] = _clean(value)
 
+    def media(self, step: int, tables: Optional[dict[str, tuple[list[str], list[list]]]] = None,
+              images: Optional[dict[str, Path]] = None) -> None:
+        """W&B tables ({name: (columns, rows)}) and images (PNG paths); metrics.jsonl keeps numbers only."""
+        if not self.is_main or self.wandb_run is None:
+            return
+        import wandb
+
+        payload: dict[str, Any] = {name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+                                   for name, (columns, rows) in (tables or {}).items()}
+        payload |= {name: wandb.Image(str(path)) for name, path in (images or {}).items()}
+        if payload:
+            self.wandb_run.log(payload, step=step)
+
     def finish(self) -> None:
         if not self.is_main:
             return

@@ -21,3 +21,13 @@ def test_every_stage_has_a_config_and_every_group_option_parses():
     assert (conf / "pretrain.yaml").exists()
     for group in ("model", "data", "loss", "optim", "logger"):
         assert any((conf / group).glob("*.yaml")), group
+
+
+def test_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((REPO / "scripts" / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"ddp", "fsdp", "multinode"}
+    for path in configs:
+        config = load_config_from_file(str(path))
+        assert config.num_processes >= 1 and config.mixed_precision == "bf16", path.name

@@ -68,28 +68,56 @@ def test_checkpoint_loads_with_transformers_alone(tiny, tmp_path):
     assert int(vocab) >= int(tokenizer_len) and imported == "False"
 
 
-def test_resume_after_sigkill_continues_exactly(tiny, tmp_path):
-    common = [*tiny, "train.max_steps=8", "train.save_every=4", "train.log_every=1"]
+# Where the kill lands -> the checkpoint the resumed run must start from. The corpus of the
+# tiny config has 913 windows, so with 112 windows a step the data wraps into its second
+# (reshuffled) epoch during step 9.
+KILLS = {
+    "mid-run": ("step:6", "step_00000004"),
+    "right-after-a-checkpoint": ("checkpoint_done:4", "step_00000004"),
+    "during-a-checkpoint-write": ("checkpoint_write:8", "step_00000004"),
+    "at-the-epoch-boundary": ("step:9", "step_00000008"),
+}
+
+
+@pytest.mark.parametrize("kill", sorted(KILLS))
+def test_resume_after_sigkill_continues_exactly(kill, tiny, tmp_path):
+    where, expected_checkpoint = KILLS[kill]
+    common = [*tiny, "train.max_steps=10", "train.save_every=4", "train.log_every=1", "train.batch_size=112",
+              "train.micro_batch_size=56"]
     straight = tmp_path / "straight"
     pretrain([*common, f"run_dir={straight}"])
 
     killed = tmp_path / "killed"
     args = ["pretrain", *common, f"run_dir={killed}"]
-    first = run_cli(*args, env={"NTP_RL_KILL_AT": "step:6"})
+    first = run_cli(*args, env={"NTP_RL_KILL_AT": where})
     assert first.returncode == -9, first.stderr
     assert json.loads((killed / "run.json").read_text())["status"] == "running"  # not mistaken for finished
-    assert latest_checkpoint(killed / "checkpoints").name == "step_00000004"
+    assert latest_checkpoint(killed / "checkpoints").name == expected_checkpoint
 
     second = run_cli(*args, "resume=auto")
     assert second.returncode == 0, second.stderr
     a, b = train_rows(straight), train_rows(killed)
-    assert sorted(b) == list(range(1, 9)), "one record per step, the repeated steps replaced"
-    for step in range(1, 9):
+    assert sorted(b) == list(range(1, 11)), "one record per step, the repeated steps replaced"
+    for step in range(1, 11):
         for key in ("train/loss", "train/grad_norm", "train/lr", "train/entropy"):
             assert a[step][key] == b[step][key], (step, key)  # bit-identical on CPU
     sa = torch.load(latest_checkpoint(straight / "checkpoints") / "optimizer.pt", weights_only=True)
     sb = torch.load(latest_checkpoint(killed / "checkpoints") / "optimizer.pt", weights_only=True)
     assert torch.equal(sa["state"][0]["exp_avg"], sb["state"][0]["exp_avg"])
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused_in_one_line(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    pretrain([*tiny, f"run_dir={run_dir}"])
+    other_model = run_cli("pretrain", *tiny, "model.hidden_size=48", "train.max_steps=9", f"run_dir={run_dir}",
+                          "resume=auto")
+    assert other_model.returncode == 2
+    assert "model: does not match the checkpoint" in other_model.stderr and "hidden_size=48" in other_model.stderr
+    weights = latest_checkpoint(run_dir / "checkpoints") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    truncated = run_cli("pretrain", *tiny, "train.max_steps=9", f"run_dir={run_dir}", "resume=auto")
+    assert truncated.returncode == 2
+    assert truncated.stderr.startswith("ntp-rl: error: resume=") and truncated.stderr.count("\n") == 1
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny, tmp_path):

@@ -339,6 +339,7 @@ def test_resume_after_sigkill_reproduces_the_run(rl_args, tmp_path):
     assert eval_rows(straight)[4] == eval_rows(killed)[4]
     results = json.loads((killed / "results.json").read_text())
     assert results["eval_before"] == json.loads((straight / "results.json").read_text())["eval_before"]
+    assert rl_run([*rl_args, f"run_dir={killed}", "resume=auto"]) == results, "a finished run is not run again"
 
 
 def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):

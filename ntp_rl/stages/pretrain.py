@@ -22,8 +22,9 @@ from ntp_rl.config import ModelArch, NonFinitePolicy, check_batch, check_loss, c
 from ntp_rl.errors import ConfigError
 from ntp_rl.faults import kill_point
 from ntp_rl.losses import STAT_NAMES
-from ntp_rl.models import ShapedLossLM, build_model, check_vocab, count_parameters, load_pretrained
-from ntp_rl.rundir import recording_failures, write_json_atomic
+from ntp_rl.models import (ShapedLossLM, build_model, check_same_architecture, check_vocab, count_parameters,
+                           load_pretrained)
+from ntp_rl.rundir import RESULTS_FILE, read_results, recording_failures, write_json_atomic
 from ntp_rl.runtime import (choose_run, flops_per_token, make_accelerator, open_run, peak_flops, peak_memory_gib,
                             printer, resolved_wandb_mode, saved_step, stop_diverged)
 from ntp_rl.optim import build_adamw, lr_lambda
@@ -51,8 +52,13 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
 
     run_dir = choose_run(cfg, "pretrain", overrides, accelerator)
     resume_from = run_dir.resume_from
+    finished = read_results(run_dir.path) if resume_from else None
+    if finished is not None and finished["step"] >= cfg.train.max_steps:
+        accelerator.print(f"ntp-rl pretrain: {run_dir.path} already finished at step {finished['step']}")
+        return finished
     if resume_from is not None:
         lm = load_pretrained(str(resume_from), key="resume")
+        check_same_architecture(lm, cfg.model, str(resume_from))
     else:
         lm = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     check_vocab(lm, tokenizer)
@@ -172,7 +178,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                 save(step)
         bar.close()
 
-        if not val_metrics:  # resumed a run that had already reached max_steps
+        if not val_metrics:  # resumed from the final checkpoint of a run that died before finishing
             val_metrics = validate(step)
         wall = time.perf_counter() - started
         final = ckpt.latest_checkpoint(run_dir.checkpoints)
@@ -181,7 +187,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                    "num_processes": world, "loss": {k: _value(cfg.loss[k]) for k in cfg.loss}}
         tracker.summary({f"final/val_{k}": v for k, v in val_metrics.items()})
         if accelerator.is_main_process:
-            write_json_atomic(run_dir.path / "results.json", results)
+            write_json_atomic(run_dir.path / RESULTS_FILE, results)
             run_dir.update(status="finished", step=step, checkpoint=str(final))
         say(f"done: {step} steps in {wall:.0f}s | val nll {val_metrics['nll']:.4f} vs unigram {data.unigram_nll:.3f} | "
             f"ppl {val_metrics['ppl']:.3f} | entropy {val_metrics['entropy']:.3f}\n  model: {final}")

@@ -35,7 +35,7 @@ from ntp_rl.rl.advantages import compute_advantages
 from ntp_rl.rl.policy_loss import POLICY_LOSSES, aggregate, aggregation_count, k3_kl
 from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, build_batch, collect_groups, rollout_seed,
                                sample_groups, token_logprobs)
-from ntp_rl.rundir import recording_failures, write_json_atomic
+from ntp_rl.rundir import RESULTS_FILE, read_results, recording_failures, write_json_atomic
 from ntp_rl.runtime import (choose_run, make_accelerator, open_run, peak_memory_gib, printer, resolved_wandb_mode,
                             saved_step, stop_diverged)
 from ntp_rl.tasks import build_task
@@ -58,6 +58,10 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     init_dir = _model_dir(cfg.init_from)
     run_dir = choose_run(cfg, "rl", overrides, accelerator)
     resume_from = run_dir.resume_from
+    finished = read_results(run_dir.path) if resume_from else None
+    if finished is not None and finished["step"] >= rl.max_steps:
+        accelerator.print(f"ntp-rl rl: {run_dir.path} already finished at step {finished['step']}")
+        return finished
     model_dir = str(resume_from or init_dir)
     policy = load_pretrained(model_dir, key="resume" if resume_from else "init_from")
     tokenizer = load_tokenizer(model_dir)
@@ -244,7 +248,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                 save(step)
         bar.close()
 
-        if eval_after is None:  # resumed a run that had already reached max_steps
+        if eval_after is None:  # resumed from the final checkpoint of a run that died before finishing
             eval_after = held_out(step)
         wall = time.perf_counter() - started
         final = ckpt.latest_checkpoint(run_dir.checkpoints)
@@ -254,7 +258,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                    "train_last_step": last_step, "train_wall_time_s": wall, "num_processes": world}
         tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
         if accelerator.is_main_process:
-            write_json_atomic(run_dir.path / "results.json", results)
+            write_json_atomic(run_dir.path / RESULTS_FILE, results)
             run_dir.update(status="finished", step=step, checkpoint=str(final))
         before = f"{eval_before[accuracy_key]:.3f}" if eval_before else "?"
         say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f} | "

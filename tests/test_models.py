@@ -1,0 +1,50 @@
+"""Model presets and the training module: the paper's shapes, and the loss matching HF's own."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ntp_rl.config import compose
+from ntp_rl.models import ShapedLossLM, build_model, count_parameters
+
+SMALL_MOE = ["model=moe_5b_a0p3b", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+             "model.num_kv_heads=2", "model.head_dim=8", "model.num_experts=4", "model.num_experts_per_tok=2",
+             "model.moe_intermediate_size=16"]
+
+
+@pytest.mark.parametrize("preset, layers, hidden, ffn, heads, kv", [
+    ("dense_1b", 28, 1536, 4608, 16, 4),
+    ("dense_4b", 36, 2560, 9728, 32, 8),
+])
+def test_dense_presets_have_the_papers_shapes(preset, layers, hidden, ffn, heads, kv):
+    cfg = compose("pretrain", [f"model={preset}"]).model
+    assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads) == (
+        layers, hidden, ffn, heads, kv)
+
+
+def test_moe_preset_has_the_papers_shape_and_size():
+    cfg = compose("pretrain", ["model=moe_5b_a0p3b"]).model
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (
+        12, 1024, 384, 12, 320)
+    with torch.device("meta"):  # the real size, without allocating 5B parameters
+        lm = build_model(cfg, vocab_size=151936, pad_token_id=0, eos_token_id=1)
+    total = count_parameters(lm)
+    assert 4e9 < total < 6e9, total
+
+
+@pytest.mark.parametrize("overrides", [[], SMALL_MOE], ids=["dense", "moe"])
+def test_every_loss_path_gives_hf_cross_entropy(overrides):
+    cfg = compose("pretrain", ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+                               "model.num_kv_heads=1", *overrides])
+    torch.manual_seed(0)
+    lm = build_model(cfg.model, vocab_size=100, pad_token_id=0, eos_token_id=1)
+    ids = torch.randint(0, 100, (2, 9))
+    hf = lm(ids, labels=ids)  # HF shifts internally and adds the router loss for MoE
+    coef = getattr(lm.config, "router_aux_loss_coef", 0.0) if overrides else 0.0
+    hf_ce = hf.loss.item() - coef * (hf.aux_loss.item() if overrides else 0.0)
+    for impl in ("fused", "chunked", "reference"):
+        out = ShapedLossLM(lm, OmegaConf.merge(cfg.loss, {"impl": impl}))(ids[:, :-1], ids[:, 1:])
+        aux = out.stats["router_aux_loss"].item() if overrides else 0.0
+        assert out.loss.item() - coef * aux == pytest.approx(hf_ce, abs=1e-5), impl
+        if overrides:  # the router sees the inputs, which exclude the last token
+            assert aux == pytest.approx(lm(ids[:, :-1]).aux_loss.item(), abs=1e-6)
