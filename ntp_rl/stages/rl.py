@@ -173,8 +173,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                             old.append(_pad_to(logp, batch.response_mask.shape[1]))
                             _add(sums, entropy=(entropy * micro.response_mask).sum(), tokens=micro.response_mask.sum())
                         if reference is not None:
-                            ref.append(_pad_to(token_logprobs(reference, micro, sampling.temperature)[0],
-                                               batch.response_mask.shape[1]))
+                            with accelerator.autocast():  # the reference is not prepared, so not autocast by Accelerate
+                                ref_logp = token_logprobs(reference, micro, sampling.temperature)[0]
+                            ref.append(_pad_to(ref_logp, batch.response_mask.shape[1]))
                 batch.old_logp = torch.cat(old) if old else None
                 batch.ref_logp = torch.cat(ref) if ref else None
 
