@@ -427,3 +427,19 @@ def test_bad_input_from_the_shell_exits_2_with_one_line(policy, tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("ntp-rl: error: task.dataset=nope: unknown reasoning-gym dataset; choose one of: ")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_default_run_raises_held_out_accuracy(tmp_path):
+    """The issue's promise, as a new user runs it: default pretrain, then default rl (~10 min on 2 cores)."""
+    common = [f"out_dir={tmp_path}", "logger.wandb.mode=disabled", "logger.progress_bar=false"]
+    pretrain = run_cli("pretrain", *common, timeout=1800)
+    assert pretrain.returncode == 0, pretrain.stderr[-2000:]
+    (pretrain_dir,) = (tmp_path / "pretrain").iterdir()
+    rl = run_cli("rl", f"init_from={pretrain_dir}", *common, timeout=1800)
+    assert rl.returncode == 0, rl.stderr[-2000:]
+    (rl_dir,) = (tmp_path / "rl").iterdir()
+    results = json.loads((rl_dir / "results.json").read_text())
+    before, after = results["eval_before"]["avg@8"], results["eval_after"]["avg@8"]
+    assert after > before + 0.02, (before, after)
+    assert results["train_last_step"]["entropy"] < results["train_first_step"]["entropy"]

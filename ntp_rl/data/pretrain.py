@@ -130,7 +130,8 @@ def unigram_nll(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size
 # Sources of training windows
 
 
-def _mix_seed(*parts: object) -> int:
+def mix_seed(*parts: object) -> int:
+    """A seed that is a pure function of `parts`, the same in every process (str hash() is salted)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # torch seeds must fit in int64
 
@@ -173,7 +174,7 @@ class PackedSequences:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(_mix_seed("packed", self.seed, epoch))
+            generator = torch.Generator().manual_seed(mix_seed("packed", self.seed, epoch))
             self._cached = (epoch, torch.randperm(self.num_windows, generator=generator))
         return self._cached[1]
 
@@ -227,7 +228,7 @@ class StreamingSequences:
     def _generate(self) -> Iterator[torch.Tensor]:
         windows = self._packed()
         if self.shuffle_windows > 1:
-            windows = _shuffle_buffer(windows, self.shuffle_windows, random.Random(_mix_seed("stream", self.seed)))
+            windows = _shuffle_buffer(windows, self.shuffle_windows, random.Random(mix_seed("stream", self.seed)))
         return windows
 
     def _packed(self) -> Iterator[torch.Tensor]:

@@ -14,14 +14,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ntp_rl.data.pretrain import _mix_seed
+from ntp_rl.data.pretrain import mix_seed
 from ntp_rl.generation import Generator, Sampling
 from ntp_rl.tasks import Task, TaskProblem, is_correct, reward
 
 
 def rollout_seed(seed: int, step: int, round_: int, offset: int) -> int:
     # HFGenerator seeds each batch with seed * 100_003 + batch, which must stay below 2**63.
-    return _mix_seed("rollout", seed, step, round_, offset) % 2**40
+    return mix_seed("rollout", seed, step, round_, offset) % 2**40
 
 
 class PromptStream:
@@ -43,7 +43,7 @@ class PromptStream:
 
     def _order(self, epoch: int) -> list[int]:
         if self._cached is None or self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(_mix_seed("prompts", self.seed, epoch))
+            generator = torch.Generator().manual_seed(mix_seed("prompts", self.seed, epoch))
             self._cached = (epoch, torch.randperm(len(self.problems), generator=generator).tolist())
         return self._cached[1]
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ntp_rl import checkpoint as ckpt
 from ntp_rl.config import check_rl
-from ntp_rl.data.pretrain import _mix_seed
+from ntp_rl.data.pretrain import mix_seed
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.evaluation import sample_and_score, summarize
 from ntp_rl.faults import kill_point
@@ -116,7 +116,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             mine = eval_problems[rank::world]
             evaluator = HFGenerator(lm, tokenizer, task.stop_strings, batch_size=rl.eval_sampling.batch_size)
             results = sample_and_score(evaluator, task, mine, rl.eval_samples, eval_sampling, list(rl.eval_ks),
-                                       seed=_mix_seed("eval", cfg.seed) % 2**40)
+                                       seed=mix_seed("eval", cfg.seed) % 2**40)
             summary = summarize(gather_object(results), list(rl.eval_ks))
             tracker.log({f"eval/{k}": v for k, v in summary.items() if k not in ("problems", "n")}, step=step)
             shown = " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith(("avg@", "pass@", "cons@")))

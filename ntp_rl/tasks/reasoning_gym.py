@@ -22,7 +22,7 @@ from reasoning_gym.factory import DATASETS
 from reasoning_gym.utils import SYSTEM_PROMPTS
 from reasoning_gym.utils import extract_answer as extract_tagged_answer
 
-from ntp_rl.data.pretrain import _mix_seed
+from ntp_rl.data.pretrain import mix_seed
 from ntp_rl.errors import ConfigError
 from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register
 
@@ -49,7 +49,7 @@ class ReasoningGymTask:
     def problems(self, split: str, n: int) -> list[TaskProblem]:
         if split not in TASK_SPLITS:
             raise ValueError(f"split must be one of {TASK_SPLITS}, not {split!r}")
-        data = self._create(seed=_mix_seed("reasoning_gym", self.dataset, self.seed, split) % 2**31, size=n)
+        data = self._create(seed=mix_seed("reasoning_gym", self.dataset, self.seed, split) % 2**31, size=n)
         return [
             TaskProblem(id=f"{split}-{i}", prompt=fill_prompt(self.prompt_template, entry["question"]),
                         answer=str(entry["answer"]), meta={"entry": entry})
