@@ -149,11 +149,10 @@ def _stage_task(stage: str, swept_keys: list[str]) -> Callable:
 def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
     """Compose every job of the command (each sweep point), run the stage's config checks,
     and return the keys the command sweeps over."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from ntp_rl.config import compose
+    from ntp_rl.launch import sweep_points
     from ntp_rl.stages import check_stage_config
 
     try:
@@ -161,19 +160,18 @@ def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
     except SystemExit:
         raise UserError(f"cannot parse the command line: {' '.join(hydra_args)}") from None
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # Hydra's grammar errors
-        raise UserError(_first_line(exc)) from None
-    jobs = BasicSweeper.split_arguments(parsed, None)[0] if args.multirun else [overrides]
-
+    jobs = sweep_points(overrides) if args.multirun else [overrides]
     for job in jobs:
         try:
             cfg = compose(stage, list(job))
         except Exception as exc:
             raise UserError(explain_compose_error(exc, stage)) from None
         check_stage_config(stage, cfg)
-    return [o.key_or_group for o in parsed if o.is_sweep_override()] if args.multirun else []
+    if not args.multirun:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
 
 
 def _first_line(exc: BaseException) -> str:
