@@ -160,6 +160,12 @@ def test_hf_math_errors_name_the_key(tmp_path, gsm8k_dir):
 # Registry
 
 
+def test_a_plain_task_config_dataclass_builds_every_kind(gsm8k_dir):
+    assert build_task(TaskConfig()).problems("test", 1)[0].prompt.startswith("Question: ")
+    assert build_task(TaskConfig(kind="reasoning_gym", dataset="chain_sum")).problems("test", 1)
+    assert build_task(TaskConfig(kind="hf_math", path=str(gsm8k_dir))).problems("test", 1)
+
+
 def test_unknown_kind_lists_every_kind():
     with pytest.raises(ConfigError, match="task.kind=bogus: unknown task kind; choose one of: embedded, hf_math, reasoning_gym"):
         build_task(task_config(kind="bogus"))

@@ -43,5 +43,6 @@ class EmbeddedTask:
 def build(task_cfg: Any) -> EmbeddedTask:
     if not 1 <= task_cfg.difficulty <= 5:
         raise ConfigError("task.difficulty", "must be in 1..5", task_cfg.difficulty)
-    return EmbeddedTask(difficulty=int(task_cfg.difficulty), seed=int(task_cfg.seed), name=task_cfg.get("name", "embedded"),
-                        prompt_template=task_cfg.get("prompt_template"))
+    # getattr: a TaskConfig dataclass, a composed config, or a partial one all work.
+    return EmbeddedTask(difficulty=int(task_cfg.difficulty), seed=int(task_cfg.seed),
+                        name=getattr(task_cfg, "name", "embedded"), prompt_template=getattr(task_cfg, "prompt_template", None))

@@ -107,21 +107,21 @@ class HFMathTask:
 
 @register("hf_math")
 def build(task_cfg: Any) -> HFMathTask:
-    path = task_cfg.get("path")
+    path = getattr(task_cfg, "path", None)
     if not path:
         raise ConfigError("task.path", "is required with task.kind=hf_math (a hub dataset name, a local directory or files)")
     local = Path(str(path)).expanduser()
     if not any(ch in str(path) for ch in "*?[") and not local.exists() and (
             local.is_absolute() or str(path).startswith((".", "~")) or local.suffix in (".jsonl", ".json", ".parquet", ".csv")):
         raise DataError(f"task.path={path}: no such file or directory")
-    answer_format = task_cfg.get("answer_format", "auto")
+    answer_format = getattr(task_cfg, "answer_format", "auto")
     return HFMathTask(
-        name=task_cfg.get("name", "hf_math"),
+        name=getattr(task_cfg, "name", "hf_math"),
         path=str(path),
-        subset=task_cfg.get("subset"),
-        splits={"train": task_cfg.get("train_split", "train"), "test": task_cfg.get("test_split", "test")},
-        question_field=task_cfg.get("question_field", "question"),
-        answer_field=task_cfg.get("answer_field", "answer"),
+        subset=getattr(task_cfg, "subset", None),
+        splits={"train": getattr(task_cfg, "train_split", "train"), "test": getattr(task_cfg, "test_split", "test")},
+        question_field=getattr(task_cfg, "question_field", "question"),
+        answer_field=getattr(task_cfg, "answer_field", "answer"),
         answer_format=AnswerFormat(getattr(answer_format, "value", answer_format)),
-        prompt_template=task_cfg.get("prompt_template") or DEFAULT_TEMPLATE,
+        prompt_template=getattr(task_cfg, "prompt_template", None) or DEFAULT_TEMPLATE,
     )

@@ -65,16 +65,16 @@ class ReasoningGymTask:
 
 @register("reasoning_gym")
 def build(task_cfg: Any) -> ReasoningGymTask:
-    name = task_cfg.get("dataset")
+    name = getattr(task_cfg, "dataset", None)
     if not name:
         raise ConfigError("task.dataset", f"is required with task.kind=reasoning_gym; choose one of: {', '.join(sorted(DATASETS))}")
     if name not in DATASETS:
         raise ConfigError("task.dataset", f"unknown reasoning-gym dataset; choose one of: {', '.join(sorted(DATASETS))}", name)
-    kwargs = task_cfg.get("dataset_kwargs") or {}
+    kwargs = getattr(task_cfg, "dataset_kwargs", None) or {}
     kwargs = OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
     try:
-        return ReasoningGymTask(dataset=name, seed=int(task_cfg.seed), name=task_cfg.get("name", name), kwargs=kwargs,
-                                prompt_template=task_cfg.get("prompt_template") or DEFAULT_TEMPLATE)
+        return ReasoningGymTask(dataset=name, seed=int(task_cfg.seed), name=getattr(task_cfg, "name", name), kwargs=kwargs,
+                                prompt_template=getattr(task_cfg, "prompt_template", None) or DEFAULT_TEMPLATE)
     except (TypeError, ValueError, AssertionError) as exc:  # reasoning-gym checks its configs with asserts
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError("task.dataset_kwargs", f"not accepted by reasoning-gym's {name}: {text}", kwargs) from exc
