@@ -20,7 +20,7 @@ STAGES: dict[str, tuple[str, Optional[str]]] = {
     "pretrain": ("pre-train a model with the reward-shaped next-token loss", None),
     "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", None),
     "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", None),
-    "pipeline": ("pretrain -> eval -> rl -> eval as one lineage", "issue #5"),
+    "pipeline": ("pretrain -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study", None),
     "compare": ("tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]", None),
 }
 
@@ -43,6 +43,8 @@ def usage() -> str:
         f"  {PROG} pretrain loss=precision           # presets: ce precision diversity tail_penalty head_reward",
         f"  {PROG} pretrain -m loss.beta=-0.25,0,0.5 # a sweep: one run per value",
         f"  {PROG} pretrain --cfg job                # print the composed config",
+        f"  {PROG} pipeline loss=precision           # pretrain -> eval -> rl -> eval",
+        f"  {PROG} experiment=paper_small            # the paper's five settings x seeds, then compare",
         f"  {PROG} rl init_from=outputs/pretrain/<run> # GRPO on the embedded task; task=chain_sum|gsm8k|...",
         f"  accelerate launch --num_processes 2 -m ntp_rl pretrain",
         f"  {PROG} eval model=outputs/pretrain/<run> # Avg@n, Cons@n, pass@k, entropy (eval=paper: n=128)",
@@ -64,6 +66,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(usage())
         return
     stage, rest = argv[0], argv[1:]
+    if stage.startswith("experiment="):  # `ntp-rl experiment=paper_small`: an experiment is a pipeline sweep
+        stage, rest = "pipeline", argv
     if stage not in STAGES:
         fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
     pending = STAGES[stage][1]
@@ -129,7 +133,9 @@ def _stage_task(stage: str, swept_keys: list[str]) -> Callable:
         overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # A sweep's runs sit side by side in the sweep directory, named by what they swept.
-            if cfg.run_dir is None:
+            # (Not a pipeline's: its lineage directory is named by its settings, so that a
+            # re-run finds the stages that already finished.)
+            if cfg.run_dir is None and stage != "pipeline":
                 cfg.run_dir = hydra_cfg.runtime.output_dir
             if cfg.logger.wandb.name is None:
                 swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept_keys]
@@ -216,6 +222,8 @@ def _known_keys_hint(stage: str, parent_key: str, name: str) -> str:
         if node is None or not OmegaConf.is_config(node):
             return "see `--cfg job` for the keys"
     keys = [k for k in node.keys()]
+    if not keys:  # a free-form mapping, such as a pipeline's `sweep`
+        return f"'{parent_key}' starts empty: add entries with +{parent_key}.{name}=..."
     close = difflib.get_close_matches(name, keys, n=1)
     where = f"'{parent_key}'" if parent_key else "the top level"
     suggestion = f"did you mean '{close[0]}'? " if close else ""

@@ -338,9 +338,33 @@ class EvalConfig(RunConfig):
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
+PIPELINE_STEPS = ("pretrain", "eval_base", "rl", "eval_rl")
+
+
+@dataclass
+class PipelineConfig(PretrainConfig):
+    """pretrain -> eval (base) -> rl -> eval (after RL). The pre-training keys sit at the top
+    level as in `ntp-rl pretrain` (loss=..., train.max_steps=...); the RL and eval keys are
+    those of `ntp-rl rl` and `ntp-rl eval` (rl.*, eval.*, sampling.*), with RL's optimizer
+    under rl_optim."""
+
+    stage: str = "pipeline"
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE_STEPS))  # a subset, in this order
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rl: GRPOConfig = field(default_factory=GRPOConfig)
+    rl_optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the evals' sampling
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    # An experiment: key -> values, one lineage per combination, each its own process.
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    jobs: int = 1  # lineages of a sweep run at once (CPU machines: the cores are shared out)
+
+
 SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig}
 SCHEMAS["eval"] = EvalConfig
 SCHEMAS["rl"] = RLConfig
+SCHEMAS["pipeline"] = PipelineConfig
 
 
 def conf_dir() -> Path:
@@ -433,21 +457,21 @@ def check_data(data: Any) -> None:
         _positive(data.val_docs, "data.val_docs")
 
 
-def check_optim(optim: Any) -> None:
+def check_optim(optim: Any, prefix: str = "optim") -> None:
     for key in ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "decay_fraction", "min_lr_ratio"):
-        _finite(optim[key], f"optim.{key}")
-    _positive(optim.lr, "optim.lr")
+        _finite(optim[key], f"{prefix}.{key}")
+    _positive(optim.lr, f"{prefix}.lr")
     if optim.weight_decay < 0:
-        raise ConfigError("optim.weight_decay", "must be >= 0", optim.weight_decay)
+        raise ConfigError(f"{prefix}.weight_decay", "must be >= 0", optim.weight_decay)
     for key in ("beta1", "beta2"):
         if not 0 <= optim[key] < 1:
-            raise ConfigError(f"optim.{key}", "must be in [0, 1)", optim[key])
+            raise ConfigError(f"{prefix}.{key}", "must be in [0, 1)", optim[key])
     if optim.warmup_steps < 0:
-        raise ConfigError("optim.warmup_steps", "must be >= 0", optim.warmup_steps)
+        raise ConfigError(f"{prefix}.warmup_steps", "must be >= 0", optim.warmup_steps)
     if not 0 <= optim.decay_fraction <= 1:
-        raise ConfigError("optim.decay_fraction", "must be in [0, 1]", optim.decay_fraction)
+        raise ConfigError(f"{prefix}.decay_fraction", "must be in [0, 1]", optim.decay_fraction)
     if not 0 <= optim.min_lr_ratio <= 1:
-        raise ConfigError("optim.min_lr_ratio", "must be in [0, 1]", optim.min_lr_ratio)
+        raise ConfigError(f"{prefix}.min_lr_ratio", "must be in [0, 1]", optim.min_lr_ratio)
 
 
 def check_batch(batch_size: int, micro_batch_size: int, num_processes: int, prefix: str = "train") -> int:
@@ -499,13 +523,17 @@ def check_sampling(sampling: Any, prefix: str = "sampling") -> None:
 
 
 def check_eval(cfg: Any) -> None:
-    from ntp_rl.tasks import TASK_SPLITS
-
     if cfg.resume not in (None, "never"):
         raise ConfigError("resume", "eval runs are not resumed (they save no checkpoints); run the command again", cfg.resume)
     check_model(cfg.model)
-    check_sampling(cfg.sampling)
-    ev = cfg.eval
+    check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+
+
+def check_evaluation(ev: Any, sampling: Any, diag: Any, data: Any) -> None:
+    """What an eval samples and measures, wherever it sits (`ntp-rl eval` or a pipeline's evals)."""
+    from ntp_rl.tasks import TASK_SPLITS
+
+    check_sampling(sampling)
     _positive(ev.n, "eval.n")
     _positive(ev.num_problems, "eval.num_problems")
     if not ev.ks:
@@ -516,9 +544,8 @@ def check_eval(cfg: Any) -> None:
                           f"{too_big[0]} is not", list(ev.ks))
     if ev.split not in TASK_SPLITS:
         raise ConfigError("eval.split", f"must be one of: {', '.join(TASK_SPLITS)}", ev.split)
-    diag = cfg.diagnostics
     if diag.enabled:
-        check_data(cfg.data)
+        check_data(data)
         for key in ("num_sequences", "batch_size", "k", "bins"):
             _positive(diag[key], f"diagnostics.{key}")
         if diag.forking_threshold < 0 or not math.isfinite(diag.forking_threshold):
@@ -539,14 +566,18 @@ def check_init_from(init_from: str) -> None:
 
 
 def check_rl(cfg: Any) -> None:
+    check_run(cfg)
+    check_init_from(cfg.init_from)
+    check_grpo(cfg.rl, cfg.optim, cfg.task)
+
+
+def check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> None:
+    """The RL settings, wherever they sit (`ntp-rl rl` or a pipeline's rl stage)."""
     from ntp_rl.rl.advantages import ADVANTAGES
     from ntp_rl.rl.policy_loss import POLICY_LOSSES
 
-    check_run(cfg)
-    check_init_from(cfg.init_from)
-    check_optim(cfg.optim)
-    _finite(cfg.task.format_reward, "task.format_reward")
-    rl = cfg.rl
+    check_optim(optim, optim_key)
+    _finite(task.format_reward, "task.format_reward")
     for key in ("max_steps", "prompts_per_step", "num_iterations", "num_mini_batches", "micro_batch_size",
                 "max_sampling_rounds", "train_problems", "log_every", "save_every", "keep_last", "eval_every",
                 "eval_problems", "eval_samples"):
@@ -583,3 +614,24 @@ def check_rl(cfg: Any) -> None:
     bad_ks = [k for k in rl.eval_ks if not 1 <= k <= rl.eval_samples]
     if bad_ks:
         raise ConfigError("rl.eval_ks", f"every k must be in 1..rl.eval_samples={rl.eval_samples}", list(rl.eval_ks))
+
+
+def check_pipeline(cfg: Any) -> None:
+    check_run(cfg)
+    if cfg.resume not in (None, "never"):
+        raise ConfigError("resume", "a pipeline always resumes: run the same command again", cfg.resume)
+    unknown = [s for s in cfg.stages if s not in PIPELINE_STEPS]
+    if unknown or not cfg.stages or list(cfg.stages) != [s for s in PIPELINE_STEPS if s in cfg.stages]:
+        raise ConfigError("stages", f"must be a non-empty subset of {list(PIPELINE_STEPS)}, in that order",
+                          list(cfg.stages))
+    _positive(cfg.jobs, "jobs")
+    for key, values in cfg.sweep.items():
+        if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+            raise ConfigError(f"sweep.{key}", "must be a non-empty list of values")
+    check_loss(cfg.loss)
+    check_model(cfg.model)
+    check_data(cfg.data)
+    check_optim(cfg.optim)
+    check_train(cfg.train)
+    check_grpo(cfg.rl, cfg.rl_optim, cfg.task, optim_key="rl_optim")
+    check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)

@@ -1,0 +1,163 @@
+"""`ntp-rl pipeline`: pretrain -> eval (base) -> rl -> eval (after RL), as one lineage.
+
+The lineage directory is a pure function of the settings (outputs/pipeline/<name>), so
+running the same command again skips the stages that finished and resumes the one that
+was interrupted. Each stage is an ordinary run in its own subdirectory (pretrain/,
+eval_base/, rl/, eval_rl/), reads the previous stage's checkpoint, and logs to W&B as its
+own run: group = the lineage, job_type = the stage, tags = the settings.
+
+With `sweep` set (an experiment such as `experiment=paper_small`), the pipeline instead
+launches one lineage per sweep point as its own process, `jobs` at a time, and compares
+them when all are done.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+from ntp_rl.checkpoint import latest_checkpoint
+from ntp_rl.config import check_pipeline, compose
+from ntp_rl.rundir import RESULTS_FILE, RunDir, read_results, read_run_info, run_name, setting_overrides
+
+STAGE_OF = {"pretrain": "pretrain", "eval_base": "eval", "rl": "rl", "eval_rl": "eval"}
+
+
+def lineage_dir(cfg: Any, overrides: Sequence[str]) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / "pipeline" / lineage_name(overrides)
+
+
+def lineage_name(overrides: Sequence[str]) -> str:
+    return run_name("pipeline", [o for o in setting_overrides(overrides) if not o.startswith("sweep=")])
+
+
+def stage_config(step: str, cfg: Any, lineage: Path, name: str, tags: Sequence[str]) -> Any:
+    """The full config of one stage of the lineage: its own defaults, then the pipeline's sections."""
+    stage = STAGE_OF[step]
+    stage_cfg = compose(stage, ["model=hf"] if stage == "eval" else [])
+    # Paths are set on the composed config, not as overrides: lineage names hold "=".
+    upstream = str(lineage / {"eval_base": "pretrain", "rl": "pretrain", "eval_rl": "rl"}.get(step, ""))
+    if stage == "eval":
+        stage_cfg.model.name_or_path = upstream
+    elif stage == "rl":
+        stage_cfg.init_from = upstream
+    shared = {"seed": cfg.seed, "out_dir": cfg.out_dir, "run_dir": str(lineage / step), "resume": None,
+              "logger": OmegaConf.merge(cfg.logger, {"wandb": {"group": cfg.logger.wandb.group or name,
+                                                               "name": f"{name}/{step}",
+                                                               "tags": [*cfg.logger.wandb.tags, *tags]}})}
+    sections = {
+        "pretrain": {"model": cfg.model, "data": cfg.data, "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train},
+        "rl": {"task": cfg.task, "rl": cfg.rl, "optim": cfg.rl_optim},
+        "eval": {"task": cfg.task, "eval": cfg.eval, "sampling": cfg.sampling, "diagnostics": cfg.diagnostics,
+                 "data": cfg.data},
+    }[stage]
+    for key, value in {**shared, **sections}.items():
+        stage_cfg[key] = value
+    if stage == "eval":  # the held-out text follows the task's difficulty, as in `ntp-rl eval`
+        stage_cfg.data.difficulty = cfg.task.difficulty
+    return stage_cfg
+
+
+def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
+    check_pipeline(cfg)
+    if cfg.sweep:
+        return run_sweep(cfg, overrides)
+    from accelerate import PartialState
+
+    from ntp_rl.runtime import printer
+    from ntp_rl.stages import run_stage
+
+    state = PartialState()
+    say = printer(state.is_main_process)
+    name = lineage_name(overrides)
+    lineage = lineage_dir(cfg, overrides)
+    tags = setting_overrides(overrides)
+    record = RunDir(path=lineage, name=name, info=read_run_info(lineage))
+    if state.is_main_process:
+        lineage.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, lineage / "config.yaml", resolve=True)
+        record.update(stage="pipeline", name=name, status="running", overrides=list(overrides),
+                      stages=list(cfg.stages), started_at=record.info.get("started_at", time.strftime("%Y-%m-%dT%H:%M:%S")))
+    state.wait_for_everyone()
+    say(f"ntp-rl pipeline {name} -> {lineage}: {' -> '.join(cfg.stages)}")
+
+    results: dict[str, Any] = {}
+    try:
+        for step in cfg.stages:
+            step_dir = lineage / step
+            done = read_results(step_dir)
+            if done is not None:
+                say(f"[{step}] already finished: {step_dir}")
+                results[step] = done
+                continue
+            stage_cfg = stage_config(step, cfg, lineage, name, tags)
+            if latest_checkpoint(step_dir / "checkpoints") is not None:
+                stage_cfg.resume = "auto"
+                say(f"[{step}] resuming {step_dir}")
+            elif step_dir.exists() and state.is_main_process:
+                shutil.rmtree(step_dir)  # an attempt that died before its first checkpoint: nothing to keep
+            state.wait_for_everyone()
+            results[step] = run_stage(STAGE_OF[step], stage_cfg, overrides=tags)
+    except BaseException as exc:
+        if state.is_main_process:
+            record.update(status="failed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        raise
+    summary = lineage_summary(results)
+    if state.is_main_process:
+        from ntp_rl.rundir import write_json_atomic
+
+        write_json_atomic(lineage / RESULTS_FILE, {"stage": "pipeline", "name": name, "summary": summary,
+                                                   "stages": {s: str(lineage / s) for s in cfg.stages}})
+        record.update(status="finished")
+    say(f"pipeline {name} done: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    return {"lineage": str(lineage), "summary": summary, "stages": results}
+
+
+def lineage_summary(results: dict[str, Any]) -> dict[str, float]:
+    """The lineage's headline numbers: pre-training NLL and entropy, and each eval's avg@n, cons@n, pass@1, pass@n."""
+    summary: dict[str, float] = {}
+    val = (results.get("pretrain") or {}).get("val", {})
+    for key in ("nll", "entropy"):
+        if key in val:
+            summary[f"pretrain_{key}"] = val[key]
+    for step, prefix in (("eval_base", "base"), ("eval_rl", "rl")):
+        scores = (results.get(step) or {}).get("summary") or {}
+        ks = sorted(int(key[5:]) for key in scores if key.startswith("pass@"))
+        wanted = [key for key in scores if key.startswith(("avg@", "cons@"))] + [f"pass@{k}" for k in ks[:1] + ks[-1:]]
+        summary |= {f"{prefix}_{key}": scores[key] for key in dict.fromkeys(wanted)}
+    return summary
+
+
+def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
+    """One lineage per point of cfg.sweep, each its own process (`cfg.jobs` at a time), then compare."""
+    from ntp_rl.launch import launch_points, sweep_points
+    from ntp_rl.stages.compare import compare
+
+    # The sweep's own keys become each point's overrides; the points must not sweep again.
+    axes = [f"{key}={','.join(str(v) for v in values)}" for key, values in cfg.sweep.items()]
+    fixed = [o for o in overrides if o.split("=", 1)[0] not in cfg.sweep and not o.startswith("sweep")]
+    points = [[*fixed, *point, "sweep={}"] for point in sweep_points(axes)]
+    label = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "sweep")
+    out_dir = Path(cfg.out_dir) / "experiments" / label
+    print(f"ntp-rl pipeline: {len(points)} lineages ({', '.join(axes)}), {cfg.jobs} at a time; logs in {out_dir / 'logs'}")
+    started = time.perf_counter()
+    results = launch_points("pipeline", points, jobs=cfg.jobs, log_dir=out_dir / "logs")
+    for result in results:
+        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {result.log})"
+        print(f"  {' '.join(o for o in result.overrides if o != 'sweep={}')}: {status} in {result.seconds:.0f}s")
+    lineages = [str(Path(cfg.out_dir) / "pipeline" / lineage_name(r.overrides)) for r in results]
+    existing = [p for p in lineages if Path(p).exists()]
+    summary = compare(existing, str(out_dir)) if existing else {"table": "", "figures": []}
+    wall = time.perf_counter() - started
+    print(summary["table"], end="")
+    print(f"{label}: {len(points)} lineages in {wall / 60:.1f} min; table and figures in {out_dir}")
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        from ntp_rl.errors import UserError
+
+        raise UserError(f"{len(failed)} of {len(points)} lineages failed; see {failed[0].log}")
+    return {"out_dir": str(out_dir), "wall_time_s": wall, **summary}
