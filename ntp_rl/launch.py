@@ -56,7 +56,7 @@ def launch_points(stage: str, points: Sequence[Sequence[str]], *, launcher: str 
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     prefix = shlex.split(launcher) if launcher else [sys.executable]
-    env = dict(os.environ, **(extra_env or {}))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))  # logs that can be followed while it runs
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 

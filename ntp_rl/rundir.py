@@ -7,6 +7,7 @@ would otherwise read its own clock. `run.json` says what state the run is in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -60,7 +61,7 @@ def run_name(stage: str, overrides: Sequence[str], explicit: Optional[str] = Non
 # Keys that say where or how a run is recorded, not what it computes.
 BOOKKEEPING_KEYS = {"run_dir", "resume", "out_dir", "data.cache_dir", "logger.wandb.mode", "logger.wandb.project",
                     "logger.wandb.entity", "logger.wandb.group", "logger.wandb.name", "logger.wandb.tags",
-                    "logger.progress_bar"}
+                    "logger.progress_bar", "jobs"}
 
 
 def setting_overrides(overrides: Sequence[str]) -> list[str]:
@@ -68,8 +69,13 @@ def setting_overrides(overrides: Sequence[str]) -> list[str]:
     return [o[:64] for o in overrides if o.split("=", 1)[0].lstrip("+~") not in BOOKKEEPING_KEYS]
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)[:120]
+def dir_name(name: str) -> str:
+    """A run name as a directory name: odd characters replaced, and a long name shortened
+    with a hash of the whole, so two long names that differ only at the end stay apart."""
+    safe = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+    if len(safe) <= 120:
+        return safe
+    return f"{safe[:110]}-{hashlib.sha1(name.encode()).hexdigest()[:9]}"
 
 
 @dataclass
@@ -108,7 +114,7 @@ def choose_run_dir(cfg: Any, stage: str, overrides: Sequence[str]) -> RunDir:
     if cfg.run_dir:
         path = Path(cfg.run_dir)
     elif resume == "auto":
-        path = _newest_unfinished(stage_root, _safe(name)) or _fresh_path(stage_root, name)
+        path = _newest_unfinished(stage_root, dir_name(name)) or _fresh_path(stage_root, name)
     elif resume:
         path = _run_dir_of_checkpoint(Path(resume))
     else:
@@ -131,10 +137,10 @@ def choose_run_dir(cfg: Any, stage: str, overrides: Sequence[str]) -> RunDir:
 
 def _fresh_path(stage_root: Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = stage_root / f"{stamp}-{_safe(name)}"
+    path = stage_root / f"{stamp}-{dir_name(name)}"
     suffix = 1
     while path.exists():
-        path = stage_root / f"{stamp}-{_safe(name)}-{suffix}"
+        path = stage_root / f"{stamp}-{dir_name(name)}-{suffix}"
         suffix += 1
     return path
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ntp_rl.cli import check_command_line, fail  # noqa: E402
 from ntp_rl.errors import UserError  # noqa: E402
 from ntp_rl.launch import launch_points, sweep_points  # noqa: E402
-from ntp_rl.rundir import run_name  # noqa: E402
+from ntp_rl.rundir import dir_name, run_name  # noqa: E402
+from ntp_rl.stages.pipeline import lineage_name  # noqa: E402
 
 
 def main() -> None:
@@ -57,8 +58,12 @@ def main() -> None:
     if not args.no_compare and any(r.returncode == 0 for r in results):
         from ntp_rl.stages.compare import compare
 
+        def lineage(overrides: list[str]) -> str:
+            root = next((o.split("=", 1)[1] for o in overrides if o.startswith("out_dir=")), "outputs")
+            return str(Path(root) / "pipeline" / dir_name(lineage_name(overrides)))
+
         targets = [str(out_dir)] if args.stage != "pipeline" else sorted(
-            {str(Path("outputs/pipeline") / run_name("pipeline", r.overrides)) for r in results if r.returncode == 0})
+            {lineage(r.overrides) for r in results if r.returncode == 0})
         summary = compare(targets, str(out_dir / "compare"))
         print(summary["table"], end="")
     sys.exit(0 if all(r.returncode == 0 for r in results) else 1)

@@ -13,6 +13,7 @@ them when all are done.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,17 +23,17 @@ from omegaconf import OmegaConf
 
 from ntp_rl.checkpoint import latest_checkpoint
 from ntp_rl.config import check_pipeline, compose
-from ntp_rl.rundir import RESULTS_FILE, RunDir, read_results, read_run_info, run_name, setting_overrides
+from ntp_rl.rundir import RESULTS_FILE, RunDir, dir_name, read_results, read_run_info, run_name, setting_overrides
 
 STAGE_OF = {"pretrain": "pretrain", "eval_base": "eval", "rl": "rl", "eval_rl": "eval"}
 
 
 def lineage_dir(cfg: Any, overrides: Sequence[str]) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / "pipeline" / lineage_name(overrides)
+    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / "pipeline" / dir_name(lineage_name(overrides))
 
 
 def lineage_name(overrides: Sequence[str]) -> str:
-    return run_name("pipeline", [o for o in setting_overrides(overrides) if not o.startswith("sweep=")])
+    return run_name("pipeline", [o for o in setting_overrides(overrides) if not o.lstrip("+").startswith("sweep")])
 
 
 def stage_config(step: str, cfg: Any, lineage: Path, name: str, tags: Sequence[str]) -> Any:
@@ -62,9 +63,14 @@ def stage_config(step: str, cfg: Any, lineage: Path, name: str, tags: Sequence[s
     return stage_cfg
 
 
+# Set for the processes a sweep launches: each runs its one lineage, whatever `sweep` its
+# config still holds (an experiment's config names the whole sweep).
+SWEEP_POINT_ENV = "NTP_RL_SWEEP_POINT"
+
+
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     check_pipeline(cfg)
-    if cfg.sweep:
+    if cfg.sweep and not os.environ.get(SWEEP_POINT_ENV):
         return run_sweep(cfg, overrides)
     from accelerate import PartialState
 
@@ -139,17 +145,20 @@ def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
 
     # The sweep's own keys become each point's overrides; the points must not sweep again.
     axes = [f"{key}={','.join(str(v) for v in values)}" for key, values in cfg.sweep.items()]
-    fixed = [o for o in overrides if o.split("=", 1)[0] not in cfg.sweep and not o.startswith("sweep")]
-    points = [[*fixed, *point, "sweep={}"] for point in sweep_points(axes)]
+    fixed = [o for o in overrides if o.split("=", 1)[0] not in cfg.sweep and not o.lstrip("+").startswith("sweep")]
+    # The points' output goes to log files, where a progress bar is only noise.
+    quiet = [] if any(o.startswith("logger.progress_bar=") for o in fixed) else ["logger.progress_bar=false"]
+    points = [[*fixed, *point, *quiet] for point in sweep_points(axes)]
     label = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "sweep")
     out_dir = Path(cfg.out_dir) / "experiments" / label
     print(f"ntp-rl pipeline: {len(points)} lineages ({', '.join(axes)}), {cfg.jobs} at a time; logs in {out_dir / 'logs'}")
     started = time.perf_counter()
-    results = launch_points("pipeline", points, jobs=cfg.jobs, log_dir=out_dir / "logs")
+    results = launch_points("pipeline", points, jobs=cfg.jobs, log_dir=out_dir / "logs",
+                            extra_env={SWEEP_POINT_ENV: "1"})
     for result in results:
         status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {result.log})"
-        print(f"  {' '.join(o for o in result.overrides if o != 'sweep={}')}: {status} in {result.seconds:.0f}s")
-    lineages = [str(Path(cfg.out_dir) / "pipeline" / lineage_name(r.overrides)) for r in results]
+        print(f"  {' '.join(result.overrides)}: {status} in {result.seconds:.0f}s")
+    lineages = [str(Path(cfg.out_dir) / "pipeline" / dir_name(lineage_name(r.overrides))) for r in results]
     existing = [p for p in lineages if Path(p).exists()]
     summary = compare(existing, str(out_dir)) if existing else {"table": "", "figures": []}
     wall = time.perf_counter() - started

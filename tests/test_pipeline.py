@@ -1,0 +1,108 @@
+"""`ntp-rl pipeline`: stage chaining, skipping finished stages, resuming an interrupted one, experiments."""
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import TINY, run_cli
+from ntp_rl.checkpoint import latest_checkpoint
+from ntp_rl.cli import check_command_line
+from ntp_rl.config import compose
+from ntp_rl.errors import UserError
+from ntp_rl.stages import run_stage
+
+# A lineage in seconds: the tiny pre-training of conftest, 4 RL steps, small evals.
+PIPE = [
+    *TINY, "task.difficulty=1", "rl.max_steps=4", "rl.prompts_per_step=4", "rl.num_generations=4",
+    "rl.micro_batch_size=8", "rl.sampling.max_new_tokens=24", "rl.sampling.batch_size=8", "rl.train_problems=64",
+    "rl.eval_problems=8", "rl.eval_samples=4", "rl.eval_ks=[1,4]", "rl.eval_every=2", "rl.save_every=2",
+    "rl.eval_sampling.max_new_tokens=24", "eval.n=4", "eval.ks=[1,2,4]", "eval.num_problems=6",
+    "sampling.max_new_tokens=24", "diagnostics.num_sequences=6",
+]
+
+
+@pytest.fixture
+def pipe(tmp_path, shared_cache):
+    return [*PIPE, f"out_dir={tmp_path / 'outputs'}", f"data.cache_dir={shared_cache}"]
+
+
+def info(path: Path) -> dict:
+    return json.loads((path / "run.json").read_text())
+
+
+def test_stages_chain_into_one_lineage_and_a_rerun_skips_them(pipe, tmp_path, capsys):
+    overrides = ["loss=precision", "seed=1"]
+    first = run_stage("pipeline", compose("pipeline", [*pipe, *overrides]), overrides=overrides)
+    lineage = tmp_path / "outputs" / "pipeline" / "pipeline-loss=precision,seed=1"
+    assert Path(first["lineage"]) == lineage and info(lineage)["status"] == "finished"
+    for step, stage in (("pretrain", "pretrain"), ("eval_base", "eval"), ("rl", "rl"), ("eval_rl", "eval")):
+        assert info(lineage / step)["status"] == "finished" and info(lineage / step)["stage"] == stage
+        cfg = OmegaConf.load(lineage / step / "config.yaml")
+        assert cfg.seed == 1
+        assert cfg.logger.wandb.group == "pipeline-loss=precision,seed=1"  # one W&B group per lineage
+        assert cfg.logger.wandb.name == f"pipeline-loss=precision,seed=1/{step}"
+    # each stage reads the previous stage's checkpoint
+    assert OmegaConf.load(lineage / "pretrain" / "config.yaml").loss.beta == -0.25
+    assert OmegaConf.load(lineage / "rl" / "config.yaml").init_from == str(lineage / "pretrain")
+    base = json.loads((lineage / "eval_base" / "results.json").read_text())
+    after = json.loads((lineage / "eval_rl" / "results.json").read_text())
+    assert base["model"] == str(latest_checkpoint(lineage / "pretrain" / "checkpoints"))
+    assert after["model"] == str(latest_checkpoint(lineage / "rl" / "checkpoints"))
+    assert "base_avg@4" in first["summary"] and "rl_avg@4" in first["summary"]
+
+    capsys.readouterr()
+    again = run_stage("pipeline", compose("pipeline", [*pipe, *overrides]), overrides=overrides)
+    out = capsys.readouterr().out
+    assert out.count("already finished") == 4
+    assert again["summary"] == first["summary"]
+
+
+def test_an_interrupted_stage_resumes_and_the_finished_ones_are_kept(pipe, tmp_path):
+    args = ["pipeline", *pipe]
+    killed = run_cli(*args, env={"NTP_RL_KILL_AT": "checkpoint_done:2"})  # rl saves at step 2; pretrain at 3 and 6
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (lineage,) = (tmp_path / "outputs" / "pipeline").iterdir()
+    assert info(lineage)["status"] == "running"
+    assert info(lineage / "eval_base")["status"] == "finished" and info(lineage / "rl")["status"] == "running"
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[pretrain] already finished" in resumed.stdout and "[eval_base] already finished" in resumed.stdout
+    assert "[rl] resuming" in resumed.stdout and "resumed from" in resumed.stdout
+    assert info(lineage)["status"] == "finished" and info(lineage / "eval_rl")["status"] == "finished"
+
+
+def test_an_experiment_runs_lineages_as_processes_and_compares_them(pipe, tmp_path):
+    result = run_cli("pipeline", *pipe, "rl.max_steps=2", "+sweep.loss=[ce,precision]", "jobs=2", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    lineages = sorted((tmp_path / "outputs" / "pipeline").iterdir())
+    assert len(lineages) == 2 and all(info(p)["status"] == "finished" for p in lineages)
+    assert {next(o for o in info(p)["overrides"] if o.startswith("loss=")) for p in lineages} == {"loss=ce", "loss=precision"}
+    out = tmp_path / "outputs" / "experiments" / "sweep"
+    table = (out / "compare.md").read_text()
+    assert "| loss=ce |" in table and "| loss=precision |" in table
+    assert (out / "passk.png").exists() and (out / "rl_curves.png").exists()
+
+
+def test_paper_small_is_the_papers_five_settings_over_seeds():
+    cfg = compose("pipeline", ["experiment=paper_small"])
+    assert list(cfg.sweep.loss) == ["ce", "precision", "diversity", "tail_penalty", "head_reward"]
+    assert len(cfg.sweep.seed) >= 2 and cfg.stages == ["pretrain", "eval_base", "rl", "eval_rl"]
+    assert run_cli("experiment=paper_small", "--cfg", "job").returncode == 0  # `ntp-rl experiment=...` is a pipeline
+
+
+@pytest.mark.parametrize("args, key", [
+    (["stages=[rl,pretrain]"], "stages"),
+    (["stages=[train]"], "stages"),
+    (["jobs=0"], "jobs"),
+    (["rl_optim.lr=-1"], "rl_optim.lr"),
+    (["rl.num_generations=1"], "rl.num_generations"),
+    (["eval.ks=[1,64]"], "eval.ks"),
+    (["resume=auto"], "resume"),
+    (["sweep.loss=[ce]"], "+sweep.loss"),
+])
+def test_bad_pipeline_settings_fail_in_one_line(args, key):
+    with pytest.raises(UserError) as exc:
+        check_command_line("pipeline", args)
+    assert key in str(exc.value) and "\n" not in str(exc.value)
