@@ -202,6 +202,7 @@ class TaskConfig:
     difficulty: int = 2  # kind=embedded: 1..5, as data.difficulty
     seed: int = 0  # which problems: the same seed gives the same problems
     format_reward: float = 0.0  # added to the reward when an answer could be extracted at all
+    reward_fn: Optional[str] = None  # package.module:function(completion, problem) -> float replaces the reward
     prompt_template: Optional[str] = None  # "{question}" is replaced by the problem; null: the kind's own
     # kind=reasoning_gym: a dataset the reasoning-gym package generates (and scores) offline
     dataset: Optional[str] = None  # e.g. chain_sum, basic_arithmetic, gsm_symbolic, countdown

@@ -183,3 +183,23 @@ def test_every_task_preset_fits_the_schema():
     for path in sorted((REPO / "conf" / "task").glob("*.yaml")):
         cfg = task_config(path.stem)
         assert cfg.name == path.stem and cfg.kind in ("embedded", "reasoning_gym", "hf_math")
+
+
+def test_a_custom_reward_function_comes_from_an_explicit_import_path(tmp_path, monkeypatch):
+    from ntp_rl.config import TaskConfig
+    from ntp_rl.errors import ConfigError
+    from ntp_rl.tasks import build_task, reward
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def length_bonus(completion, problem):\n    return 0.25 + (1.0 if problem.answer in completion else 0.0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = build_task(TaskConfig(reward_fn="my_rewards:length_bonus"))
+    problem = task.problems("train", 1)[0]
+    assert reward(task, f" #### {problem.answer}", problem) == 1.25
+    assert reward(task, " #### nothing", problem) == 0.25
+    assert task.extract_answer(" #### 7") == "7"  # everything else is the wrapped task's
+    for spec, needle in [("my_rewards", "package.module:function"), ("no_such_module:f", "cannot import"),
+                         ("my_rewards:missing", "no function missing"), ("os:system; rm", "package.module")]:
+        with pytest.raises(ConfigError, match="task.reward_fn") as exc:
+            build_task(TaskConfig(reward_fn=spec))
+        assert needle in str(exc.value)

@@ -52,8 +52,38 @@ def is_correct(task: Task, completion: str, problem: TaskProblem) -> bool:
     return answer is not None and task.answer_matches(answer, problem)
 
 
+@dataclass
+class WithRewardFunction:
+    """A task whose reward comes from the user's own function: `task.reward_fn=package.module:function`,
+    called as function(completion, problem) -> float. Everything else is the wrapped task's."""
+
+    task: Task
+    reward_fn: Callable[[str, TaskProblem], float]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+
+def load_reward_fn(spec: str) -> Callable[[str, TaskProblem], float]:
+    """Import `package.module:function`; the string is a name to import, never code to evaluate."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr.isidentifier():
+        raise ConfigError("task.reward_fn", "must name a function as package.module:function", spec)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError("task.reward_fn", f"cannot import {module_name} ({exc})", spec) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError("task.reward_fn", f"{module_name} has no function {attr}", spec)
+    return fn
+
+
 def reward(task: Task, completion: str, problem: TaskProblem, format_weight: float = 0.0) -> float:
-    """1.0 for a right answer, 0.0 otherwise, plus `format_weight` when any answer could be extracted."""
+    """1.0 for a right answer, 0.0 otherwise, plus `format_weight` when any answer could be extracted
+    (or the user's reward function's value, when the task has one)."""
+    if isinstance(task, WithRewardFunction):
+        return float(task.reward_fn(completion, problem))
     answer = task.extract_answer(completion)
     correct = answer is not None and task.answer_matches(answer, problem)
     return float(correct) + (format_weight if answer is not None else 0.0)
@@ -86,7 +116,9 @@ def build_task(task_cfg: Any) -> Task:
     if kind not in KINDS:
         known = sorted(set(KINDS) | set(KIND_MODULES))
         raise ConfigError("task.kind", f"unknown task kind; choose one of: {', '.join(known)}", kind)
-    return KINDS[kind](task_cfg)
+    task = KINDS[kind](task_cfg)
+    spec = getattr(task_cfg, "reward_fn", None)
+    return WithRewardFunction(task, load_reward_fn(spec)) if spec else task
 
 
 def fill_prompt(template: str, question: str) -> str:
