@@ -92,18 +92,18 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def expand_model_paths(args: list[str]) -> list[str]:
-    """`model=<directory or hub name>` means `model=hf model.name_or_path=<it>`.
+    """`model=<directory or org/name>` means `model=hf model.name_or_path=<it>`.
 
     `model` is a config group (presets), so Hydra alone would refuse a path there; this
-    lets `ntp-rl eval model=outputs/pretrain/<run>` say what it means.
+    lets `ntp-rl eval model=outputs/pretrain/<run>` say what it means. A bare word stays a
+    preset name, so a typo (`model=tinyy`) is told the presets instead of searched on the hub.
     """
-    from ntp_rl.config import conf_dir
+    from pathlib import Path
 
-    presets = {p.stem for p in (conf_dir() / "model").glob("*.yaml")}
     expanded = []
     for arg in args:
         key, eq, value = arg.partition("=")
-        if key == "model" and eq and value not in presets and "," not in value:
+        if key == "model" and eq and "," not in value and ("/" in value or Path(value).exists()):
             expanded += ["model=hf", f"model.name_or_path={value}"]
         else:
             expanded.append(arg)

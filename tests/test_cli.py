@@ -111,3 +111,5 @@ def test_a_model_path_stands_for_the_hf_preset():
 
     assert expand_model_paths(["model=outputs/run", "x=1"]) == ["model=hf", "model.name_or_path=outputs/run", "x=1"]
     assert expand_model_paths(["model=tiny"]) == ["model=tiny"]
+    assert expand_model_paths(["model=tinyy"]) == ["model=tinyy"]  # a typo gets the list of presets
+    assert expand_model_paths(["model=Qwen/Qwen3-0.6B"])[1] == "model.name_or_path=Qwen/Qwen3-0.6B"
