@@ -496,6 +496,7 @@ def load_hf_dataset(path: str, name: str | None, split: str, streaming: bool = F
     """
     import datasets  # slow to import; only HF runs need it
 
+    datasets.disable_progress_bars()  # the stages report progress themselves; these bars would interleave
     keys = keys or {"path": "path", "name": "name", "split": "split"}
     builder = _file_builder(path)
     if builder is not None:

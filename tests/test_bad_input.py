@@ -1,0 +1,116 @@
+"""Every mistake a user can make, across the stages: one line naming the cause, exit code 2,
+and no run directory left behind that could be mistaken for a finished run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from ntp_rl.checkpoint import latest_checkpoint
+from ntp_rl.cli import main
+from ntp_rl.config import compose
+from ntp_rl.stages import run_stage
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny trained run, a truncated copy of its checkpoint, and data files good and bad."""
+    root = tmp_path_factory.mktemp("inputs")
+    overrides = [*TINY, "train.max_steps=2", "train.save_every=2", f"out_dir={root}", f"run_dir={root / 'run'}",
+                 f"data.cache_dir={root / 'cache'}"]
+    run_stage("pretrain", compose("pretrain", overrides), overrides)
+    checkpoint = latest_checkpoint(root / "run" / "checkpoints")
+    truncated = root / "truncated" / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    no_eos = root / "no_eos_tokenizer"
+    shutil.copytree(checkpoint, no_eos)
+    config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
+    special = no_eos / "special_tokens_map.json"
+    if special.exists():
+        special.write_text(json.dumps({k: v for k, v in json.loads(special.read_text()).items() if k != "eos_token"}))
+    (root / "empty.jsonl").write_text("")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"body": "Question: 1 + 1?"}) + "\n" for _ in range(50)))
+    return {"root": root, "run": root / "run", "checkpoint": checkpoint, "truncated": truncated, "no_eos": no_eos}
+
+
+# (stage and arguments, what the one line must name). {run} etc. are filled from `inputs`.
+CASES = [
+    # malformed overrides, wrong types, unknown presets and keys
+    ("pretrain loss.bta=1", "loss.bta"),
+    ("pretrain loss.k=many", "loss.k"),
+    ("pretrain loss=sharp", "loss=sharp"),
+    ("pretrain model=tinyy", "model=tinyy"),
+    ("pretrain data.seq_len=abc", "data.seq_len"),
+    ("pretrain loss.positive_form=additive", "loss.positive_form"),
+    ("pretrain train.max_steps=", "train.max_steps"),
+    # impossible arithmetic and ranges
+    ("pretrain train.batch_size=10 train.micro_batch_size=4", "train.batch_size"),
+    ("pretrain model.num_heads=5", "model.num_"),
+    ("pretrain data.seq_len=0", "data.seq_len"),
+    ("pretrain loss.k=0", "loss.k"),
+    ("pretrain loss.k=100000", "loss.k"),  # more than the vocabulary: known only once the tokenizer is built
+    # non-finite hyperparameters
+    ("pretrain loss.beta=nan", "loss.beta"),
+    ("pretrain loss.lambda_tail=-inf", "loss.lambda_tail"),
+    ("pretrain optim.lr=inf", "optim.lr"),
+    # missing or empty datasets, a tokenizer without the tokens it needs
+    ("pretrain data=hf data.path={root}/none/*.jsonl data.tokenizer={checkpoint}", "data.path"),
+    ("pretrain data=hf data.path={root}/empty.jsonl data.tokenizer={checkpoint}", "empty.jsonl"),
+    ("pretrain data=hf data.path={root}/corpus.jsonl data.tokenizer={checkpoint}", "data.text_field"),
+    ("pretrain data=hf data.path={root}/corpus.jsonl data.text_field=body data.tokenizer={no_eos}", "eos"),
+    # checkpoints: truncated, of another architecture, missing
+    ("pretrain resume={truncated}", "resume"),
+    ("pretrain model.hidden_size=48 run_dir={run} resume=auto train.max_steps=4", "does not match the checkpoint"),
+    ("pretrain resume=/no/such/checkpoint", "resume"),
+    ("pretrain run_dir={run}", "run_dir"),  # holds checkpoints already: never overwritten
+    # rl
+    ("rl init_from=/no/such/run", "init_from"),
+    ("rl init_from={run} rl.num_generations=1", "rl.num_generations"),
+    ("rl init_from={run} rl.num_mini_batches=3", "rl.prompts_per_step"),
+    ("rl init_from={run} rl.clip_eps_low=1.5", "rl.clip_eps_low"),
+    ("rl init_from={run} task=nonexistent", "task=nonexistent"),
+    ("rl init_from={run} task.reward_fn=nowhere", "task.reward_fn"),
+    ("rl init_from={run} optim.lr=nan", "optim.lr"),
+    # eval
+    ("eval model=/no/such/run", "model"),
+    ("eval model={run} eval.ks=[1,32]", "eval.ks"),
+    ("eval model={run} eval.num_problems=0", "eval.num_problems"),
+    ("eval model={run} sampling.top_p=0", "sampling.top_p"),
+    # pipeline, compare, the command itself
+    ("pipeline stages=[rl,pretrain]", "stages"),
+    ("pipeline jobs=0", "jobs"),
+    ("pipeline rl_optim.lr=-1", "rl_optim.lr"),
+    ("compare {root}/nothing", "nothing"),
+    ("frobnicate", "frobnicate"),
+]
+
+
+@pytest.mark.parametrize("command, needle", CASES, ids=[c for c, _ in CASES])
+def test_a_mistake_costs_one_line_and_exit_2(command, needle, inputs, tmp_path, capsys):
+    paths = {k: str(v) for k, v in inputs.items()}
+    stage, *rest = command.format(**paths).split()
+    common = []
+    if stage == "pretrain":  # the case's own arguments come last, so they win over the tiny setup
+        common = [*TINY, f"data.cache_dir={inputs['root'] / 'cache'}"]
+    if stage in ("pretrain", "rl", "eval", "pipeline"):
+        common += [f"out_dir={tmp_path}", "logger.wandb.mode=disabled"]
+    args = [stage, *common, *rest]
+    before = {p: p.stat().st_mtime for p in inputs["run"].rglob("*")}
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2, err
+    assert err.startswith("ntp-rl: error: ") and "\n" not in err, err
+    assert needle in err, err
+    assert not list(tmp_path.rglob("run.json")), "a refused command must leave no run directory"
+    assert {p: p.stat().st_mtime for p in inputs["run"].rglob("*")} == before, "existing runs are never touched"
+
+
+def test_the_table_covers_at_least_25_cases():
+    assert len(CASES) >= 25
