@@ -106,3 +106,12 @@ def test_bad_pipeline_settings_fail_in_one_line(args, key):
     with pytest.raises(UserError) as exc:
         check_command_line("pipeline", args)
     assert key in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_hydra_multirun_makes_one_lineage_per_setting(pipe, tmp_path):
+    result = run_cli("pipeline", "-m", "loss=ce,precision", *pipe, "rl.max_steps=2", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lineages = sorted((tmp_path / "outputs" / "pipeline").iterdir())
+    assert len(lineages) == 2 and all(info(p)["status"] == "finished" for p in lineages)
+    again = run_cli("pipeline", "-m", "loss=ce,precision", *pipe, "rl.max_steps=2", timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already finished") == 8  # the same lineages, found again

@@ -229,7 +229,7 @@ RL_TINY = [
 STEP_KEYS = ["reward", "reward_std", "accuracy", "frac_reward_zero_std", "dynamic_sampling/dropped_groups",
              "dynamic_sampling/rounds", "entropy", "completions/mean_length", "completions/max_length",
              "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "policy_loss", "grad_norm",
-             "lr", "perf/gen_tokens_per_sec", "perf/step_time_s"]
+             "lr", "perf/gen_tokens_per_sec", "perf/train_tokens_per_sec", "perf/step_time_s"]
 
 
 # Subprocesses (a killed run and its resumption, `accelerate launch`) use one thread each too.

@@ -36,8 +36,8 @@ from ntp_rl.rl.policy_loss import POLICY_LOSSES, aggregate, aggregation_count, k
 from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, build_batch, collect_groups, rollout_seed,
                                sample_groups, token_logprobs)
 from ntp_rl.rundir import RESULTS_FILE, read_results, recording_failures, write_json_atomic
-from ntp_rl.runtime import (choose_run, make_accelerator, open_run, peak_memory_gib, printer, resolved_wandb_mode,
-                            saved_step, stop_diverged)
+from ntp_rl.runtime import (choose_run, make_accelerator, open_run, peak_flops, peak_memory_gib, printer,
+                            resolved_wandb_mode, saved_step, stop_diverged)
 from ntp_rl.tasks import build_task
 
 
@@ -100,6 +100,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         policy_loss = POLICY_LOSSES[rl.policy_loss]
         stream = PromptStream(train_pool, cfg.seed)
         say = printer(accelerator.is_main_process)
+        n_params, peak = count_parameters(lm, exclude_embeddings=True), peak_flops(device)
         say(f"ntp-rl rl -> {run_dir.path}")
         say(f"  policy: {init_dir} ({count_parameters(lm) / 1e6:.2f}M params) | task: {task.name}, "
             f"{len(train_pool)} train prompts, {len(eval_problems)} held-out problems")
@@ -219,6 +220,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             train_time = time.perf_counter() - train_start
 
             # 5. Records.
+            _add(sums, seq_tokens=batch.attention_mask.sum())
             totals = dict(zip(_SUMS, accelerator.reduce(sums, "sum").tolist()))
             metrics = _rollout_metrics(collected)
             metrics |= {
@@ -228,12 +230,20 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                 "policy_loss": totals["loss"],
                 "grad_norm": totals["grad_norm"] / world,  # every process holds the same (global) norm
                 "lr": scheduler.get_last_lr()[0],
-                "perf/gen_tokens_per_sec": metrics.pop("_gen_tokens") / max(gen_time, 1e-9),
+                "perf/gen_tokens_per_sec": (collected_tokens := metrics.pop("_gen_tokens")) / max(gen_time, 1e-9),
                 "perf/gen_time_s": gen_time,
                 "perf/train_time_s": train_time,
                 "perf/step_time_s": time.perf_counter() - step_start,
                 "perf/peak_mem_gib": peak_memory_gib(device),
             }
+            # Model FLOPs: forward+backward (6N a token) per pass over the batch, a forward (2N) for
+            # each extra no-grad pass and for every sampled token (the attention term left out).
+            trained = totals["seq_tokens"] * rl.num_iterations
+            extra_forwards = totals["seq_tokens"] * (int(separate_old_pass) + int(reference is not None))
+            metrics["perf/train_tokens_per_sec"] = trained / max(train_time, 1e-9)
+            if peak:
+                flops = 6 * n_params * trained + 2 * n_params * (extra_forwards + collected_tokens)
+                metrics["perf/mfu"] = flops / metrics["perf/step_time_s"] / (peak * world)
             if reference is not None:
                 metrics["kl"] = totals["kl"] / max(totals["clip_tokens"], 1)
             first_step = first_step or metrics
@@ -270,7 +280,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
 
 
 # Per-step sums over micro-batches, reduced over processes in one call.
-_SUMS = ("loss", "entropy", "tokens", "clip_low", "clip_high", "clip_tokens", "kl", "grad_norm")
+_SUMS = ("loss", "entropy", "tokens", "clip_low", "clip_high", "clip_tokens", "kl", "grad_norm", "seq_tokens")
 
 
 def _add(sums: torch.Tensor, **values: Any) -> None:
