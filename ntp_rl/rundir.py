@@ -169,6 +169,15 @@ def create(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], world_si
                world_size=world_size, resumed_from=str(run.resume_from) if run.resume_from else None)
 
 
+def mark_stopped(run: RunDir, exc: BaseException) -> None:
+    """Record in run.json why a run stopped early, so it never looks finished."""
+    if isinstance(exc, KeyboardInterrupt):
+        run.update(status="interrupted")
+    else:
+        text = str(exc).strip()
+        run.update(status="failed", error=f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+
+
 @contextmanager
 def recording_failures(run: RunDir, is_main: bool) -> Iterator[None]:
     """Whatever stops the run early is written to run.json, so it never looks finished."""
@@ -176,12 +185,7 @@ def recording_failures(run: RunDir, is_main: bool) -> Iterator[None]:
         yield
     except TrainingDiverged:
         raise  # already recorded, with the step and the last good checkpoint
-    except KeyboardInterrupt:
-        if is_main and run.path.is_dir():
-            run.update(status="interrupted")
-        raise
     except BaseException as exc:
         if is_main and run.path.is_dir():
-            text = str(exc).strip()
-            run.update(status="failed", error=f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+            mark_stopped(run, exc)
         raise

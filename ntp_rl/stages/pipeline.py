@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 from ntp_rl.checkpoint import latest_checkpoint
 from ntp_rl.config import check_pipeline, compose
-from ntp_rl.rundir import RESULTS_FILE, RunDir, dir_name, read_results, read_run_info, run_name, setting_overrides
+from ntp_rl.rundir import (RESULTS_FILE, RunDir, dir_name, mark_stopped, read_results, read_run_info, run_name,
+                           setting_overrides, write_json_atomic)
 
 STAGE_OF = {"pretrain": "pretrain", "eval_base": "eval", "rl": "rl", "eval_rl": "eval"}
 
@@ -108,14 +109,12 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                 shutil.rmtree(step_dir)  # an attempt that died before its first checkpoint: nothing to keep
             state.wait_for_everyone()
             results[step] = run_stage(STAGE_OF[step], stage_cfg, overrides=tags)
-    except BaseException as exc:
+    except BaseException as exc:  # a stage that diverged too: the lineage did not finish
         if state.is_main_process:
-            record.update(status="failed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            mark_stopped(record, exc)
         raise
     summary = lineage_summary(results)
     if state.is_main_process:
-        from ntp_rl.rundir import write_json_atomic
-
         write_json_atomic(lineage / RESULTS_FILE, {"stage": "pipeline", "name": name, "summary": summary,
                                                    "stages": {s: str(lineage / s) for s in cfg.stages}})
         record.update(status="finished")
