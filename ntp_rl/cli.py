@@ -15,13 +15,12 @@ from ntp_rl.errors import TrainingDiverged, UserError
 
 PROG = "ntp-rl"
 
-# stage -> (what it does, the issue that builds it when it is not built yet)
-STAGES: dict[str, tuple[str, Optional[str]]] = {
-    "pretrain": ("pre-train a model with the reward-shaped next-token loss", None),
-    "rl": ("GRPO with verifiable rewards from a pre-trained checkpoint", None),
-    "eval": ("pass@k, majority vote and entropy diagnostics for a checkpoint", None),
-    "pipeline": ("pretrain -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study", None),
-    "compare": ("tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]", None),
+STAGES: dict[str, str] = {
+    "pretrain": "pre-train a model with the reward-shaped next-token loss",
+    "rl": "GRPO with verifiable rewards from a pre-trained checkpoint",
+    "eval": "pass@k, majority vote and entropy diagnostics for a checkpoint",
+    "pipeline": "pretrain -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study",
+    "compare": "tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]",
 }
 
 HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}
@@ -33,9 +32,8 @@ def usage() -> str:
         "",
         "stages:",
     ]
-    for name, (what, pending) in STAGES.items():
-        note = f"  (not built yet: {pending})" if pending else ""
-        lines.append(f"  {name:<9} {what}{note}")
+    for name, what in STAGES.items():
+        lines.append(f"  {name:<9} {what}")
     lines += [
         "",
         "examples:",
@@ -70,10 +68,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         stage, rest = "pipeline", argv
     if stage not in STAGES:
         fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
-    pending = STAGES[stage][1]
-    if pending:
-        fail(f"the '{stage}' stage is not built yet ({pending}); built: "
-             + ", ".join(name for name, (_, todo) in STAGES.items() if not todo))
     if stage == "compare":  # reads finished runs' files; no config to compose
         from ntp_rl.stages.compare import main as compare_main
 
