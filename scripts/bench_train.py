@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -120,6 +121,7 @@ def main() -> None:
         rate = statistics.median(rates)
         mfu = f"   MFU {flops * rate / peak:.1%}" if peak else ""
         print(f"{label:<40} {rate:10.0f} tokens/s   {rate / base:5.2f}x plain{mfu}")
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

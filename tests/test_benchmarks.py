@@ -1,0 +1,46 @@
+"""The benchmark scripts run at CI size and print the figures the README quotes.
+
+Their numbers are never asserted (shared machines are noisy); what is checked is that every
+variant runs and reports a time or rate and a ratio against its baseline.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import REPO, TINY
+
+
+def run_script(name: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                            cwd=REPO, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_loss_reports_every_variant_and_ratio():
+    out = run_script("bench_loss.py", "--tokens", "256", "--hidden", "32", "--vocab", "1000", "--chunk-size", "64",
+                     "--repeats", "2")
+    timed = re.findall(r"^(\S+)\s+[\d.]+ ms\s+[\d.]+ GiB extra$", out, re.M)
+    assert {"ce", "naive/precision", "chunked/precision", "fused/precision", "fused/tail_penalty"} <= set(timed)
+    ratios = re.findall(r"^(\S+)\s+([\d.]+)x ce time", out, re.M)
+    assert len(ratios) == len(timed) and all(float(r) > 0 for _, r in ratios)
+    assert re.search(r"^fused/precision\s+[\d.]+x ce time\s+[\d.]+x naive$", out, re.M)
+
+
+def test_bench_train_compares_the_stage_with_a_plain_loop():
+    model = [o for o in TINY if o.startswith("model.")]
+    out = run_script("bench_train.py", "--steps", "4", "--warmup", "1", "--rounds", "1", "--seq-len", "32",
+                     "--batch-size", "8", "--micro-batch-size", "4", "--loss", "ce", "precision",
+                     "--extra", *model, "data.num_train_docs=400", "data.num_val_docs=40", "data.vocab_size=128")
+    rates = dict(re.findall(r"^(.+?)\s+\d+ tokens/s\s+([\d.]+)x plain", out, re.M))
+    assert set(rates) == {"plain transformers + F.cross_entropy", "ntp-rl pretrain loss=ce", "ntp-rl pretrain loss=precision"}
+    assert float(rates["plain transformers + F.cross_entropy"]) == 1.0
+
+
+def test_bench_rollout_compares_the_generator_with_plain_generate():
+    out = run_script("bench_rollout.py", "--prompts", "4", "--generations", "2", "--max-new-tokens", "8",
+                     "--batch-size", "8", "--repeats", "1")
+    rates = dict(re.findall(r"^(.+?)\s+\d+ generated tokens/s\s+([\d.]+)x plain", out, re.M))
+    assert set(rates) == {"plain model.generate", "ntp-rl HFGenerator"}
