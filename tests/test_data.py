@@ -318,6 +318,20 @@ def test_embedded_data_is_built_once_and_cached(tmp_path):
     assert again.tokenizer.get_vocab() == data.tokenizer.get_vocab()
 
 
+def test_a_copy_of_the_corpus_tokenizer_reuses_the_cache_another_tokenizer_does_not(tmp_path, tokenizer_dir):
+    cache = tmp_path / "cache"
+    data = build_pretrain_data(small_embedded(), cache_dir=cache, seed=0)
+    checkpoint = tmp_path / "checkpoint"  # what a pretrain checkpoint carries: the same tokenizer, elsewhere
+    data.tokenizer.save_pretrained(checkpoint)
+    again = build_pretrain_data(small_embedded(), cache_dir=cache, seed=0, tokenizer_name_or_path=str(checkpoint))
+    assert len(list(cache.iterdir())) == 1
+    assert torch.equal(again.val, data.val)
+
+    other = build_pretrain_data(small_embedded(), cache_dir=cache, seed=0, tokenizer_name_or_path=str(tokenizer_dir))
+    assert len(list(cache.iterdir())) == 2
+    assert other.tokenizer.get_vocab() != data.tokenizer.get_vocab()
+
+
 def test_embedded_seeds_the_run_orders_the_corpus_seed_generates(tmp_path):
     base = build_pretrain_data(small_embedded(), cache_dir=tmp_path, seed=0)
     reordered = build_pretrain_data(small_embedded(), cache_dir=tmp_path, seed=1)

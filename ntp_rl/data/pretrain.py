@@ -305,19 +305,51 @@ def build_pretrain_data(
     return _build_hf(data_cfg, seed, load_tokenizer(tokenizer_name))
 
 
+def _embedded_cache_dir(cfg: Any, cache_dir: Path, tokenizer_name: str | None) -> tuple[Path, dict]:
+    """Where the corpus tokenized by `tokenizer_name` (None: its own trained tokenizer) is cached.
+
+    A checkpoint's tokenizer is usually a copy of the corpus's own, so a tokenizer directory
+    counts by its content, not its path: every eval of every checkpoint of a study then reads
+    the cache that pre-training built instead of tokenizing the corpus again.
+    """
+    def settings_for(tokenizer: str | None) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "difficulty": cfg.difficulty,
+            "seed": cfg.seed,
+            "num_train_docs": cfg.num_train_docs,
+            "num_val_docs": cfg.num_val_docs,
+            "vocab_size": cfg.vocab_size,
+            "seq_len": cfg.seq_len,
+            "tokenizer": tokenizer,
+        }
+
+    def location(settings: dict) -> Path:
+        return cache_dir / f"embedded-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
+
+    if tokenizer_name is None:
+        settings = settings_for(None)
+        return location(settings), settings
+    fingerprint = _tokenizer_fingerprint(tokenizer_name)
+    own = location(settings_for(None))
+    if fingerprint is not None and (own / "tokenizer").is_dir() and _tokenizer_fingerprint(str(own / "tokenizer")) == fingerprint:
+        return own, settings_for(None)
+    settings = settings_for(fingerprint or tokenizer_name)
+    return location(settings), settings
+
+
+def _tokenizer_fingerprint(name: str) -> str | None:
+    """A hash of a tokenizer directory's tokenizer.json (vocabulary, merges, special tokens); None for hub names."""
+    file = Path(name) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    return "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+
+
 def _build_embedded(cfg: Any, cache_dir: Path, seed: int, tokenizer_name: str | None) -> PretrainData:
-    settings = {
-        "format": FORMAT_VERSION,
-        "difficulty": cfg.difficulty,
-        "seed": cfg.seed,
-        "num_train_docs": cfg.num_train_docs,
-        "num_val_docs": cfg.num_val_docs,
-        "vocab_size": cfg.vocab_size,
-        "seq_len": cfg.seq_len,
-        "tokenizer": tokenizer_name,  # null: trained on the corpus
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    target = cache_dir / f"embedded-{key}"
+    target, settings = _embedded_cache_dir(cfg, cache_dir, tokenizer_name)
+    if settings["tokenizer"] is None:
+        tokenizer_name = None  # the cache's own tokenizer, the same one by content
     if not target.is_dir():
         _write_atomically(target, lambda tmp: _write_embedded(cfg, settings, tmp, tokenizer_name))
     tokenizer = load_tokenizer(tokenizer_name or str(target / "tokenizer"))
