@@ -9,7 +9,7 @@ even in the middle of a sweep.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ntp_rl.errors import TrainingDiverged, UserError
 
@@ -44,7 +44,7 @@ def usage() -> str:
         f"  {PROG} pipeline loss=precision           # pretrain -> eval -> rl -> eval",
         f"  {PROG} experiment=paper_small            # the paper's five settings x seeds, then compare",
         f"  {PROG} rl init_from=outputs/pretrain/<run> # GRPO on the embedded task; task=chain_sum|gsm8k|...",
-        f"  accelerate launch --num_processes 2 -m ntp_rl pretrain",
+        "  accelerate launch --num_processes 2 -m ntp_rl pretrain",
         f"  {PROG} eval model=outputs/pretrain/<run> # Avg@n, Cons@n, pass@k, entropy (eval=paper: n=128)",
     ]
     return "\n".join(lines)
@@ -151,9 +151,7 @@ def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
     and return the keys the command sweeps over."""
     from hydra._internal.utils import get_args_parser
 
-    from ntp_rl.config import compose
     from ntp_rl.launch import sweep_points
-    from ntp_rl.stages import check_stage_config
 
     try:
         args = get_args_parser().parse_args(hydra_args)
@@ -162,16 +160,29 @@ def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
     jobs = sweep_points(overrides) if args.multirun else [overrides]
     for job in jobs:
-        try:
-            cfg = compose(stage, list(job))
-        except Exception as exc:
-            raise UserError(explain_compose_error(exc, stage)) from None
-        check_stage_config(stage, cfg)
+        cfg = _composed_and_checked(stage, list(job))
+        if stage == "pipeline" and cfg.sweep:  # an experiment: each lineage it will launch, checked now
+            from ntp_rl.stages.pipeline import sweep_lineage_points
+
+            for point in sweep_lineage_points(cfg, list(job))[1]:
+                _composed_and_checked(stage, point)
     if not args.multirun:
         return []
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
+
+
+def _composed_and_checked(stage: str, overrides: list[str]) -> Any:
+    from ntp_rl.config import compose
+    from ntp_rl.stages import check_stage_config
+
+    try:
+        cfg = compose(stage, overrides)
+    except Exception as exc:
+        raise UserError(explain_compose_error(exc, stage)) from None
+    check_stage_config(stage, cfg)
+    return cfg
 
 
 def _first_line(exc: BaseException) -> str:

@@ -165,7 +165,9 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 400
     batch_size: int = 16  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 16  # sequences per forward pass on one process
+    # Sequences per forward pass on one process; null: the process's whole share of the batch
+    # (no accumulation), so the same command runs on any number of processes.
+    micro_batch_size: Optional[int] = None
     precision: Precision = Precision.auto
     compile: bool = False
     log_every: int = 10
@@ -475,9 +477,13 @@ def check_optim(optim: Any, prefix: str = "optim") -> None:
         raise ConfigError(f"{prefix}.min_lr_ratio", "must be in [0, 1]", optim.min_lr_ratio)
 
 
-def check_batch(batch_size: int, micro_batch_size: int, num_processes: int, prefix: str = "train") -> int:
-    """Return the gradient accumulation steps, or say which key to change."""
+def check_batch(batch_size: int, micro_batch_size: Optional[int], num_processes: int, prefix: str = "train") -> tuple[int, int]:
+    """Return (micro batch size, gradient accumulation steps), or say which key to change."""
     _positive(batch_size, f"{prefix}.batch_size")
+    if micro_batch_size is None:
+        if batch_size % num_processes:
+            raise ConfigError(f"{prefix}.batch_size", f"must be a multiple of the {num_processes} processes", batch_size)
+        return batch_size // num_processes, 1
     _positive(micro_batch_size, f"{prefix}.micro_batch_size")
     per_step = micro_batch_size * num_processes
     if batch_size % per_step:
@@ -486,7 +492,7 @@ def check_batch(batch_size: int, micro_batch_size: int, num_processes: int, pref
             f"must be a multiple of {prefix}.micro_batch_size x processes = {micro_batch_size} x {num_processes} = {per_step}",
             batch_size,
         )
-    return batch_size // per_step
+    return micro_batch_size, batch_size // per_step
 
 
 def launched_processes() -> int:
@@ -526,6 +532,9 @@ def check_sampling(sampling: Any, prefix: str = "sampling") -> None:
 def check_eval(cfg: Any) -> None:
     if cfg.resume not in (None, "never"):
         raise ConfigError("resume", "eval runs are not resumed (they save no checkpoints); run the command again", cfg.resume)
+    if ModelArch(cfg.model.arch) is not ModelArch.hf:
+        raise ConfigError("model", "eval needs trained weights: model=<run dir, checkpoint, HF model dir or hub name>; "
+                          "an architecture preset such as model=tiny has none")
     check_model(cfg.model)
     check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
 
@@ -617,6 +626,16 @@ def check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> None
         raise ConfigError("rl.eval_ks", f"every k must be in 1..rl.eval_samples={rl.eval_samples}", list(rl.eval_ks))
 
 
+def resolved_precision(precision: Any) -> Precision:
+    """auto -> bf16 on GPU, fp32 on CPU."""
+    import torch
+
+    precision = Precision(getattr(precision, "value", precision))
+    if precision is Precision.auto:
+        return Precision.bf16 if torch.cuda.is_available() else Precision.fp32
+    return precision
+
+
 def check_pipeline(cfg: Any) -> None:
     check_run(cfg)
     if cfg.resume not in (None, "never"):
@@ -636,3 +655,8 @@ def check_pipeline(cfg: Any) -> None:
     check_train(cfg.train)
     check_grpo(cfg.rl, cfg.rl_optim, cfg.task, optim_key="rl_optim")
     check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+    # The stages run in one process, and Accelerate keeps one mixed-precision setting per process.
+    precisions = {key: resolved_precision(cfg[key].precision) for key in ("train", "rl", "eval")}
+    if len(set(precisions.values())) > 1:
+        raise ConfigError("train.precision", "train.precision, rl.precision and eval.precision must be the same in a pipeline "
+                          f"(one process runs every stage); got {', '.join(f'{k}={v.value}' for k, v in precisions.items())}")

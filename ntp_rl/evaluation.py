@@ -6,8 +6,8 @@ report the same numbers under the same names.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 from ntp_rl.generation import Completion, Generator, Sampling
 from ntp_rl.metrics import majority_vote, pass_at_k
@@ -28,9 +28,6 @@ class ProblemResult:
     min_length: int = 0
     max_length: int = 0
     samples: list[str] = field(default_factory=list)  # the completions' texts (kept when asked)
-
-    def row(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def score_problem(task: Task, problem: TaskProblem, completions: Sequence[Completion], ks: Sequence[int],

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 # 1 - p is clamped here before it is raised to the power beta: beta < 0 would otherwise
 # blow up on tokens the model already predicts with certainty.

@@ -12,7 +12,7 @@ import torch
 
 from ntp_rl import rundir
 from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
-from ntp_rl.config import Precision
+from ntp_rl.config import Precision, resolved_precision
 from ntp_rl.errors import TrainingDiverged
 from ntp_rl.rundir import RunDir
 from ntp_rl.tracking import Tracker, wandb_mode
@@ -24,10 +24,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 def make_accelerator(precision: Any, wandb_mode_resolved: str) -> Any:
     from accelerate import Accelerator
 
-    precision = Precision(getattr(precision, "value", precision))
-    if precision is Precision.auto:
-        precision = Precision.bf16 if torch.cuda.is_available() else Precision.fp32
-    mixed = "bf16" if precision is Precision.bf16 else "no"
+    mixed = "bf16" if resolved_precision(precision) is Precision.bf16 else "no"
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -96,7 +93,6 @@ def stop_diverged(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, run_di
                f"(non-finite); nothing was saved from this step; last good checkpoint: {last or 'none'}")
     if tracker.is_main:
         run_dir.update(status="diverged", error=message)
-    tracker.finish()
     raise TrainingDiverged(message)
 
 

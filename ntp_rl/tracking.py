@@ -82,7 +82,7 @@ class Tracker:
         if mode == "disabled":
             return
         if mode == "offline":
-            print(f"W&B: not logged in, logging offline to {self.run_dir / 'wandb'} "
+            print(f"W&B: offline (not logged in, or logger.wandb.mode=offline), run files in {self.run_dir / 'wandb'} "
                   f"(upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)", file=sys.stderr)
         accelerator.init_trackers(
             logger_cfg.wandb.project,
@@ -137,9 +137,19 @@ class Tracker:
         if payload:
             self.wandb_run.log(payload, step=step)
 
-    def finish(self) -> None:
-        if not self.is_main:
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.finish(failed=exc_type is not None)
+
+    def finish(self, failed: bool = False) -> None:
+        """Close metrics.jsonl and the W&B run (marked failed when the run raised), once."""
+        if not self.is_main or self._metrics_file.closed:
             return
         self._metrics_file.close()
         if self.wandb_run is not None:
-            self.accelerator.end_training()
+            if failed:
+                self.wandb_run.finish(exit_code=1)
+            else:
+                self.accelerator.end_training()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntp_rl.cli import check_command_line, fail  # noqa: E402
+from ntp_rl.cli import check_command_line, expand_model_paths, fail  # noqa: E402
 from ntp_rl.errors import UserError  # noqa: E402
 from ntp_rl.launch import launch_points, sweep_points  # noqa: E402
 from ntp_rl.rundir import dir_name, run_name  # noqa: E402
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("stage")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    args.overrides = expand_model_paths(args.overrides)  # model=<run dir> means what it means to ntp-rl
 
     try:
         swept = check_command_line(args.stage, ["-m", *args.overrides])

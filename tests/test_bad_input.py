@@ -3,7 +3,6 @@ and no run directory left behind that could be mistaken for a finished run."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -82,10 +81,13 @@ CASES = [
     ("eval model={run} eval.ks=[1,32]", "eval.ks"),
     ("eval model={run} eval.num_problems=0", "eval.num_problems"),
     ("eval model={run} sampling.top_p=0", "sampling.top_p"),
+    ("eval model=tiny", "eval needs trained weights"),
     # pipeline, compare, the command itself
     ("pipeline stages=[rl,pretrain]", "stages"),
     ("pipeline jobs=0", "jobs"),
+    ("pipeline +sweep.loss=[ce,sharp]", "loss=sharp"),  # a lineage of a sweep: refused before any runs
     ("pipeline rl_optim.lr=-1", "rl_optim.lr"),
+    ("pipeline train.precision=bf16", "must be the same in a pipeline"),
     ("compare {root}/nothing", "nothing"),
     ("frobnicate", "frobnicate"),
 ]

@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerFast
 
 from ntp_rl.config import DataConfig, DataSource
-from ntp_rl.data import corpus
 from ntp_rl.data.corpus import (
     LEVELS,
     SPLITS,

@@ -1,7 +1,6 @@
 """The package ships everything it needs, including the config tree, in a non-editable install too."""
 
 import tomllib
-from pathlib import Path
 
 from conftest import REPO
 

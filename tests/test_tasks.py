@@ -203,3 +203,11 @@ def test_a_custom_reward_function_comes_from_an_explicit_import_path(tmp_path, m
         with pytest.raises(ConfigError, match="task.reward_fn") as exc:
             build_task(TaskConfig(reward_fn=spec))
         assert needle in str(exc.value)
+
+
+def test_generation_stops_where_the_prompt_template_would_open_the_next_problem():
+    from ntp_rl.tasks import template_stop_strings
+
+    assert template_stop_strings("Problem: {question}\nSolution:") == ("\nProblem:",)
+    assert template_stop_strings("Solve it.\nQuestion: {question}\nAnswer:") == ("\nQuestion:",)
+    assert template_stop_strings("{question}") == ()

@@ -16,7 +16,7 @@ import torch
 
 from ntp_rl.data.pretrain import mix_seed
 from ntp_rl.generation import Generator, Sampling
-from ntp_rl.tasks import Task, TaskProblem, is_correct, reward
+from ntp_rl.tasks import Task, TaskProblem, score
 
 
 def rollout_seed(seed: int, step: int, round_: int, offset: int) -> int:
@@ -76,12 +76,13 @@ def sample_groups(generator: Generator, task: Task, tokenizer: Any, problems: Se
         chunk = problems[start:start + prompts_per_call]
         samples = generator.generate([p.prompt for p in chunk], num_generations, sampling, seed_at(start))
         for problem, completions in zip(chunk, samples):
+            scores = [score(task, c.text, problem, format_weight) for c in completions]
             groups.append(Group(
                 problem_id=problem.id,
                 prompt_ids=tokenizer(problem.prompt, add_special_tokens=False)["input_ids"],
                 responses=[c.token_ids for c in completions],
-                rewards=[reward(task, c.text, problem, format_weight) for c in completions],
-                correct=[is_correct(task, c.text, problem) for c in completions],
+                rewards=[r for r, _ in scores],
+                correct=[c for _, c in scores],
                 truncated=[c.truncated for c in completions],
             ))
     return groups

@@ -76,8 +76,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     # Named after the model evaluated, e.g. eval-model=<run>_step_00000400, not after its full path.
     naming = [o for o in overrides if o.split("=", 1)[0] not in ("model", "model.name_or_path")]
     run_dir = choose_run(cfg, "eval", [f"model={_short(model_path)}", *naming], accelerator)
-    with recording_failures(run_dir, accelerator.is_main_process):
-        tracker = open_run(run_dir, cfg, "eval", overrides, accelerator, mode, resume_step=None)
+    with (recording_failures(run_dir, accelerator.is_main_process),
+          open_run(run_dir, cfg, "eval", overrides, accelerator, mode, resume_step=None) as tracker):
         if accelerator.is_main_process:
             run_dir.checkpoints.rmdir()  # made for every run; an eval saves no model
         step = _trained_steps(model_path)
@@ -165,7 +165,6 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             run_dir.update(status="finished", checkpoint=model_path)
         say(f"done in {wall:.0f}s ({perf['tokens_per_sec']:.0f} generated tokens/s) -> {run_dir.path}")
         say(_table(summary, diagnostics, n, ks))
-        tracker.finish()
         accelerator.wait_for_everyone()
         return record
 

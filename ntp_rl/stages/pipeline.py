@@ -137,17 +137,30 @@ def lineage_summary(results: dict[str, Any]) -> dict[str, float]:
     return summary
 
 
-def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
-    """One lineage per point of cfg.sweep, each its own process (`cfg.jobs` at a time), then compare."""
-    from ntp_rl.launch import launch_points, sweep_points
-    from ntp_rl.stages.compare import compare
+def sweep_lineage_points(cfg: Any, overrides: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """cfg.sweep's axes as Hydra sweep strings, and each lineage's command-line overrides."""
+    from ntp_rl.launch import sweep_points
 
     # The sweep's own keys become each point's overrides; the points must not sweep again.
     axes = [f"{key}={','.join(str(v) for v in values)}" for key, values in cfg.sweep.items()]
     fixed = [o for o in overrides if o.split("=", 1)[0] not in cfg.sweep and not o.lstrip("+").startswith("sweep")]
     # The points' output goes to log files, where a progress bar is only noise.
     quiet = [] if any(o.startswith("logger.progress_bar=") for o in fixed) else ["logger.progress_bar=false"]
-    points = [[*fixed, *point, *quiet] for point in sweep_points(axes)]
+    return axes, [[*fixed, *point, *quiet] for point in sweep_points(axes)]
+
+
+def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
+    """One lineage per point of cfg.sweep, each its own process (`cfg.jobs` at a time), then compare."""
+    from ntp_rl.launch import launch_points
+    from ntp_rl.stages.compare import compare
+
+    from ntp_rl.config import launched_processes
+    from ntp_rl.errors import UserError
+
+    if launched_processes() > 1:
+        raise UserError("a sweep of lineages starts its own processes; run it without accelerate launch, or launch "
+                        "each point with: python scripts/sweep.py --launcher 'accelerate launch ...' pipeline ...")
+    axes, points = sweep_lineage_points(cfg, overrides)
     label = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "sweep")
     out_dir = Path(cfg.out_dir) / "experiments" / label
     print(f"ntp-rl pipeline: {len(points)} lineages ({', '.join(axes)}), {cfg.jobs} at a time; logs in {out_dir / 'logs'}")
@@ -165,7 +178,5 @@ def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
     print(f"{label}: {len(points)} lineages in {wall / 60:.1f} min; table and figures in {out_dir}")
     failed = [r for r in results if r.returncode != 0]
     if failed:
-        from ntp_rl.errors import UserError
-
         raise UserError(f"{len(failed)} of {len(points)} lineages failed; see {failed[0].log}")
     return {"out_dir": str(out_dir), "wall_time_s": wall, **summary}

@@ -34,7 +34,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     check_pretrain(cfg)
     mode = resolved_wandb_mode(cfg)
     accelerator = make_accelerator(cfg.train.precision, mode)
-    grad_accum = check_batch(cfg.train.batch_size, cfg.train.micro_batch_size, accelerator.num_processes)
+    micro_batch_size, grad_accum = check_batch(cfg.train.batch_size, cfg.train.micro_batch_size, accelerator.num_processes)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -68,9 +68,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
 
-    with recording_failures(run_dir, accelerator.is_main_process):
-        tracker = open_run(run_dir, cfg, "pretrain", overrides, accelerator, mode,
-                           resume_step=saved_step(resume_from) if resume_from else None)
+    with (recording_failures(run_dir, accelerator.is_main_process),
+          open_run(run_dir, cfg, "pretrain", overrides, accelerator, mode,
+                   resume_step=saved_step(resume_from) if resume_from else None) as tracker):
         model = ShapedLossLM(lm, cfg.loss)
         optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
@@ -109,7 +109,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
 
         def validate(step: int) -> dict[str, float]:
             model.eval()
-            metrics = _evaluate(model, data.val[: cfg.train.eval_sequences], cfg.train.micro_batch_size, accelerator)
+            metrics = _evaluate(model, data.val[: cfg.train.eval_sequences], micro_batch_size, accelerator)
             model.train()
             tracker.log({f"val/{k}": v for k, v in metrics.items()} | {"val/unigram_nll": data.unigram_nll}, step=step)
             say(f"  val @ {step}: nll {metrics['nll']:.4f} (unigram {data.unigram_nll:.3f}) | ppl {metrics['ppl']:.3f} | "
@@ -134,7 +134,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             batch = data.train.take(cfg.train.batch_size)[rank * per_rank:(rank + 1) * per_rank].to(device)
             loss_sum = torch.zeros((), device=device)
             stat_sums = torch.zeros(len(STAT_NAMES), device=device)
-            for micro, chunk in enumerate(batch.split(cfg.train.micro_batch_size)):
+            for micro, chunk in enumerate(batch.split(micro_batch_size)):
                 # Gradients are averaged over processes only on the last micro-batch.
                 sync = micro == grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
@@ -191,7 +191,6 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             run_dir.update(status="finished", step=step, checkpoint=str(final))
         say(f"done: {step} steps in {wall:.0f}s | val nll {val_metrics['nll']:.4f} vs unigram {data.unigram_nll:.3f} | "
             f"ppl {val_metrics['ppl']:.3f} | entropy {val_metrics['entropy']:.3f}\n  model: {final}")
-        tracker.finish()
         accelerator.wait_for_everyone()
         return results
 

@@ -70,9 +70,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     if rl.kl_coef > 0:  # frozen init_from weights, for the KL penalty
         reference = load_pretrained(str(init_dir), key="init_from").to(accelerator.device).eval().requires_grad_(False)
 
-    with recording_failures(run_dir, accelerator.is_main_process):
-        tracker = open_run(run_dir, cfg, "rl", overrides, accelerator, mode,
-                           resume_step=saved_step(resume_from) if resume_from else None)
+    with (recording_failures(run_dir, accelerator.is_main_process),
+          open_run(run_dir, cfg, "rl", overrides, accelerator, mode,
+                   resume_step=saved_step(resume_from) if resume_from else None) as tracker):
         optimizer = build_adamw(policy, cfg.optim, fused=torch.cuda.is_available())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
         model, optimizer = accelerator.prepare(policy, optimizer)
@@ -274,7 +274,6 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         before = f"{eval_before[accuracy_key]:.3f}" if eval_before else "?"
         say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f} | "
             f"mean length {eval_after['mean_length']:.1f}\n  model: {final}")
-        tracker.finish()
         accelerator.wait_for_everyone()
         return results
 

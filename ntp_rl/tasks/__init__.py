@@ -82,11 +82,16 @@ def load_reward_fn(spec: str) -> Callable[[str, TaskProblem], float]:
 def reward(task: Task, completion: str, problem: TaskProblem, format_weight: float = 0.0) -> float:
     """1.0 for a right answer, 0.0 otherwise, plus `format_weight` when any answer could be extracted
     (or the user's reward function's value, when the task has one)."""
+    return score(task, completion, problem, format_weight)[0]
+
+
+def score(task: Task, completion: str, problem: TaskProblem, format_weight: float = 0.0) -> tuple[float, bool]:
+    """(reward, whether the answer is right), reading and checking the answer once (math-verify is not free)."""
     if isinstance(task, WithRewardFunction):
-        return float(task.reward_fn(completion, problem))
+        return float(task.reward_fn(completion, problem)), is_correct(task, completion, problem)
     answer = task.extract_answer(completion)
     correct = answer is not None and task.answer_matches(answer, problem)
-    return float(correct) + (format_weight if answer is not None else 0.0)
+    return float(correct) + (format_weight if answer is not None else 0.0), correct
 
 
 # kind -> factory(task_cfg) -> Task
@@ -124,3 +129,10 @@ def build_task(task_cfg: Any) -> Task:
 def fill_prompt(template: str, question: str) -> str:
     # Not str.format: templates and questions may hold braces of their own (LaTeX, code).
     return template.replace("{question}", question)
+
+
+def template_stop_strings(template: str) -> tuple[str, ...]:
+    """Where a base model starts inventing the next problem: a new line opening like the
+    question does ("Problem: {question}..." -> "\nProblem:")."""
+    opening = template.split("{question}", 1)[0].rstrip().rsplit("\n", 1)[-1]
+    return (f"\n{opening}",) if opening else ()

@@ -19,7 +19,7 @@ from math_verify import LatexExtractionConfig, parse, verify
 
 from ntp_rl.config import AnswerFormat
 from ntp_rl.errors import ConfigError, DataError
-from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register
+from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register, template_stop_strings
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 GSM8K_MARK = "####"
@@ -69,7 +69,10 @@ class HFMathTask:
     answer_field: str
     answer_format: AnswerFormat
     prompt_template: str = DEFAULT_TEMPLATE
-    stop_strings: tuple[str, ...] = ("\nQuestion:",)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return template_stop_strings(self.prompt_template)
 
     def problems(self, split: str, n: int) -> list[TaskProblem]:
         """The first n rows of the split that have a reference answer, in the dataset's order."""

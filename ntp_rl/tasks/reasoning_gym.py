@@ -24,7 +24,7 @@ from reasoning_gym.utils import extract_answer as extract_tagged_answer
 
 from ntp_rl.data.pretrain import mix_seed
 from ntp_rl.errors import ConfigError
-from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register
+from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register, template_stop_strings
 
 # A base model continues text, so reasoning-gym's instructions come first and the answer is cued.
 DEFAULT_TEMPLATE = SYSTEM_PROMPTS["default"] + "\nQuestion: {question}\nAnswer:"
@@ -37,7 +37,10 @@ class ReasoningGymTask:
     name: str
     kwargs: dict = field(default_factory=dict)
     prompt_template: str = DEFAULT_TEMPLATE
-    stop_strings: tuple[str, ...] = ("\nQuestion:",)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return template_stop_strings(self.prompt_template)
 
     def __post_init__(self) -> None:
         # Scoring needs the dataset's config (tolerances, formats), not its problems.
