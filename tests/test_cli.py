@@ -112,3 +112,14 @@ def test_a_model_path_stands_for_the_hf_preset():
     assert expand_model_paths(["model=tiny"]) == ["model=tiny"]
     assert expand_model_paths(["model=tinyy"]) == ["model=tinyy"]  # a typo gets the list of presets
     assert expand_model_paths(["model=Qwen/Qwen3-0.6B"])[1] == "model.name_or_path=Qwen/Qwen3-0.6B"
+
+
+def test_micro_batch_defaults_to_each_process_share_of_the_batch():
+    from ntp_rl.config import check_batch
+    from ntp_rl.errors import ConfigError
+
+    assert check_batch(16, None, 1) == (16, 1)
+    assert check_batch(16, None, 2) == (8, 1)  # `accelerate launch --num_processes 2` with the defaults
+    assert check_batch(16, 4, 2) == (4, 2)  # an explicit micro batch accumulates
+    with pytest.raises(ConfigError, match="train.batch_size=16: must be a multiple of the 3 processes"):
+        check_batch(16, None, 3)
