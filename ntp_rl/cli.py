@@ -110,12 +110,16 @@ def run_with_hydra(stage: str, hydra_args: list[str], swept_keys: list[str]) -> 
     from ntp_rl.config import conf_dir, register_schemas
 
     register_schemas()
-    task = _stage_task(stage, swept_keys)
+    failed_points: list[tuple[str, int]] = []
+    task = _stage_task(stage, swept_keys, failed_points)
     sys.argv = [f"{PROG} {stage}", *hydra_args]
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(task)()
+    if failed_points:
+        fail(f"{len(failed_points)} sweep point(s) failed: {'; '.join(point for point, _ in failed_points)}",
+             max(code for _, code in failed_points))
 
 
-def _stage_task(stage: str, swept_keys: list[str]) -> Callable:
+def _stage_task(stage: str, swept_keys: list[str], failed_points: list[tuple[str, int]]) -> Callable:
     def task(cfg):  # Hydra calls this once per job (once per sweep point with -m)
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -137,7 +141,11 @@ def _stage_task(stage: str, swept_keys: list[str]) -> Callable:
         try:
             return run_stage(stage, cfg, overrides=overrides)
         except (UserError, TrainingDiverged) as exc:
-            fail(str(exc), exc.exit_code)
+            if hydra_cfg.mode != RunMode.MULTIRUN:
+                fail(str(exc), exc.exit_code)
+            # One point that diverges (a beta too far out) must not cost the rest of the sweep.
+            print(f"{PROG}: error: {' '.join(overrides)}: {exc}", file=sys.stderr)
+            failed_points.append((" ".join(overrides), exc.exit_code))
 
     return task
 
