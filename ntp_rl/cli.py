@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Optional
 
-from ntp_rl.errors import TrainingDiverged, UserError
+from ntp_rl.errors import TrainingDiverged, UserError, first_line
 
 PROG = "ntp-rl"
 
@@ -193,11 +193,6 @@ def _composed_and_checked(stage: str, overrides: list[str]) -> Any:
     return cfg
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def explain_compose_error(exc: BaseException, stage: str) -> str:
     """Turn Hydra / OmegaConf composition errors into one line naming the key."""
     from hydra.errors import MissingConfigException
@@ -216,9 +211,9 @@ def explain_compose_error(exc: BaseException, stage: str) -> str:
         parent_key, _, name = cause.full_key.rpartition(".")
         return f"{cause.full_key}: unknown key; {_known_keys_hint(stage, parent_key, name)}"
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        message = _first_line(cause).split("\n")[0]
+        message = first_line(cause).split("\n")[0]
         return f"{cause.full_key}: {message}"
-    return _first_line(exc)
+    return first_line(exc)
 
 
 def _known_keys_hint(stage: str, parent_key: str, name: str) -> str:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """What a one-line error message quotes of an exception from a library."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """A mistake in the command line, the config or the inputs, not a bug in ntp-rl."""
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ntp_rl.errors import UserError
+from ntp_rl.errors import UserError, first_line
 
 
 def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
@@ -34,7 +34,7 @@ def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as exc:  # Hydra's grammar errors
-        raise UserError(str(exc).strip().splitlines()[0]) from None
+        raise UserError(first_line(exc)) from None
     return [list(point) for point in BasicSweeper.split_arguments(parsed, None)[0]]
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ntp_rl.config import LossImpl, ModelArch
-from ntp_rl.errors import ConfigError, DataError
+from ntp_rl.errors import ConfigError, DataError, first_line
 from ntp_rl.losses import LossOutput, RewardShaping, shaped_ntp_loss, shaped_ntp_loss_fused, shaped_ntp_loss_reference
 
 
@@ -78,8 +78,7 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
         return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
                                                     dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line})") from exc
+        raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line(exc)})") from exc
 
 
 # model config key -> the HF config attribute it sets

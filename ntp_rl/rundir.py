@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional, Sequence
 from omegaconf import OmegaConf
 
 from ntp_rl.checkpoint import latest_checkpoint
-from ntp_rl.errors import ConfigError, TrainingDiverged
+from ntp_rl.errors import ConfigError, TrainingDiverged, first_line
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -174,8 +174,7 @@ def mark_stopped(run: RunDir, exc: BaseException) -> None:
     if isinstance(exc, KeyboardInterrupt):
         run.update(status="interrupted")
     else:
-        text = str(exc).strip()
-        run.update(status="failed", error=f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+        run.update(status="failed", error=f"{type(exc).__name__}: {first_line(exc)}")
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from ntp_rl.config import DataSource
 from ntp_rl.data.corpus import sample_documents
 from ntp_rl.data.tokenizer import load_tokenizer, train_embedded_tokenizer
-from ntp_rl.errors import ConfigError, DataError
+from ntp_rl.errors import ConfigError, DataError, first_line
 
 # Bump when anything that shapes the embedded cache changes (corpus, tokenizer, packing),
 # so old caches are rebuilt instead of silently reused.
@@ -546,7 +546,7 @@ def load_hf_dataset(path: str, name: str | None, split: str, streaming: bool = F
     except (datasets.exceptions.DatasetsError, OSError, ValueError, StopIteration) as exc:
         # Offline and unknown hub names, missing directories, bad splits, unreadable files.
         raise DataError(f"{keys['path']}={path}: cannot load it ({keys['name']}={name}, {keys['split']}={split}): "
-                        f"{_first_line(exc)}") from exc
+                        f"{first_line(exc)}") from exc
 
 
 def _check_text_field(ds: Any, field: str, path: str) -> None:
@@ -565,11 +565,6 @@ def _texts(ds: Any, field: str) -> Iterator[str]:
         for text in batch[field]:
             if text:
                 yield text
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _human(count: int) -> str:

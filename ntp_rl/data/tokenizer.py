@@ -13,7 +13,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ntp_rl.errors import DataError
+from ntp_rl.errors import DataError, first_line
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -54,7 +54,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as exc:
         where = "directory" if Path(name_or_path).exists() else "local directory, and not a tokenizer on the Hugging Face hub"
-        raise DataError(f"tokenizer {name_or_path!r}: cannot be loaded (no such {where}): {_first_line(exc)}") from exc
+        raise DataError(f"tokenizer {name_or_path!r}: cannot be loaded (no such {where}): {first_line(exc)}") from exc
     if tokenizer.eos_token is None:
         raise DataError(
             f"tokenizer {name_or_path!r} has no EOS token, so packed documents cannot be separated; "
@@ -65,6 +65,3 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from reasoning_gym.utils import SYSTEM_PROMPTS
 from reasoning_gym.utils import extract_answer as extract_tagged_answer
 
 from ntp_rl.data.pretrain import mix_seed
-from ntp_rl.errors import ConfigError
+from ntp_rl.errors import ConfigError, first_line
 from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register, template_stop_strings
 
 # A base model continues text, so reasoning-gym's instructions come first and the answer is cued.
@@ -79,5 +79,4 @@ def build(task_cfg: Any) -> ReasoningGymTask:
         return ReasoningGymTask(dataset=name, seed=int(task_cfg.seed), name=getattr(task_cfg, "name", name), kwargs=kwargs,
                                 prompt_template=getattr(task_cfg, "prompt_template", None) or DEFAULT_TEMPLATE)
     except (TypeError, ValueError, AssertionError) as exc:  # reasoning-gym checks its configs with asserts
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError("task.dataset_kwargs", f"not accepted by reasoning-gym's {name}: {text}", kwargs) from exc
+        raise ConfigError("task.dataset_kwargs", f"not accepted by reasoning-gym's {name}: {first_line(exc)}", kwargs) from exc
