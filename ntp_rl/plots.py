@@ -17,13 +17,22 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 def plot_pass_at_k(path: Path, curves: Mapping[str, Mapping[int, float]], title: str,
                    references: Optional[Mapping[str, float]] = None) -> Path:
-    """pass@k against k on a log2 axis, one line per curve; `references` are horizontal lines (e.g. Cons@n)."""
+    """pass@k against k on a log2 axis, one line per curve; `references` are horizontal lines (e.g. Cons@n).
+
+    Labels of the form "name (variant)" share a colour per name and a line style per variant,
+    so "loss=ce (base)" and "loss=ce (after RL)" read as one setting before and after.
+    """
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    names = list(dict.fromkeys(label.split(" (")[0] for label in curves))
+    variants = list(dict.fromkeys(label.partition(" (")[2] for label in curves))
+    styles = ["-", "--", ":", "-."]
     for label, values in curves.items():
+        name, _, variant = label.partition(" (")
         ks = sorted(values)
-        ax.plot(ks, [values[k] for k in ks], marker="o", label=label)
+        ax.plot(ks, [values[k] for k in ks], marker="o", markersize=4, label=label,
+                color=f"C{names.index(name) % 10}", linestyle=styles[variants.index(variant) % len(styles)])
     for i, (label, value) in enumerate((references or {}).items()):
-        ax.axhline(value, linestyle="--", linewidth=1, color=f"C{len(curves) + i}", label=label)
+        ax.axhline(value, linestyle="--", linewidth=1, color=f"C{(len(names) + i) % 10}", label=label)
     all_ks = sorted({k for values in curves.values() for k in values})
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_ks, [str(k) for k in all_ks])

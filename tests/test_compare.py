@@ -31,7 +31,7 @@ def write_lineage(root: Path, loss: str, seed: int, accuracy: float, after: floa
         "eval_rl": {"summary": {"avg@4": after, "cons@4": after, "pass@1": after, "pass@4": min(1.0, 2 * after)}},
     }
     metrics = {
-        "pretrain": [{"step": s, "val/nll": 3 - s, "val/entropy": 2 - s / 2} for s in (0, 1, 2)],
+        "pretrain": [{"step": s, "train/nll": 3 - s, "train/entropy": 2 - s / 2} for s in (1, 2, 3)],
         "rl": [{"step": s, "reward": accuracy + s / 10, "entropy": 0.5, "completions/mean_length": 20 + s} for s in (1, 2)],
     }
     for stage, results in stages.items():
