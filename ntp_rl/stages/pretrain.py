@@ -171,7 +171,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                     metrics["perf/mfu"] = flops_token * tokens_per_step / elapsed / (peak * world)
                 tracker.log(metrics, step=step)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", nll=f"{metrics['train/nll']:.3f}",
-                                ent=f"{metrics['train/entropy']:.3f}", tok_s=f"{metrics['perf/tokens_per_sec']:.0f}")
+                                ent=f"{metrics['train/entropy']:.3f}", tok_s=f"{metrics['perf/tokens_per_sec']:.0f}",
+                                **({"mfu": f"{metrics['perf/mfu']:.1%}"} if peak else {}))
             if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                 val_metrics = validate(step)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:

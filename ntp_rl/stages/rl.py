@@ -252,7 +252,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                 tracker.log(metrics, step=step)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                                 ent=f"{metrics['entropy']:.3f}", len=f"{metrics['completions/mean_length']:.1f}",
-                                drop=metrics["dynamic_sampling/dropped_groups"])
+                                drop=metrics["dynamic_sampling/dropped_groups"],
+                                **({"mfu": f"{metrics['perf/mfu']:.1%}"} if "perf/mfu" in metrics else {}))
             if step % rl.eval_every == 0 or step == rl.max_steps:
                 eval_after = held_out(step)
             if step % rl.save_every == 0 or step == rl.max_steps:
