@@ -97,6 +97,9 @@ class LossConfig:
     positive_form: PositiveForm = PositiveForm.exponent
     impl: LossImpl = LossImpl.fused
     chunk_size: int = 1024  # tokens per chunk for the fused and chunked paths
+    # torch.compile each chunk's loss (Triton kernels on GPU, C++ on CPU): fewer passes over
+    # the [chunk x vocab] logits, at the price of a compile (seconds) in the first steps.
+    compile: bool = False
 
 
 @dataclass
@@ -423,6 +426,8 @@ def check_loss(loss: Any, vocab_size: Optional[int] = None) -> None:
         bound = f"in 1..{vocab_size} (the vocabulary size)" if vocab_size else ">= 1"
         raise ConfigError("loss.k", f"must be {bound}", loss.k)
     _positive(loss.chunk_size, "loss.chunk_size")
+    if loss.compile and LossImpl(loss.impl) is LossImpl.reference:
+        raise ConfigError("loss.compile", "applies to loss.impl=fused or chunked, not reference", loss.compile)
 
 
 def check_model(model: Any) -> None:

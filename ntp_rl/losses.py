@@ -16,6 +16,11 @@ Three paths give the same numbers:
   one chunk at a time, and the chunk's gradient flows straight into the hidden states and
   the weight, so no [tokens x vocab] tensor exists in any dtype.
 
+The two chunked paths take `compile=True` to run each chunk through torch.compile, which
+fuses the per-chunk work into a few passes over the logits (`_shaped_chunk_fusable`).
+The top-k set is defined by its threshold, the k-th largest logit: tokens tied with it
+share the remaining places evenly, so no path depends on how `topk` breaks ties.
+
 All three average over the tokens whose label is not `ignore_index`, as CE does, and report
 diagnostics as token means: the surrogate is not a likelihood, so NLL, entropy, top-1
 accuracy, target probability and top-k / tail mass are reported beside it.
@@ -82,7 +87,13 @@ def positive_weight(log_p_target: torch.Tensor, shaping: RewardShaping) -> torch
 class _ChunkResult(NamedTuple):
     loss_sum: torch.Tensor
     stat_sums: torch.Tensor  # [len(STAT_NAMES)]
-    grad_logits: Optional[torch.Tensor]  # d loss_sum / d logits, fp32
+    grad_logits: Optional[torch.Tensor]  # d loss_sum / d logits
+
+
+# Tokens tied with the k-th largest logit share the top-k's remaining places evenly: each
+# counts as `share` = (k - #greater) / #tied of a top-k member. With bf16 logits ties at the
+# threshold are common, and this keeps the loss independent of how topk breaks them; the
+# sums over the top-k are the same whichever tied tokens a tie-break would pick.
 
 
 def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardShaping, with_grad: bool) -> _ChunkResult:
@@ -92,17 +103,29 @@ def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardSh
     chunk's [n, V] buffers are the memory cost of the loss, so only two are ever alive.
     No autograd happens here.
     """
-    k = min(shaping.k, logits.shape[-1])
+    vocab = logits.shape[-1]
+    k = min(shaping.k, vocab)
+    # Sorted top-(k+1): column k-1 is the threshold, and column k tells whether a token tied
+    # with it was left out. Only those rows need a count over the whole vocabulary.
+    top_z, top_idx = logits.topk(min(k + 1, vocab), dim=-1)
+    threshold = top_z[:, k - 1 : k]
+    thr = threshold.squeeze(1)
+    split_rows = (top_z[:, k] == thr).nonzero().squeeze(1) if k < vocab else thr.new_zeros(0, dtype=torch.long)
+    top_z, top_idx = top_z[:, :k], top_idx[:, :k]
+    split_tied = logits[split_rows] == threshold[split_rows]
+    tied_in_top = (top_z == threshold).sum(-1)
+    tied_all = tied_in_top.index_put((split_rows,), split_tied.sum(-1))
+    share = tied_in_top / tied_all
+    z_y = logits.gather(1, targets[:, None]).squeeze(1)
+    y_top = torch.where(z_y > thr, 1.0, torch.where(z_y == thr, share, 0.0))  # the target's top-k membership
+
     log_p = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
     p = log_p.exp()
     log_p_y = log_p.gather(1, targets[:, None]).squeeze(1)
     p_y = log_p_y.exp()
     w_y = positive_weight(log_p_y, shaping)
-
-    top_idx = log_p.topk(k, dim=-1, sorted=False).indices
     log_p_top = log_p.gather(1, top_idx)
     p_top = log_p_top.exp()
-    y_in_top = (top_idx == targets[:, None]).any(dim=-1)
     accuracy = (log_p.argmax(-1) == targets).float()
 
     # sum_a p_a log p_a over all tokens, over the top-k, and the ground truth's own term,
@@ -112,11 +135,10 @@ def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardSh
     plogp_top = (p_top * log_p_top).sum(-1)
     plogp_y = p_y * log_p_y
     mass_top = p_top.sum(-1)
-    zero = torch.zeros_like(p_y)
-    neg_top_plogp = plogp_top - torch.where(y_in_top, plogp_y, zero)
-    neg_tail_plogp = plogp_all - plogp_top - torch.where(y_in_top, zero, plogp_y)
-    neg_top_mass = mass_top - torch.where(y_in_top, p_y, zero)
-    neg_tail_mass = (1.0 - mass_top) - torch.where(y_in_top, zero, p_y)
+    neg_top_plogp = plogp_top - y_top * plogp_y
+    neg_tail_plogp = plogp_all - plogp_top - (1.0 - y_top) * plogp_y
+    neg_top_mass = mass_top - y_top * p_y
+    neg_tail_mass = (1.0 - mass_top) - (1.0 - y_top) * p_y
 
     loss = -(w_y * log_p_y + shaping.lambda_top * neg_top_plogp + shaping.lambda_tail * neg_tail_plogp)
     stat_sums = torch.stack(
@@ -129,10 +151,89 @@ def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardSh
         # d/dz_j = p_j * W - w_j with w_j = lambda_j * p_j for negatives: start from the
         # tail's coefficient everywhere, correct the top-k, then set the ground truth.
         grad = p.mul_(total_w[:, None] - shaping.lambda_tail)
-        if shaping.lambda_top != shaping.lambda_tail:
-            grad.scatter_add_(1, top_idx, -(shaping.lambda_top - shaping.lambda_tail) * p_top)
+        lambda_gap = shaping.lambda_top - shaping.lambda_tail
+        if lambda_gap != 0.0:
+            grad.scatter_add_(1, top_idx, -lambda_gap * p_top)
+            if split_rows.numel():
+                p_tied = log_p[split_rows].gather(1, split_tied.int().argmax(-1, keepdim=True)).exp()
+                tied_grad = p_tied * (total_w[split_rows, None] - shaping.lambda_tail - lambda_gap * share[split_rows, None])
+                grad[split_rows] = torch.where(split_tied, tied_grad, grad[split_rows])
         grad.scatter_(1, targets[:, None], (p_y * total_w - w_y)[:, None])
     return _ChunkResult(loss.sum(), stat_sums, grad)
+
+
+def _shaped_chunk_fusable(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    k: int,
+    beta: float,
+    lambda_top: float,
+    lambda_tail: float,
+    multiplicative: bool,
+    grad_dtype: Optional[torch.dtype],
+) -> _ChunkResult:
+    """`_shaped_chunk` written as whole-row expressions for torch.compile to fuse.
+
+    Eager, this would allocate a dozen [n, V] temporaries; compiled, it becomes a few
+    passes over the chunk (Triton kernels on GPU, vectorised C++ on CPU), reads the logits
+    in their own dtype and writes the gradient in `grad_dtype`. The top-k enters only
+    through its threshold, so after the selection everything is elementwise or a row sum.
+    """
+    # topk reads the logits in their own dtype (the upcast is exact), so an fp32 copy of a
+    # bf16 chunk is never materialised for it: `z` only feeds fused kernels.
+    threshold = logits.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True).float()
+    z = logits.float()
+    greater = z > threshold
+    tied = z == threshold
+    share = (k - greater.sum(-1, keepdim=True)) / tied.sum(-1, keepdim=True)
+    in_top = torch.where(greater, 1.0, torch.where(tied, share, 0.0))
+    log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    p = log_p.exp()
+    plogp = p * log_p
+    plogp_all = plogp.sum(-1)
+    plogp_top = (plogp * in_top).sum(-1)
+    mass_top = (p * in_top).sum(-1)
+    log_p_y = log_p.gather(1, targets[:, None]).squeeze(1)
+    y_top = in_top.gather(1, targets[:, None]).squeeze(1)
+    p_y = log_p_y.exp()
+    one_minus_p = (-torch.expm1(log_p_y)).clamp_min(ONE_MINUS_P_MIN)
+    scale = torch.exp(beta * torch.log(one_minus_p))
+    w_y = scale if multiplicative else torch.exp(log_p_y * (1.0 - scale))
+    plogp_y = p_y * log_p_y
+    neg_top_plogp = plogp_top - y_top * plogp_y
+    neg_tail_plogp = plogp_all - plogp_top - (1.0 - y_top) * plogp_y
+    loss = -(w_y * log_p_y + lambda_top * neg_top_plogp + lambda_tail * neg_tail_plogp)
+    accuracy = (z.argmax(-1) == targets).float()
+    stat_sums = torch.stack(
+        [(-log_p_y).sum(), (-plogp_all).sum(), accuracy.sum(), p_y.sum(), mass_top.sum(), (1.0 - mass_top).sum()]
+    )
+    grad = None
+    if grad_dtype is not None:
+        neg_top_mass = mass_top - y_top * p_y
+        neg_tail_mass = (1.0 - mass_top) - (1.0 - y_top) * p_y
+        total_w = (w_y + lambda_top * neg_top_mass + lambda_tail * neg_tail_mass)[:, None]
+        lambda_j = lambda_tail + (lambda_top - lambda_tail) * in_top
+        is_target = torch.arange(z.shape[1], device=z.device) == targets[:, None]
+        grad = torch.where(is_target, p * total_w - w_y[:, None], p * (total_w - lambda_j)).to(grad_dtype)
+    return _ChunkResult(loss.sum(), stat_sums, grad)
+
+
+_compiled_chunk = None
+
+
+def _chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardShaping, grad_dtype: Optional[torch.dtype],
+           compiled: bool) -> _ChunkResult:
+    """One chunk of rows that all count: `logits` [n, V] in any float dtype, consumed (it may be overwritten)."""
+    if not compiled:
+        out = _shaped_chunk(logits.float(), targets, shaping, grad_dtype is not None)
+        grad = out.grad_logits
+        return out if grad is None or grad.dtype == grad_dtype else out._replace(grad_logits=grad.to(grad_dtype))
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_shaped_chunk_fusable, fullgraph=True)
+    k = min(shaping.k, logits.shape[-1])
+    return _compiled_chunk(logits, targets, k, shaping.beta, shaping.lambda_top, shaping.lambda_tail,
+                           shaping.positive_form == "multiplicative", grad_dtype)
 
 
 def _finish(loss_sum: torch.Tensor, stat_sums: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -158,12 +259,16 @@ def shaped_ntp_loss_reference(
     log_p = torch.log_softmax(z, dim=-1)
     with torch.no_grad():
         lp = log_p.detach()
-        p = lp.exp()
-        top_idx = z.topk(min(shaping.k, vocab), dim=-1).indices
-        reward = torch.full_like(p, shaping.lambda_tail).scatter_(1, top_idx, shaping.lambda_top)
-        weights = p * reward
+        k = min(shaping.k, vocab)
+        threshold = z.topk(k, dim=-1).values[:, -1:]
+        greater, tied = z > threshold, z == threshold
+        share = (k - greater.sum(-1, keepdim=True)) / tied.sum(-1, keepdim=True)  # see _shaped_chunk
+        tied_reward = shaping.lambda_tail + (shaping.lambda_top - shaping.lambda_tail) * share
+        reward = torch.where(greater, shaping.lambda_top, torch.where(tied, tied_reward, shaping.lambda_tail))
+        del greater, tied
+        weights = reward.mul_(lp.exp())
         weights.scatter_(1, targets[:, None], positive_weight(lp.gather(1, targets[:, None]), shaping))
-        stats = _shaped_chunk(z.detach().clone(), targets, shaping, with_grad=False).stat_sums
+        stats = _chunk(z.detach().clone(), targets, shaping, None, compiled=False).stat_sums
     loss_sum = -(weights * log_p).sum()
     loss, stats = _finish(loss_sum, stats, rows.numel())
     return LossOutput(loss, stats)
@@ -171,7 +276,7 @@ def shaped_ntp_loss_reference(
 
 class _ShapedLossFromLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, shaping, chunk_size, ignore_index):  # type: ignore[override]
+    def forward(ctx, logits, labels, shaping, chunk_size, ignore_index, compiled):  # type: ignore[override]
         vocab = logits.shape[-1]
         flat = logits.reshape(-1, vocab)
         rows, targets = _flatten(labels, ignore_index)
@@ -180,11 +285,12 @@ class _ShapedLossFromLogits(torch.autograd.Function):
         stat_sums = flat.new_zeros(len(STAT_NAMES), dtype=torch.float32)
         for start in range(0, rows.numel(), chunk_size):
             chunk_rows = rows[start : start + chunk_size]
-            out = _shaped_chunk(flat[chunk_rows].float(), targets[start : start + chunk_size], shaping, grad is not None)
+            out = _chunk(flat[chunk_rows], targets[start : start + chunk_size], shaping,
+                         grad.dtype if grad is not None else None, compiled)
             loss_sum += out.loss_sum
             stat_sums += out.stat_sums
             if grad is not None:
-                grad.index_copy_(0, chunk_rows, out.grad_logits.to(grad.dtype))
+                grad.index_copy_(0, chunk_rows, out.grad_logits)
         num_tokens = rows.numel()
         if grad is not None:
             grad.div_(max(num_tokens, 1))
@@ -196,7 +302,7 @@ class _ShapedLossFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss.to(grad.dtype)).view(ctx.logits_shape), None, None, None, None
+        return (grad * grad_loss.to(grad.dtype)).view(ctx.logits_shape), None, None, None, None, None
 
 
 def shaped_ntp_loss(
@@ -205,16 +311,20 @@ def shaped_ntp_loss(
     shaping: RewardShaping,
     ignore_index: int = -100,
     chunk_size: int = 1024,
+    compile: bool = False,
 ) -> LossOutput:
-    """The shaped loss over given logits, in fp32 chunks of `chunk_size` tokens."""
-    loss, stat_sums = _ShapedLossFromLogits.apply(logits, labels, shaping, chunk_size, ignore_index)
+    """The shaped loss over given logits, in fp32 chunks of `chunk_size` tokens.
+
+    `compile=True` runs each chunk through torch.compile (see `_shaped_chunk_fusable`).
+    """
+    loss, stat_sums = _ShapedLossFromLogits.apply(logits, labels, shaping, chunk_size, ignore_index, compile)
     _, stats = _finish(loss, stat_sums, int((labels != ignore_index).sum()))
     return LossOutput(loss, stats)
 
 
 class _FusedLinearShapedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, shaping, chunk_size, ignore_index):  # type: ignore[override]
+    def forward(ctx, hidden, weight, labels, shaping, chunk_size, ignore_index, compiled):  # type: ignore[override]
         device_type = hidden.device.type
         # Under autocast the LM head runs in the autocast dtype, as it would inside the
         # model; autocast is then switched off so every matmul below has explicit dtypes.
@@ -235,13 +345,12 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
             for start in range(0, num_tokens, chunk_size):
                 chunk_rows = rows[start : start + chunk_size]
                 h = flat[chunk_rows].to(compute_dtype)
-                logits = (h @ w.t()).float()
-                out = _shaped_chunk(logits, targets[start : start + chunk_size], shaping, need_h or need_w)
-                del logits
+                out = _chunk(h @ w.t(), targets[start : start + chunk_size], shaping,
+                             compute_dtype if need_h or need_w else None, compiled)
                 loss_sum += out.loss_sum
                 stat_sums += out.stat_sums
                 if out.grad_logits is not None:
-                    g = out.grad_logits.to(compute_dtype)
+                    g = out.grad_logits
                     if need_h:
                         grad_hidden.index_copy_(0, chunk_rows, (g @ w).to(grad_hidden.dtype))
                     if need_w:
@@ -263,7 +372,7 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
             grad_hidden = (grad_hidden * grad_loss.to(grad_hidden.dtype)).view(ctx.hidden_shape)
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def shaped_ntp_loss_fused(
@@ -273,8 +382,12 @@ def shaped_ntp_loss_fused(
     shaping: RewardShaping,
     ignore_index: int = -100,
     chunk_size: int = 1024,
+    compile: bool = False,
 ) -> LossOutput:
-    """The shaped loss of `hidden @ weight.T` (an LM head without bias), chunk by chunk."""
-    loss, stat_sums = _FusedLinearShapedLoss.apply(hidden, weight, labels, shaping, chunk_size, ignore_index)
+    """The shaped loss of `hidden @ weight.T` (an LM head without bias), chunk by chunk.
+
+    `compile=True` runs each chunk through torch.compile (see `_shaped_chunk_fusable`).
+    """
+    loss, stat_sums = _FusedLinearShapedLoss.apply(hidden, weight, labels, shaping, chunk_size, ignore_index, compile)
     _, stats = _finish(loss, stat_sums, int((labels != ignore_index).sum()))
     return LossOutput(loss, stats)

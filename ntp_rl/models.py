@@ -137,6 +137,7 @@ class ShapedLossLM(nn.Module):
         self.shaping = RewardShaping.from_config(loss_cfg)
         self.impl = LossImpl(getattr(loss_cfg.impl, "value", loss_cfg.impl))
         self.chunk_size = int(loss_cfg.chunk_size)
+        self.compile = bool(loss_cfg.compile)
         if self.impl is LossImpl.fused and not _has_plain_linear_head(lm):
             self.impl = LossImpl.chunked
 
@@ -147,11 +148,12 @@ class ShapedLossLM(nn.Module):
         if self.impl is LossImpl.fused:
             out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
             head = self.lm.get_output_embeddings()
-            result = shaped_ntp_loss_fused(out.last_hidden_state, head.weight, labels, self.shaping, chunk_size=self.chunk_size)
+            result = shaped_ntp_loss_fused(out.last_hidden_state, head.weight, labels, self.shaping,
+                                           chunk_size=self.chunk_size, compile=self.compile)
         else:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
             fn = shaped_ntp_loss if self.impl is LossImpl.chunked else shaped_ntp_loss_reference
-            kwargs = {"chunk_size": self.chunk_size} if self.impl is LossImpl.chunked else {}
+            kwargs = {"chunk_size": self.chunk_size, "compile": self.compile} if self.impl is LossImpl.chunked else {}
             result = fn(out.logits, labels, self.shaping, **kwargs)
         if not moe:
             return result

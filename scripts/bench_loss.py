@@ -8,11 +8,13 @@ produces gradients for both, so the LM head GEMMs are part of every figure:
   naive/<s>     logits materialised, the autograd reference of the shaped loss
   chunked/<s>   logits materialised, the shaped loss in fp32 chunks (ntp_rl.losses.shaped_ntp_loss)
   fused/<s>     no logits: LM head + shaped loss chunk by chunk (shaped_ntp_loss_fused)
+  compiled/<s>  fused, each chunk's loss through torch.compile (loss.compile=true)
 
 for the settings <s> = precision (beta=-0.25) and tail_penalty (lambda_tail=-0.1, k=100).
-Time is the median over --repeats runs; memory is the peak above the inputs (CUDA
-allocator stats on GPU; on CPU each variant runs in its own process and the peak RSS
-above its inputs is read from /proc). Prints one line per variant and the ratios.
+Time is the median over --repeats runs; memory is the peak above the inputs during one
+step after a warm-up step (which also compiles). CUDA allocator stats on GPU; on CPU each
+variant runs in its own process, with glibc told to return large blocks on free, and the
+peak RSS above its inputs is read from /proc. Prints one line per variant and the ratios.
 
   python scripts/bench_loss.py --tokens 2048 --hidden 256 --vocab 32000          # CPU
   python scripts/bench_loss.py --tokens 8192 --hidden 2048 --vocab 151936 --dtype bf16 --device cuda
@@ -38,7 +40,7 @@ SETTINGS = {
     "precision": RewardShaping(beta=-0.25),
     "tail_penalty": RewardShaping(lambda_tail=-0.1, k=100),
 }
-VARIANTS = ["ce"] + [f"{path}/{name}" for path in ("naive", "chunked", "fused") for name in SETTINGS]
+VARIANTS = ["ce"] + [f"{path}/{name}" for path in ("naive", "chunked", "fused", "compiled") for name in SETTINGS]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -53,8 +55,9 @@ def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, t
 
 def step(variant: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> None:
     path, _, setting = variant.partition("/")
-    if path == "fused":
-        loss = shaped_ntp_loss_fused(hidden, weight, labels, SETTINGS[setting], chunk_size=chunk_size).loss
+    if path in ("fused", "compiled"):
+        loss = shaped_ntp_loss_fused(hidden, weight, labels, SETTINGS[setting], chunk_size=chunk_size,
+                                     compile=path == "compiled").loss
     else:
         logits = hidden @ weight.t()
         if path == "ce":
@@ -82,9 +85,9 @@ def _rss_kib(field: str) -> int:
 def measure(variant: str, args: argparse.Namespace) -> dict:
     hidden, weight, labels = make_inputs(args)
     cuda = args.device.startswith("cuda")
+    step(variant, hidden, weight, labels, args.chunk_size)
+    hidden.grad = weight.grad = None
     gc.collect()
-    # Memory first, on the variant's first call: on CPU the allocator keeps freed pages,
-    # so a warm-up would hide the peak. (CUDA's allocated-bytes counter has no such issue.)
     if cuda:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -97,7 +100,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM:") * 1024) - base
     hidden.grad = weight.grad = None
 
-    for _ in range(args.warmup):
+    for _ in range(args.warmup - 1):
         step(variant, hidden, weight, labels, args.chunk_size)
         hidden.grad = weight.grad = None
     times = []
@@ -116,7 +119,10 @@ def measure_isolated(variant: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--only", variant] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "only" and v is not None
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+    # A fixed mmap threshold stops glibc from keeping freed large blocks in the heap, so the
+    # warm-up step's memory is returned and the measured step's peak is its own.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -129,7 +135,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="steps before timing (>= 1; the first also compiles)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,6 +143,8 @@ def main() -> None:
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return
+    if args.warmup < 1:
+        parser.error("--warmup: must be >= 1 (the memory is measured after a warm-up step)")
     wanted = args.variants.split(",")
     unknown = sorted(set(wanted) - set(VARIANTS))
     if unknown:

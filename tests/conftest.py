@@ -40,3 +40,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ntp_rl", *args], capture_output=True, text=True, cwd=REPO,
                           env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def compiled_loss():
+    """A fresh torch.compile cache for a test of `loss.compile`, and a check that compiled
+    code really ran: past its recompile limit dynamo falls back to eager without a word."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    assert counters["stats"]["unique_graphs"] > 0, "torch.compile compiled nothing: the test ran eager code"

@@ -57,6 +57,7 @@ CASES = [
     # non-finite hyperparameters
     ("pretrain loss.beta=nan", "loss.beta"),
     ("pretrain loss.lambda_tail=-inf", "loss.lambda_tail"),
+    ("pretrain loss.compile=true loss.impl=reference", "loss.compile"),
     ("pretrain optim.lr=inf", "optim.lr"),
     # missing or empty datasets, a tokenizer without the tokens it needs
     ("pretrain data=hf data.path={root}/none/*.jsonl data.tokenizer={checkpoint}", "data.path"),

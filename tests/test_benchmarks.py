@@ -23,7 +23,8 @@ def test_bench_loss_reports_every_variant_and_ratio():
     out = run_script("bench_loss.py", "--tokens", "256", "--hidden", "32", "--vocab", "1000", "--chunk-size", "64",
                      "--repeats", "2")
     timed = re.findall(r"^(\S+)\s+[\d.]+ ms\s+[\d.]+ GiB extra$", out, re.M)
-    assert {"ce", "naive/precision", "chunked/precision", "fused/precision", "fused/tail_penalty"} <= set(timed)
+    assert {"ce", "naive/precision", "chunked/precision", "fused/precision", "fused/tail_penalty",
+            "compiled/precision"} <= set(timed)
     ratios = re.findall(r"^(\S+)\s+([\d.]+)x ce time", out, re.M)
     assert len(ratios) == len(timed) and all(float(r) > 0 for _, r in ratios)
     assert re.search(r"^fused/precision\s+[\d.]+x ce time\s+[\d.]+x naive$", out, re.M)

@@ -243,3 +243,112 @@ def test_invalid_shaping_is_refused():
         RewardShaping(k=0)
     with pytest.raises(ValueError, match="beta"):
         RewardShaping(beta=float("nan"))
+
+
+def _surrogate_with_top_set(logits, label, shaping, top):
+    """The surrogate of one row with an explicit top-k set: autograd gives its gradient."""
+    z = logits.clone().requires_grad_()
+    log_p = torch.log_softmax(z, -1)
+    p = log_p.detach().exp()
+    reward = torch.full_like(p, shaping.lambda_tail)
+    reward[list(top)] = shaping.lambda_top
+    weights = p * reward
+    weights[label] = positive_weight(log_p.detach()[label], shaping)
+    loss = -(weights * log_p).sum()
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach(), grad
+
+
+ALL_PATHS = ["reference", "chunked", "fused", "chunked-compiled", "fused-compiled"]
+
+
+def _run_path(path, hidden, weight, labels, shaping, chunk_size=3):
+    """Loss, stats and d loss / d logits (logits = hidden @ weight.T) for one loss path."""
+    compiled = path.endswith("-compiled")
+    if path.startswith("fused"):
+        h = hidden.clone().requires_grad_()
+        out = shaped_ntp_loss_fused(h, weight, labels, shaping, chunk_size=chunk_size, compile=compiled)
+        # weight is the identity in the tie tests, so d/dh is d/dlogits.
+        (grad,) = torch.autograd.grad(out.loss, h)
+        return out, grad
+    logits = (hidden @ weight.t()).requires_grad_()
+    if path == "reference":
+        out = shaped_ntp_loss_reference(logits, labels, shaping)
+    else:
+        out = shaped_ntp_loss(logits, labels, shaping, chunk_size=chunk_size, compile=compiled)
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    return out, grad
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_tokens_tied_at_the_top_k_threshold_share_its_places(path, request):
+    if path.endswith("-compiled"):
+        request.getfixturevalue("compiled_loss")
+    # k = 2: token 0 is in; tokens 1, 2, 3 tie for the last place. The loss and gradient are
+    # the mean over the three ways to break the tie, whichever path computes them, whether
+    # the target is one of the tied tokens (row 0) or not (row 1). Row 2 has no tie.
+    shaping = RewardShaping(beta=-0.25, lambda_top=0.3, lambda_tail=-0.1, k=2)
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, -1.0],
+                           [3.0, 1.0, 1.0, 1.0, 0.0, -1.0],
+                           [3.0, 2.0, 1.0, 0.5, 0.0, -1.0]])
+    labels = torch.tensor([2, 4, 3])
+    expected_loss, expected_grad = 0.0, torch.zeros_like(logits)
+    for row, (z, y) in enumerate(zip(logits, labels.tolist())):
+        choices = [{0, c} for c in (1, 2, 3)] if row < 2 else [{0, 1}]
+        for top in choices:
+            loss, grad = _surrogate_with_top_set(z, y, shaping, top)
+            expected_loss += loss / len(choices) / len(labels)
+            expected_grad[row] += grad / len(choices) / len(labels)
+
+    out, grad = _run_path(path, logits, torch.eye(6), labels, shaping, chunk_size=2)
+    assert out.loss.item() == pytest.approx(expected_loss.item(), abs=1e-6)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+    p = torch.softmax(logits, -1)
+    assert out.stats["topk_mass"].item() == pytest.approx(((p[:, 0] + p[:, 1]).mean()).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["exponent", "multiplicative"])
+def test_compiled_chunks_match_the_reference(form, compiled_loss):
+    torch.manual_seed(7)
+    shaping = RewardShaping(beta=-0.25, lambda_top=0.05, lambda_tail=-0.1, k=10, positive_form=form)
+    hidden = torch.randn(3, 9, 12) * 2
+    weight = torch.randn(61, 12)
+    labels = torch.randint(0, 61, (3, 9))
+    labels[1, ::3] = -100
+    ref, ref_grad = _run_path("reference", hidden, weight, labels, shaping)
+    for path in ("chunked-compiled", "fused-compiled"):
+        out, _ = _run_path(path, hidden, weight, labels, shaping, chunk_size=5)
+        assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5, abs=1e-6), path
+        for name in ref.stats:
+            assert out.stats[name].item() == pytest.approx(ref.stats[name].item(), rel=1e-5, abs=1e-6), (path, name)
+    logits = (hidden @ weight.t()).requires_grad_()
+    out = shaped_ntp_loss(logits, labels, shaping, chunk_size=5, compile=True)
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    assert torch.allclose(grad, ref_grad, atol=1e-7, rtol=1e-4)
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused = shaped_ntp_loss_fused(h, w, labels, shaping, chunk_size=5, compile=True)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference = shaped_ntp_loss_reference(h_ref @ w_ref.t(), labels, shaping)
+    for got, want in zip(torch.autograd.grad(fused.loss, (h, w)), torch.autograd.grad(reference.loss, (h_ref, w_ref))):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_fused_under_bf16_autocast_matches_eager(compiled_loss):
+    torch.manual_seed(5)
+    hidden = torch.randn(64, 32)
+    weight = torch.randn(200, 32) * 0.2
+    labels = torch.randint(0, 200, (64,))
+    shaping = RewardShaping(beta=-0.25, lambda_tail=-0.1, k=20)
+    results = []
+    for compiled in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = shaped_ntp_loss_fused(h, w, labels, shaping, chunk_size=16, compile=compiled)
+        out.loss.backward()
+        results.append((out.loss.item(), h.grad, w.grad))
+    (eager_loss, *eager_grads), (compiled_loss, *compiled_grads) = results
+    # Both read the same bf16 logits; the gradients are rounded to bf16 before the matmuls.
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-2)

@@ -195,6 +195,18 @@ def test_non_finite_steps_can_be_skipped_and_counted(tiny, tmp_path, monkeypatch
     assert train_rows(run_dir)[6]["train/nonfinite_skips"] == 1
 
 
+def test_compiled_loss_trains_like_the_eager_one(tiny, tmp_path, compiled_loss):
+    runs = {}
+    for compiled in ("false", "true"):
+        runs[compiled] = tmp_path / compiled
+        pretrain([*tiny, "loss=tail_penalty", "loss.beta=-0.25", f"loss.compile={compiled}", "train.max_steps=4",
+                  "train.log_every=1", f"run_dir={runs[compiled]}"])
+    eager, compiled = train_rows(runs["false"]), train_rows(runs["true"])
+    for step in range(1, 5):
+        for key in ("train/loss", "train/grad_norm", "train/topk_mass"):
+            assert compiled[step][key] == pytest.approx(eager[step][key], rel=1e-4), (step, key)
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
     one = tmp_path / "one"
     pretrain([*tiny, "train.micro_batch_size=8", "train.log_every=1", f"run_dir={one}"])
