@@ -105,21 +105,31 @@ def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardSh
     """
     vocab = logits.shape[-1]
     k = min(shaping.k, vocab)
-    # Sorted top-(k+1): column k-1 is the threshold, and column k tells whether a token tied
-    # with it was left out. Only those rows need a count over the whole vocabulary.
-    top_z, top_idx = logits.topk(min(k + 1, vocab), dim=-1)
-    threshold = top_z[:, k - 1 : k]
-    thr = threshold.squeeze(1)
-    split_rows = (top_z[:, k] == thr).nonzero().squeeze(1) if k < vocab else thr.new_zeros(0, dtype=torch.long)
-    top_z, top_idx = top_z[:, :k], top_idx[:, :k]
-    split_tied = logits[split_rows] == threshold[split_rows]
-    tied_in_top = (top_z == threshold).sum(-1)
-    tied_all = tied_in_top.index_put((split_rows,), split_tied.sum(-1))
-    share = tied_in_top / tied_all
+    lambda_gap = shaping.lambda_top - shaping.lambda_tail
+    tied_rows = tied_cols = None
+    if lambda_gap == 0.0 or k == vocab:
+        # Top-k membership cancels out of the loss: only the top-k mass diagnostic needs it.
+        top_z, top_idx = logits.topk(k, dim=-1, sorted=False)
+        thr = top_z.amin(-1)
+        share = torch.ones_like(thr)
+    else:
+        # Sorted top-(k+1): column k-1 is the threshold, and column k tells whether topk left
+        # out a token tied with it. Only then are the tied tokens located in the whole row.
+        top_z, top_idx = logits.topk(k + 1, dim=-1)
+        thr = top_z[:, k - 1]
+        ties_left_out = bool((top_z[:, k] == thr).any())
+        top_z, top_idx = top_z[:, :k], top_idx[:, :k]
+        tied_in_top = (top_z == thr[:, None]).sum(-1)
+        if ties_left_out:
+            tied_rows, tied_cols = (logits == thr[:, None]).nonzero(as_tuple=True)
+            share = tied_in_top / torch.bincount(tied_rows, minlength=logits.shape[0])
+        else:
+            share = torch.ones_like(thr)
     z_y = logits.gather(1, targets[:, None]).squeeze(1)
     y_top = torch.where(z_y > thr, 1.0, torch.where(z_y == thr, share, 0.0))  # the target's top-k membership
 
-    log_p = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    lse = torch.logsumexp(logits, dim=-1)
+    log_p = logits.sub_(lse[:, None])
     p = log_p.exp()
     log_p_y = log_p.gather(1, targets[:, None]).squeeze(1)
     p_y = log_p_y.exp()
@@ -151,13 +161,12 @@ def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardSh
         # d/dz_j = p_j * W - w_j with w_j = lambda_j * p_j for negatives: start from the
         # tail's coefficient everywhere, correct the top-k, then set the ground truth.
         grad = p.mul_(total_w[:, None] - shaping.lambda_tail)
-        lambda_gap = shaping.lambda_top - shaping.lambda_tail
         if lambda_gap != 0.0:
             grad.scatter_add_(1, top_idx, -lambda_gap * p_top)
-            if split_rows.numel():
-                p_tied = log_p[split_rows].gather(1, split_tied.int().argmax(-1, keepdim=True)).exp()
-                tied_grad = p_tied * (total_w[split_rows, None] - shaping.lambda_tail - lambda_gap * share[split_rows, None])
-                grad[split_rows] = torch.where(split_tied, tied_grad, grad[split_rows])
+            if tied_rows is not None:  # every tied token gets its share of the top-k's coefficient
+                p_tied = (thr - lse).exp()
+                tied_grad = p_tied * (total_w - shaping.lambda_tail - lambda_gap * share)
+                grad.index_put_((tied_rows, tied_cols), tied_grad[tied_rows])
         grad.scatter_(1, targets[:, None], (p_y * total_w - w_y)[:, None])
     return _ChunkResult(loss.sum(), stat_sums, grad)
 
