@@ -346,7 +346,10 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
         num_tokens = rows.numel()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(flat) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # The weight's gradient is summed in the weight's dtype: in place by addmm_ when the head
+        # computes in that dtype, and by adding each chunk's product when autocast computes in
+        # bf16 for fp32 weights. An fp32 copy of a [V, H] product never exists.
+        grad_weight = torch.zeros_like(weight) if need_w else None
         loss_sum = flat.new_zeros((), dtype=torch.float32)
         stat_sums = flat.new_zeros(len(STAT_NAMES), dtype=torch.float32)
         w = weight.to(compute_dtype)
@@ -362,13 +365,15 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
                     g = out.grad_logits
                     if need_h:
                         grad_hidden.index_copy_(0, chunk_rows, (g @ w).to(grad_hidden.dtype))
-                    if need_w:
-                        grad_weight += (g.t() @ h).float()
+                    if need_w and grad_weight.dtype == g.dtype:
+                        grad_weight.addmm_(g.t(), h)
+                    elif need_w:
+                        grad_weight.add_(g.t() @ h)
         scale = 1.0 / max(num_tokens, 1)
         if need_h:
             grad_hidden.mul_(scale)
         if need_w:
-            grad_weight = grad_weight.mul_(scale).to(weight.dtype)
+            grad_weight.mul_(scale)
         ctx.hidden_shape = hidden.shape
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(stat_sums)

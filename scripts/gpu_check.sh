@@ -41,6 +41,10 @@ python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_d
   | tee "$out/device.txt"
 part bench_loss 150 python scripts/bench_loss.py "${loss[@]}" \
   --variants ce,fused/precision,fused/tail_penalty,compiled/precision,compiled/tail_penalty
+# At chunk 1024 the bf16 chunk buffers (logits and their gradient, 0.3 GB each) plus the head's
+# gradient (0.6 GB) come to about 1.2 GB; chunks of 512 should bring the compiled path under 1 GiB.
+part bench_loss_chunk512 120 python scripts/bench_loss.py "${loss[@]}" --chunk-size 512 \
+  --variants ce,compiled/precision,compiled/tail_penalty
 part bench_train 300 python scripts/bench_train.py "${train[@]}" --rounds 1 --loss ce precision
 part bench_rollout 150 python scripts/bench_rollout.py "${rollout[@]}"
 

@@ -352,3 +352,25 @@ def test_compiled_fused_under_bf16_autocast_matches_eager(compiled_loss):
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
     for got, want in zip(compiled_grads, eager_grads):
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-2)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_with_bf16_weights_is_close_to_fp32(compiled, request):
+    if compiled:
+        request.getfixturevalue("compiled_loss")
+    # bf16 parameters without autocast: the weight's gradient is summed in bf16, chunk by chunk.
+    torch.manual_seed(6)
+    hidden = torch.randn(96, 32)
+    weight = torch.randn(300, 32) * 0.2
+    labels = torch.randint(0, 300, (96,))
+    shaping = RewardShaping(beta=-0.25, lambda_tail=-0.1, k=20)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    exact = shaped_ntp_loss_fused(h, w, labels, shaping, chunk_size=16)
+    exact.loss.backward()
+    hb, wb = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    approx = shaped_ntp_loss_fused(hb, wb, labels, shaping, chunk_size=16, compile=compiled)
+    approx.loss.backward()
+    assert wb.grad.dtype == torch.bfloat16 and hb.grad.dtype == torch.bfloat16
+    assert approx.loss.item() == pytest.approx(exact.loss.item(), rel=2e-2)
+    for got, want in ((hb.grad, h.grad), (wb.grad, w.grad)):
+        assert (got.float() - want).norm() / want.norm() < 0.02
