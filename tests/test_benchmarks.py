@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY
 
 
@@ -45,3 +47,17 @@ def test_bench_rollout_compares_the_generator_with_plain_generate():
                      "--batch-size", "8", "--repeats", "1")
     rates = dict(re.findall(r"^(.+?)\s+\d+ generated tokens/s\s+([\d.]+)x plain", out, re.M))
     assert set(rates) == {"plain model.generate", "ntp-rl HFGenerator", "  without stop strings"}
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_every_part_at_tiny_sizes(tmp_path):
+    # The script is meant for a lent GPU, where device time is scarce: a typo in it must
+    # show up here, not there.
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, cwd=REPO,
+                            timeout=600, env={**os.environ, "WANDB_MODE": "disabled", "GPU_CHECK_SMALL": "1",
+                                              "OUT": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parts = {p.stem for p in tmp_path.glob("*.txt")}
+    assert parts == {"device", "bench_loss", "bench_loss_chunk512", "bench_train", "bench_rollout"}
+    assert "compiled/precision" in (tmp_path / "bench_loss.txt").read_text()
+    assert "x plain" in (tmp_path / "bench_train.txt").read_text()
