@@ -174,11 +174,7 @@ def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardSh
 def _shaped_chunk_fusable(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    k: int,
-    beta: float,
-    lambda_top: float,
-    lambda_tail: float,
-    multiplicative: bool,
+    shaping: RewardShaping,
     grad_dtype: Optional[torch.dtype],
 ) -> _ChunkResult:
     """`_shaped_chunk` written as whole-row expressions for torch.compile to fuse.
@@ -188,6 +184,8 @@ def _shaped_chunk_fusable(
     in their own dtype and writes the gradient in `grad_dtype`. The top-k enters only
     through its threshold, so after the selection everything is elementwise or a row sum.
     """
+    k = min(shaping.k, logits.shape[-1])
+    lambda_top, lambda_tail = shaping.lambda_top, shaping.lambda_tail
     # topk reads the logits in their own dtype (the upcast is exact), so an fp32 copy of a
     # bf16 chunk is never materialised for it: `z` only feeds fused kernels.
     threshold = logits.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True).float()
@@ -205,9 +203,7 @@ def _shaped_chunk_fusable(
     log_p_y = log_p.gather(1, targets[:, None]).squeeze(1)
     y_top = in_top.gather(1, targets[:, None]).squeeze(1)
     p_y = log_p_y.exp()
-    one_minus_p = (-torch.expm1(log_p_y)).clamp_min(ONE_MINUS_P_MIN)
-    scale = torch.exp(beta * torch.log(one_minus_p))
-    w_y = scale if multiplicative else torch.exp(log_p_y * (1.0 - scale))
+    w_y = positive_weight(log_p_y, shaping)
     plogp_y = p_y * log_p_y
     neg_top_plogp = plogp_top - y_top * plogp_y
     neg_tail_plogp = plogp_all - plogp_top - (1.0 - y_top) * plogp_y
@@ -240,9 +236,7 @@ def _chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardShaping, 
     global _compiled_chunk
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(_shaped_chunk_fusable, fullgraph=True)
-    k = min(shaping.k, logits.shape[-1])
-    return _compiled_chunk(logits, targets, k, shaping.beta, shaping.lambda_top, shaping.lambda_tail,
-                           shaping.positive_form == "multiplicative", grad_dtype)
+    return _compiled_chunk(logits, targets, shaping, grad_dtype)
 
 
 def _finish(loss_sum: torch.Tensor, stat_sums: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
