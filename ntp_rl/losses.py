@@ -271,7 +271,7 @@ def shaped_ntp_loss_reference(
         del greater, tied
         weights = reward.mul_(lp.exp())
         weights.scatter_(1, targets[:, None], positive_weight(lp.gather(1, targets[:, None]), shaping))
-        stats = _chunk(z.detach().clone(), targets, shaping, None, compiled=False).stat_sums
+        stats = _shaped_chunk(z.detach().clone(), targets, shaping, with_grad=False).stat_sums
     loss_sum = -(weights * log_p).sum()
     loss, stats = _finish(loss_sum, stats, rows.numel())
     return LossOutput(loss, stats)
