@@ -13,17 +13,16 @@ safetensors and `torch.load(weights_only=True)` are used to read it back.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from ntp_rl.errors import DataError
 from ntp_rl.faults import kill_point
+from ntp_rl.seeding import rng_state, set_rng_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
@@ -61,33 +60,6 @@ def resolve_model_dir(path: str, key: str) -> Path:
         if found is not None:
             return found
     raise DataError(f"{key}={path}: no model there (neither a run directory with checkpoints nor a model directory)")
-
-
-def rng_state() -> dict[str, Any]:
-    # Plain tensors and lists, so that loading works with weights_only=True.
-    mt_name, mt_keys, mt_pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-        "numpy_keys": torch.from_numpy(np.asarray(mt_keys, dtype=np.int64)),
-        "numpy_pos": int(mt_pos),
-        "numpy_has_gauss": int(has_gauss),
-        "numpy_gauss": float(gauss),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(

@@ -12,16 +12,9 @@ import sys
 from typing import Any, Callable, Optional
 
 from ntp_rl.errors import TrainingDiverged, UserError, first_line
+from ntp_rl.stages import STAGES
 
 PROG = "ntp-rl"
-
-STAGES: dict[str, str] = {
-    "pretrain": "pre-train a model with the reward-shaped next-token loss",
-    "rl": "GRPO with verifiable rewards from a pre-trained checkpoint",
-    "eval": "pass@k, majority vote and entropy diagnostics for a checkpoint",
-    "pipeline": "pretrain -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study",
-    "compare": "tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]",
-}
 
 HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}
 
@@ -32,8 +25,8 @@ def usage() -> str:
         "",
         "stages:",
     ]
-    for name, what in STAGES.items():
-        lines.append(f"  {name:<9} {what}")
+    for name, stage in STAGES.items():
+        lines.append(f"  {name:<9} {stage.summary}")
     lines += [
         "",
         "examples:",
@@ -68,11 +61,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         stage, rest = "pipeline", argv
     if stage not in STAGES:
         fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
-    if stage == "compare":  # reads finished runs' files; no config to compose
-        from ntp_rl.stages.compare import main as compare_main
-
+    if STAGES[stage].schema is None:  # compare: plain arguments, no config to compose
         try:
-            return compare_main(rest)
+            return STAGES[stage].main(rest)
         except UserError as exc:
             fail(str(exc), exc.exit_code)
     rest = expand_model_paths(rest)
@@ -107,7 +98,7 @@ def expand_model_paths(args: list[str]) -> list[str]:
 def run_with_hydra(stage: str, hydra_args: list[str], swept_keys: list[str]) -> None:
     import hydra
 
-    from ntp_rl.config import conf_dir, register_schemas
+    from ntp_rl.config.compose import conf_dir, register_schemas
 
     register_schemas()
     failed_points: list[tuple[str, int]] = []
@@ -125,7 +116,7 @@ def _stage_task(stage: str, swept_keys: list[str], failed_points: list[tuple[str
         from hydra.types import RunMode
 
         from ntp_rl.rundir import run_name
-        from ntp_rl.stages import run_stage
+        from ntp_rl.stages import run_validated
 
         hydra_cfg = HydraConfig.get()
         overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
@@ -139,7 +130,7 @@ def _stage_task(stage: str, swept_keys: list[str], failed_points: list[tuple[str
                 swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept_keys]
                 cfg.logger.wandb.name = run_name(stage, swept)
         try:
-            return run_stage(stage, cfg, overrides=overrides)
+            return run_validated(stage, cfg, overrides=overrides)  # check_command_line validated it
         except (UserError, TrainingDiverged) as exc:
             if hydra_cfg.mode != RunMode.MULTIRUN:
                 fail(str(exc), exc.exit_code)
@@ -155,8 +146,11 @@ def _stage_task(stage: str, swept_keys: list[str], failed_points: list[tuple[str
 
 
 def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
-    """Compose every job of the command (each sweep point), run the stage's config checks,
-    and return the keys the command sweeps over."""
+    """Compose and validate every job of the command (each sweep point, each lineage of an
+    experiment) before the first one runs, so a bad value costs one line; return the swept keys.
+
+    This is the one validation of a command-line run: Hydra's jobs then run without another.
+    """
     from hydra._internal.utils import get_args_parser
 
     from ntp_rl.launch import sweep_points
@@ -168,12 +162,13 @@ def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
     jobs = sweep_points(overrides) if args.multirun else [overrides]
     for job in jobs:
-        cfg = _composed_and_checked(stage, list(job))
+        cfg = _composed(stage, list(job))
+        STAGES[stage].validate(cfg)
         if stage == "pipeline" and cfg.sweep:  # an experiment: each lineage it will launch, checked now
             from ntp_rl.stages.pipeline import sweep_lineage_points
 
             for point in sweep_lineage_points(cfg, list(job))[1]:
-                _composed_and_checked(stage, point)
+                STAGES[stage].validate(_composed(stage, point))
     if not args.multirun:
         return []
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -181,16 +176,13 @@ def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
 
 
-def _composed_and_checked(stage: str, overrides: list[str]) -> Any:
-    from ntp_rl.config import compose
-    from ntp_rl.stages import check_stage_config
+def _composed(stage: str, overrides: list[str]) -> Any:
+    from ntp_rl.config.compose import compose
 
     try:
-        cfg = compose(stage, overrides)
+        return compose(stage, overrides)
     except Exception as exc:
         raise UserError(explain_compose_error(exc, stage)) from None
-    check_stage_config(stage, cfg)
-    return cfg
 
 
 def explain_compose_error(exc: BaseException, stage: str) -> str:
@@ -222,9 +214,7 @@ def _known_keys_hint(stage: str, parent_key: str, name: str) -> str:
 
     from omegaconf import OmegaConf
 
-    from ntp_rl.config import SCHEMAS
-
-    node = OmegaConf.structured(SCHEMAS[stage])
+    node = OmegaConf.structured(STAGES[stage].schema)
     for part in filter(None, parent_key.split(".")):
         node = node.get(part) if part in node else None
         if node is None or not OmegaConf.is_config(node):

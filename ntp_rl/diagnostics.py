@@ -7,8 +7,8 @@ entropy is above a threshold are "forking" tokens: the places where sampled cont
 split. Everything is kept as sums and fixed-bin counts, so the shares of several processes
 add up with one all-reduce and the result does not depend on how the text was split.
 
-`losses.py` reports the same means for training batches; it keeps no per-token values,
-which the entropy histogram, the forking share and the rank quantiles need.
+The per-token values come from `losses.token_statistics`, the same code that computes the
+statistics the training loss logs as means.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from typing import Any
 
 import torch
 
-# Running sums, in this order, after the token count.
-_SUMS = ("nll", "entropy", "accuracy", "target_prob", "topk_mass", "target_rank", "forking")
+from ntp_rl.losses import token_statistics
+
+# The state's layout: the token count, then these sums (means once divided by the count),
+# then the entropy histogram, then how often each target rank occurred.
+_TOKEN_SUMS = ("nll", "entropy", "accuracy", "target_prob", "topk_mass", "target_rank", "forking")
 
 
 class TextDiagnostics:
@@ -34,19 +37,21 @@ class TextDiagnostics:
         self.bins = bins
         self.max_entropy = math.log(vocab_size)  # a uniform distribution's
         # float64: counts stay exact far beyond what float32 holds (2**24 tokens).
-        self.state = torch.zeros(1 + len(_SUMS) + bins + vocab_size + 1, dtype=torch.float64, device=device)
+        self.state = torch.zeros(1 + len(_TOKEN_SUMS) + bins + vocab_size + 1, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> None:
         """logits [tokens, V] (any dtype), targets [tokens]; fp32 one chunk of tokens at a time."""
         for start in range(0, targets.numel(), chunk_size):
-            stats = token_stats(logits[start:start + chunk_size], targets[start:start + chunk_size], self.k)
+            stats = token_statistics(logits[start:start + chunk_size], targets[start:start + chunk_size], self.k)
             entropy, rank = stats["entropy"], stats["target_rank"]
             sums = torch.stack([
-                stats["nll"].sum(), entropy.sum(), (rank == 1).sum(), stats["nll"].neg().exp().sum(),
+                stats["nll"].sum(), entropy.sum(), (rank == 1).sum(), stats["target_prob"].sum(),
                 stats["topk_mass"].sum(), rank.sum(), (entropy > self.forking_threshold).sum(),
             ]).double()
-            hist = torch.histc(entropy.float(), bins=self.bins, min=0.0, max=self.max_entropy).double()
+            # histc drops values outside [min, max]; a uniform row's entropy can round a hair above log V.
+            hist = torch.histc(entropy.float().clamp(0.0, self.max_entropy), bins=self.bins, min=0.0,
+                               max=self.max_entropy).double()
             ranks = torch.bincount(rank, minlength=self.vocab_size + 1).double()
             self.state += torch.cat([torch.tensor([float(rank.numel())], dtype=torch.float64, device=sums.device),
                                      sums, hist, ranks]).to(self.state.device)
@@ -55,9 +60,9 @@ class TextDiagnostics:
         """Token means, rank quantiles, the forking share and the entropy histogram."""
         state = self.state.cpu()
         tokens = state[0].item()
-        sums = dict(zip(_SUMS, (state[1:1 + len(_SUMS)] / max(tokens, 1.0)).tolist()))
-        hist = state[1 + len(_SUMS):1 + len(_SUMS) + self.bins]
-        rank_counts = state[1 + len(_SUMS) + self.bins:]
+        sums = dict(zip(_TOKEN_SUMS, (state[1:1 + len(_TOKEN_SUMS)] / max(tokens, 1.0)).tolist()))
+        hist = state[1 + len(_TOKEN_SUMS):1 + len(_TOKEN_SUMS) + self.bins]
+        rank_counts = state[1 + len(_TOKEN_SUMS) + self.bins:]
         edges = torch.linspace(0.0, self.max_entropy, self.bins + 1)
         return {
             "tokens": int(tokens),
@@ -77,21 +82,6 @@ class TextDiagnostics:
             "forking_threshold": self.forking_threshold,
             "entropy_histogram": {"edges": edges.tolist(), "counts": [int(c) for c in hist.tolist()]},
         }
-
-
-def token_stats(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """Per-token NLL, entropy (nats), target rank (1 = top; ties count in the target's favour) and top-k mass."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    p = log_p.exp()
-    target_log_p = log_p.gather(1, targets[:, None])
-    # p * log p is 0 where p is 0, also for -inf logits (a masked vocabulary).
-    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
-    return {
-        "nll": -target_log_p.squeeze(1),
-        "entropy": entropy,
-        "target_rank": (log_p > target_log_p).sum(-1) + 1,
-        "topk_mass": p.topk(k, dim=-1, sorted=False).values.sum(-1),
-    }
 
 
 def _quantile_of_counts(counts: torch.Tensor, q: float) -> int:

@@ -12,6 +12,8 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from ntp_rl.seeding import generate_batch_seed
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -63,7 +65,7 @@ class HFGenerator:
                 enc = tok([prompts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 # One seed per batch: the samples depend on (seed, batch), not on what ran before.
-                torch.manual_seed(seed * 100_003 + b)
+                torch.manual_seed(generate_batch_seed(seed, b))
                 out = model.generate(
                     **enc,
                     do_sample=sampling.temperature > 0,

@@ -60,13 +60,12 @@ class RewardShaping:
 
     @classmethod
     def from_config(cls, loss_cfg: Any) -> "RewardShaping":
-        form = loss_cfg.positive_form
         return cls(
             beta=float(loss_cfg.beta),
             lambda_top=float(loss_cfg.lambda_top),
             lambda_tail=float(loss_cfg.lambda_tail),
             k=int(loss_cfg.k),
-            positive_form=getattr(form, "value", form),
+            positive_form=loss_cfg.positive_form.value,
         )
 
 
@@ -88,6 +87,7 @@ class _ChunkResult(NamedTuple):
     loss_sum: torch.Tensor
     stat_sums: torch.Tensor  # [len(STAT_NAMES)]
     grad_logits: Optional[torch.Tensor]  # d loss_sum / d logits
+    per_token: Optional[dict[str, torch.Tensor]] = None  # the statistics token by token, when asked for
 
 
 # Tokens tied with the k-th largest logit share the top-k's remaining places evenly: each
@@ -96,7 +96,8 @@ class _ChunkResult(NamedTuple):
 # sums over the top-k are the same whichever tied tokens a tie-break would pick.
 
 
-def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardShaping, with_grad: bool) -> _ChunkResult:
+def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardShaping, with_grad: bool,
+                  per_token: bool = False) -> _ChunkResult:
     """Surrogate, diagnostics and (optionally) the analytic gradient for rows that all count.
 
     `logits` is fp32 [n, V] and is overwritten (it becomes log p): at large vocabularies the
@@ -168,7 +169,11 @@ def _shaped_chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardSh
                 tied_grad = p_tied * (total_w - shaping.lambda_tail - lambda_gap * share)
                 grad.index_put_((tied_rows, tied_cols), tied_grad[tied_rows])
         grad.scatter_(1, targets[:, None], (p_y * total_w - w_y)[:, None])
-    return _ChunkResult(loss.sum(), stat_sums, grad)
+    tokens = None
+    if per_token:
+        tokens = {"nll": -log_p_y, "entropy": -plogp_all, "accuracy": accuracy, "target_prob": p_y,
+                  "topk_mass": mass_top, "target_rank": (log_p > log_p_y[:, None]).sum(-1) + 1}
+    return _ChunkResult(loss.sum(), stat_sums, grad, tokens)
 
 
 def _shaped_chunk_fusable(
@@ -239,6 +244,19 @@ def _chunk(logits: torch.Tensor, targets: torch.Tensor, shaping: RewardShaping, 
     return _compiled_chunk(logits, targets, shaping, grad_dtype)
 
 
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Per token: NLL, entropy (nats), whether the target is the top choice, its probability, the
+    top-k mass, and the target's rank (1 = top; ties count in the target's favour).
+
+    The same code as the loss's statistics (its eager chunk, without the gradient), so what
+    `eval` measures on held-out text and what training logs are one implementation.
+    """
+    # A copy (the chunk overwrites its input), with -inf logits (a masked vocabulary) made the
+    # most negative float: p is then exactly 0 and p * log p is 0, not nan.
+    z = logits.to(torch.float32, copy=True).clamp_min_(torch.finfo(torch.float32).min)
+    return _shaped_chunk(z, targets, RewardShaping(k=min(k, logits.shape[-1])), with_grad=False, per_token=True).per_token
+
+
 def _finish(loss_sum: torch.Tensor, stat_sums: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     denom = max(num_tokens, 1)
     stats = {name: value / denom for name, value in zip(STAT_NAMES, stat_sums.detach())}
@@ -271,7 +289,12 @@ def shaped_ntp_loss_reference(
         del greater, tied
         weights = reward.mul_(lp.exp())
         weights.scatter_(1, targets[:, None], positive_weight(lp.gather(1, targets[:, None]), shaping))
-        stats = _shaped_chunk(z.detach().clone(), targets, shaping, with_grad=False).stat_sums
+        # The statistics, written out plainly: the chunked paths are checked against these.
+        p = lp.exp()
+        lp_y = lp.gather(1, targets[:, None]).squeeze(1)
+        mass_top = p.topk(k, dim=-1).values.sum(-1)  # tied tokens have equal p: any tie-break gives this sum
+        stats = torch.stack([-lp_y.sum(), -torch.where(p > 0, p * lp, 0.0).sum(), (z.argmax(-1) == targets).sum(),
+                             lp_y.exp().sum(), mass_top.sum(), (1.0 - mass_top).sum()]).float()
     loss_sum = -(weights * log_p).sum()
     loss, stats = _finish(loss_sum, stats, rows.numel())
     return LossOutput(loss, stats)

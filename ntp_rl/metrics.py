@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -33,3 +33,24 @@ def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
         return None
     best = max(counts.values())
     return next(a for a in answers if a is not None and counts[a] == best)
+
+
+class Sums:
+    """Named running sums in one tensor, so that all of them are reduced over processes in one call."""
+
+    def __init__(self, names: Sequence[str], device: Any = "cpu"):
+        import torch
+
+        self.names = tuple(names)
+        self.values = torch.zeros(len(self.names), device=device)
+
+    def add(self, **values: Any) -> None:
+        for name, value in values.items():
+            self.values[self.names.index(name)] += value
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[self.names.index(name)]
+
+    def totals(self, accelerator: Any) -> dict[str, float]:
+        """Each sum over every process."""
+        return dict(zip(self.names, accelerator.reduce(self.values, "sum").tolist()))

@@ -13,20 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntp_rl.config import LossImpl, ModelArch
+from ntp_rl.config.schema import LossImpl, ModelArch
 from ntp_rl.errors import ConfigError, DataError, first_line
 from ntp_rl.losses import LossOutput, RewardShaping, shaped_ntp_loss, shaped_ntp_loss_fused, shaped_ntp_loss_reference
-
-
-def _arch(model_cfg: Any) -> ModelArch:
-    return ModelArch(getattr(model_cfg.arch, "value", model_cfg.arch))
 
 
 def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_token_id: int | None) -> nn.Module:
     """A freshly initialised model from a preset, or the pretrained weights of model.name_or_path."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    arch = _arch(model_cfg)
+    arch = model_cfg.arch
     if arch is ModelArch.hf:
         return load_pretrained(model_cfg.name_or_path, key="model.name_or_path", attn_implementation=model_cfg.attn_implementation)
 
@@ -88,7 +84,7 @@ _ARCH_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
 
 def check_same_architecture(lm: nn.Module, model_cfg: Any, source: str) -> None:
     """A resumed run must be the model its config describes, or the optimizer state is meaningless."""
-    arch = _arch(model_cfg)
+    arch = model_cfg.arch
     if arch is ModelArch.hf:
         return
     expected_type = "qwen3_moe" if arch is ModelArch.qwen3_moe else "qwen3"
@@ -135,7 +131,7 @@ class ShapedLossLM(nn.Module):
         super().__init__()
         self.lm = lm
         self.shaping = RewardShaping.from_config(loss_cfg)
-        self.impl = LossImpl(getattr(loss_cfg.impl, "value", loss_cfg.impl))
+        self.impl = loss_cfg.impl
         self.chunk_size = int(loss_cfg.chunk_size)
         self.compile = bool(loss_cfg.compile)
         if self.impl is LossImpl.fused and not _has_plain_linear_head(lm):

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import torch
 
+from ntp_rl.config.schema import Schedule
+
 
 def build_adamw(model: torch.nn.Module, optim_cfg: Any, fused: bool) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only; norms and biases are not decayed."""
@@ -21,7 +23,7 @@ def build_adamw(model: torch.nn.Module, optim_cfg: Any, fused: bool) -> torch.op
 
 def lr_lambda(optim_cfg: Any, max_steps: int) -> Callable[[int], float]:
     """The multiplier of optim.lr after `step` optimizer steps (LambdaLR convention)."""
-    schedule = getattr(optim_cfg.schedule, "value", optim_cfg.schedule)
+    schedule = optim_cfg.schedule
     warmup = int(optim_cfg.warmup_steps)
     floor = float(optim_cfg.min_lr_ratio)
     decay_steps = int(round(max_steps * float(optim_cfg.decay_fraction)))
@@ -30,9 +32,9 @@ def lr_lambda(optim_cfg: Any, max_steps: int) -> Callable[[int], float]:
     def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if schedule == "constant":
+        if schedule is Schedule.constant:
             return 1.0
-        if schedule == "cosine":
+        if schedule is Schedule.cosine:
             progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         # wsd: flat after warmup, then a linear decay to the floor over the last steps

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from contextlib import contextmanager
@@ -21,16 +20,11 @@ from omegaconf import OmegaConf
 
 from ntp_rl.checkpoint import latest_checkpoint
 from ntp_rl.errors import ConfigError, TrainingDiverged, first_line
+from ntp_rl.io import write_atomic, write_json_atomic
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def read_run_info(path: Path) -> dict:
@@ -95,10 +89,7 @@ class RunDir:
         write_json_atomic(self.path / RUN_FILE, self.info)
 
     def write_config(self, cfg: Any) -> None:
-        text = OmegaConf.to_yaml(cfg, resolve=True)
-        tmp = self.path / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.path / CONFIG_FILE)
+        write_atomic(self.path / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def choose_run_dir(cfg: Any, stage: str, overrides: Sequence[str]) -> RunDir:

@@ -1,27 +1,33 @@
-"""What every stage sets up the same way: Accelerate, the run directory, tracking, perf figures."""
+"""The process a stage runs in: Accelerate, precision, how many processes, and perf figures."""
 
 from __future__ import annotations
 
+import os
 import resource
-import secrets
 import sys
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from ntp_rl import rundir
-from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
-from ntp_rl.config import Precision, resolved_precision
-from ntp_rl.errors import TrainingDiverged
-from ntp_rl.rundir import RunDir
-from ntp_rl.tracking import Tracker, wandb_mode
+from ntp_rl.config.schema import Precision
 
 # Dense bf16 peak of the cards people run this on, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
 
 
-def make_accelerator(precision: Any, wandb_mode_resolved: str) -> Any:
+def resolved_precision(precision: Precision) -> Precision:
+    """auto -> bf16 on GPU, fp32 on CPU."""
+    if precision is Precision.auto:
+        return Precision.bf16 if torch.cuda.is_available() else Precision.fp32
+    return precision
+
+
+def launched_processes() -> int:
+    """Processes of this launch, as torchrun / accelerate launch announce them to each process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(precision: Precision, wandb_mode_resolved: str) -> Any:
     from accelerate import Accelerator
 
     mixed = "bf16" if resolved_precision(precision) is Precision.bf16 else "no"
@@ -33,67 +39,6 @@ def make_accelerator(precision: Any, wandb_mode_resolved: str) -> Any:
     # gloo process group (Accelerate's MULTI_CPU) instead of each training alone.
     return Accelerator(mixed_precision=mixed, log_with=log_with, cpu=not torch.cuda.is_available(),
                        step_scheduler_with_optimizer=False)
-
-
-def choose_run(cfg: Any, stage: str, overrides: Sequence[str], accelerator: Any) -> RunDir:
-    """Rank 0 decides the run directory (and the checkpoint to resume); every rank gets the same answer.
-
-    Nothing is written yet, so a mistake found while building the model leaves no trace.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    chosen: list[Any] = [None, None]  # the RunDir, or the error that stopped rank 0
-    if accelerator.is_main_process:
-        try:
-            chosen[0] = rundir.choose_run_dir(cfg, stage, overrides)
-        except Exception as exc:  # every rank must learn of it, or the others hang
-            chosen[1] = exc
-    if accelerator.num_processes > 1:
-        broadcast_object_list(chosen)
-    if chosen[1] is not None:
-        raise chosen[1]
-    return chosen[0]
-
-
-def open_run(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], accelerator: Any, mode: str,
-             resume_step: Optional[int]) -> Tracker:
-    """Create the run directory and its records, and start tracking (W&B + metrics.jsonl)."""
-    if accelerator.is_main_process:
-        if "wandb_id" not in run.info and mode != "disabled":
-            run.info["wandb_id"] = secrets.token_hex(6)  # kept in run.json so a resumed run logs to the same W&B run
-        rundir.create(run, cfg, stage, overrides, accelerator.num_processes)
-    accelerator.wait_for_everyone()
-    run.info = rundir.read_run_info(run.path)  # the other ranks learn the W&B id here
-    tags = [*rundir.setting_overrides(overrides), *cfg.logger.wandb.tags]
-    return Tracker(accelerator, run.path, mode, stage=stage, run_name=run.name, group=cfg.logger.wandb.group,
-                   tags=tags, cfg=cfg, resume_step=resume_step, wandb_id=run.info.get("wandb_id"),
-                   logger_cfg=cfg.logger)
-
-
-def resolved_wandb_mode(cfg: Any) -> str:
-    return wandb_mode(cfg.logger.wandb.mode)
-
-
-def printer(is_main: bool):
-    from tqdm.auto import tqdm
-
-    # tqdm.write keeps the progress bar intact below the printed lines.
-    return (lambda message: tqdm.write(message)) if is_main else (lambda message: None)
-
-
-def saved_step(path: Path) -> int:
-    return int(torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)["step"])
-
-
-def stop_diverged(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, run_dir: RunDir, tracker: Tracker, bar: Any) -> None:
-    """Record in run.json that the run diverged at `step`, and stop it; nothing from this step is saved."""
-    bar.close()
-    last = latest_checkpoint(run_dir.checkpoints)
-    message = (f"training diverged at step {step}: loss {loss.item():.4g}, grad norm {grad_norm.item():.4g} "
-               f"(non-finite); nothing was saved from this step; last good checkpoint: {last or 'none'}")
-    if tracker.is_main:
-        run_dir.update(status="diverged", error=message)
-    raise TrainingDiverged(message)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -18,14 +18,16 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
+from ntp_rl.config.schema import WandbMode
+from ntp_rl.io import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
-def wandb_mode(requested: Any) -> str:
+def wandb_mode(requested: WandbMode) -> str:
     """Resolve `auto` to online/offline; an explicit WANDB_MODE in the environment wins over auto."""
-    mode = getattr(requested, "value", requested)
-    if mode != "auto":
-        return mode
+    if requested is not WandbMode.auto:
+        return requested.value
     env_mode = os.environ.get("WANDB_MODE")
     if env_mode in ("online", "offline", "disabled", "dryrun"):
         return "offline" if env_mode == "dryrun" else env_mode
@@ -107,9 +109,7 @@ class Tracker:
         if not self._metrics_path.exists():
             return
         kept = [json.dumps(r) for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
-        tmp = self._metrics_path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self._metrics_path)
+        write_atomic(self._metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:

@@ -38,7 +38,7 @@ def load(args: argparse.Namespace):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:  # a preset with random weights: throughput does not depend on what the weights say
-        from ntp_rl.config import compose
+        from ntp_rl.config.compose import compose
         from ntp_rl.data.tokenizer import train_embedded_tokenizer
         from ntp_rl.data.corpus import sample_documents
         from ntp_rl.models import build_model

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ntp_rl.config import compose  # noqa: E402
+from ntp_rl.config.compose import compose  # noqa: E402
 from ntp_rl.models import build_model, count_parameters  # noqa: E402
 from ntp_rl.optim import build_adamw  # noqa: E402
 from ntp_rl.runtime import flops_per_token, peak_flops  # noqa: E402
@@ -45,7 +45,7 @@ def stage_tokens_per_sec(overrides: list[str], warmup: int) -> list[float]:
 
 def plain_loop_tokens_per_sec(overrides: list[str], steps: int, warmup: int) -> list[float]:
     """The same model, data and optimizer, trained the way the transformers docs show."""
-    from ntp_rl.data.pretrain import build_pretrain_data
+    from ntp_rl.data import build_pretrain_data
 
     cfg = compose("pretrain", overrides)
     torch.manual_seed(cfg.seed)

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import run_cli
 from ntp_rl.cli import check_command_line, main
-from ntp_rl.config import compose
+from ntp_rl.config.compose import compose
 from ntp_rl.errors import UserError
 
 
@@ -115,11 +115,46 @@ def test_a_model_path_stands_for_the_hf_preset():
 
 
 def test_micro_batch_defaults_to_each_process_share_of_the_batch():
-    from ntp_rl.config import check_batch
+    from ntp_rl.config.validate import micro_batches
     from ntp_rl.errors import ConfigError
 
-    assert check_batch(16, None, 1) == (16, 1)
-    assert check_batch(16, None, 2) == (8, 1)  # `accelerate launch --num_processes 2` with the defaults
-    assert check_batch(16, 4, 2) == (4, 2)  # an explicit micro batch accumulates
+    assert micro_batches(16, None, 1) == (16, 1)
+    assert micro_batches(16, None, 2) == (8, 1)  # `accelerate launch --num_processes 2` with the defaults
+    assert micro_batches(16, 4, 2) == (4, 2)  # an explicit micro batch accumulates
     with pytest.raises(ConfigError, match="train.batch_size=16: must be a multiple of the 3 processes"):
-        check_batch(16, None, 3)
+        micro_batches(16, None, 3)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "rl", "eval", "pipeline"])
+def test_enum_keys_are_enum_members_after_composition(stage):
+    """The code compares with `is Enum.member`: a composed config must never hand it a string."""
+    from enum import Enum
+
+    from omegaconf import EnumNode, OmegaConf
+
+    cfg = compose(stage, ["init_from=x"] if stage == "rl" else ["model.name_or_path=x"] if stage == "eval" else [])
+
+    def enum_leaves(node, prefix=""):
+        for key in node:
+            if OmegaConf.is_dict(node[key]):
+                yield from enum_leaves(node[key], f"{prefix}{key}.")
+            elif isinstance(node._get_node(key), EnumNode):
+                yield f"{prefix}{key}", node[key]
+
+    leaves = dict(enum_leaves(cfg))
+    assert {"logger.wandb.mode"} < set(leaves), "every stage has enum keys (precision, wandb mode, ...)"
+    assert all(isinstance(value, Enum) for value in leaves.values()), leaves
+
+
+def test_readme_and_help_list_the_stages_of_the_stage_table(capsys):
+    import re
+
+    from conftest import REPO
+    from ntp_rl.stages import STAGES
+
+    readme = (REPO / "README.md").read_text()
+    documented = re.findall(r"^\| `(\w+)` \| .* \| built \|$", readme, re.M)
+    assert documented == list(STAGES)
+    main(["--help"])
+    shown = re.findall(r"^  (\w+)\s{2,}", capsys.readouterr().out.split("stages:")[1].split("examples:")[0], re.M)
+    assert shown == list(STAGES)

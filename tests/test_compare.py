@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from ntp_rl.rundir import write_json_atomic
+from ntp_rl.io import write_json_atomic
 from ntp_rl.stages.compare import compare
 
 
@@ -82,7 +82,7 @@ def test_compare_from_the_shell_and_bad_paths(tmp_path):
     write_lineage(tmp_path / "p", "ce", 0, accuracy=0.1, after=0.2)
     ok = run_cli("compare", str(tmp_path / "p"), "--out", str(tmp_path / "o"))
     assert ok.returncode == 0, ok.stderr
-    assert "| loss=ce |" in ok.stdout or "| default |" in ok.stdout
+    assert "| default |" in ok.stdout  # one setting: nothing tells it apart from another
     missing = run_cli("compare", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "no such directory" in missing.stderr
     (tmp_path / "empty").mkdir()

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerFast
 
-from ntp_rl.config import DataConfig, DataSource
+from ntp_rl.config.schema import DataConfig, DataSource
 from ntp_rl.data.corpus import (
     LEVELS,
     SPLITS,
@@ -30,16 +30,11 @@ from ntp_rl.data.corpus import (
     sample_problems,
     split_of,
 )
-from ntp_rl.data.pretrain import (
-    PackedSequences,
-    StreamingSequences,
-    _write_atomically,
-    build_pretrain_data,
-    pack_windows,
-    tokenize_documents,
-)
+from ntp_rl.data import build_pretrain_data
+from ntp_rl.data.packing import PackedSequences, StreamingSequences, pack_windows, tokenize_documents
 from ntp_rl.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_embedded_tokenizer
 from ntp_rl.errors import ConfigError, DataError
+from ntp_rl.io import build_directory_atomically
 
 EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\.")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -340,12 +335,6 @@ def test_embedded_seeds_the_run_orders_the_corpus_seed_generates(tmp_path):
     assert not torch.equal(other_corpus.val, base.val)
 
 
-def test_embedded_accepts_string_source_and_plain_dictconfig(tmp_path):
-    cfg = OmegaConf.create({**vars(small_embedded()), "source": "embedded"})
-    data = build_pretrain_data(cfg, cache_dir=tmp_path, seed=0)
-    assert data.train.num_windows > 0
-
-
 def test_unigram_baseline_is_a_real_cross_entropy(tmp_path):
     data = build_pretrain_data(small_embedded(), cache_dir=tmp_path, seed=0)
     vocab = len(data.tokenizer)
@@ -360,8 +349,8 @@ def test_cache_race_keeps_the_first_copy(tmp_path):
     def write(marker):
         return lambda out: (out / "who").write_text(marker)
 
-    _write_atomically(target, write("first"))
-    _write_atomically(target, write("second"))  # lost the race: keeps theirs, cleans up
+    build_directory_atomically(target, write("first"))
+    build_directory_atomically(target, write("second"))  # lost the race: keeps theirs, cleans up
     assert (target / "who").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["embedded-x"]
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from ntp_rl.config import TaskConfig, compose
+from ntp_rl.config.compose import compose
+from ntp_rl.config.schema import TaskConfig
 from ntp_rl.errors import ConfigError, DataError, UserError
 from ntp_rl.tasks import build_task
 
@@ -116,12 +117,16 @@ def brute_pass_at_k(flags, k):
     ("#### 7.5", None), ("#### 5 #### 6", "5"), ("the answer is 7", None), ("#### seven", None), ("", None),
 ])
 def test_answer_extraction_through_the_task(completion, expected):
+    from dataclasses import replace
+
     from ntp_rl.tasks import is_correct
 
     task = build_task(TaskConfig())
     assert task.extract_answer(completion) == expected
     problem = task.problems("test", 1)[0]
-    assert is_correct(task, f" #### {problem.answer}", problem) and not is_correct(task, completion.replace("7", "x"), problem)
+    # The completion is right exactly for the problem whose answer it gives.
+    for answer in ("7", "1000", "-12", "5"):
+        assert is_correct(task, completion, replace(problem, answer=answer)) == (expected == answer), answer
 
 
 def test_a_model_that_always_gives_one_answer_scores_exactly(tokenizer, tmp_path, shared_cache):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ntp_rl.config import compose
+from ntp_rl.config.compose import compose
 from ntp_rl.models import ShapedLossLM, build_model, count_parameters
 
 SMALL_MOE = ["model=moe_5b_a0p3b", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from conftest import TINY, run_cli
 from ntp_rl.checkpoint import latest_checkpoint
 from ntp_rl.cli import check_command_line
-from ntp_rl.config import compose
+from ntp_rl.config.compose import compose
 from ntp_rl.errors import UserError
 from ntp_rl.stages import run_stage
 

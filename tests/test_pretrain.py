@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, run_cli
 from ntp_rl.checkpoint import latest_checkpoint, list_checkpoints
-from ntp_rl.config import compose
+from ntp_rl.config.compose import compose
 from ntp_rl.errors import ConfigError, TrainingDiverged
 from ntp_rl.stages import run_stage
 from ntp_rl.tracking import read_metrics

@@ -13,11 +13,13 @@ import torch
 from conftest import REPO, TINY, run_cli
 from ntp_rl.checkpoint import latest_checkpoint, list_checkpoints
 from ntp_rl.cli import check_command_line
-from ntp_rl.config import compose
+from ntp_rl.config.compose import compose
 from ntp_rl.errors import UserError
-from ntp_rl.rl.advantages import compute_advantages
-from ntp_rl.rl.policy_loss import aggregate, aggregation_count, k3_kl, ppo_clip
-from ntp_rl.rl.rollout import Group, PromptStream, build_batch, collect_groups, rollout_seed, token_logprobs
+from ntp_rl.config.schema import GRPOConfig, LossAggregation
+from ntp_rl.rl.advantages import ADVANTAGES, AdvantageInputs, compute_advantages
+from ntp_rl.rl.policy_loss import PolicyLossInputs, aggregate, aggregation_count, k3_kl, ppo_clip
+from ntp_rl.rl.rollout import Group, PromptStream, build_batch, collect_groups, token_logprobs
+from ntp_rl.seeding import rollout_seed
 from ntp_rl.stages import run_stage
 from ntp_rl.tasks import TaskProblem
 from ntp_rl.tracking import read_metrics
@@ -28,24 +30,43 @@ from ntp_rl.tracking import read_metrics
 
 def test_grpo_advantages_on_hand_computed_groups():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
-    scaled = compute_advantages("grpo", rewards, scale=True, eps=0.0)
+    scaled = compute_advantages(AdvantageInputs(rewards), GRPOConfig(advantage="grpo", advantage_eps=0.0))
     # group 1: mean 1/2, unbiased std sqrt(1/3); group 2: mean 1/4, std 1/2
     s = 0.5 / math.sqrt(1 / 3)
     assert scaled[0].tolist() == pytest.approx([s, -s, -s, s])
     assert scaled[1].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5])
     assert scaled[2:].abs().sum() == 0 and not scaled.isnan().any(), "equal rewards carry no signal"
 
-    centred = compute_advantages("grpo", rewards, scale=False, eps=1e-6)
+    centred = compute_advantages(AdvantageInputs(rewards), GRPOConfig(advantage="grpo", scale_rewards=False))
     assert centred[0].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
     assert centred[1].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
     assert centred[2:].abs().sum() == 0
 
 
+def test_rloo_baseline_leaves_each_sample_out():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    got = compute_advantages(AdvantageInputs(rewards), GRPOConfig(advantage="rloo"))
+    # sample i's baseline is the mean of the other three rewards of its group
+    assert got[0].tolist() == pytest.approx([1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3])
+    assert got[1].tolist() == pytest.approx([3 - 5 / 3, 1 - 7 / 3, 2 - 2, 2 - 2])
+    assert got[2].abs().sum() == 0, "equal rewards carry no signal"
+    # unlike GRPO it is not rescaled by the group's spread: doubling the rewards doubles it
+    doubled = compute_advantages(AdvantageInputs(rewards * 2), GRPOConfig(advantage="rloo"))
+    assert torch.allclose(doubled, got * 2)
+
+
+def test_every_estimator_takes_the_inputs_record_and_the_config():
+    rewards = torch.tensor([[1.0, 0.0, 0.5]])
+    for name in ADVANTAGES:
+        advantages = compute_advantages(AdvantageInputs(rewards), GRPOConfig(advantage=name))
+        assert advantages.shape == rewards.shape and advantages[0, 0] > 0 > advantages[0, 1], name
+
+
 def test_advantages_need_groups_of_two_or_more():
     with pytest.raises(ValueError):
-        compute_advantages("grpo", torch.ones(4), scale=True, eps=1e-6)
+        compute_advantages(AdvantageInputs(torch.ones(4)), GRPOConfig())
     with pytest.raises(ValueError):
-        compute_advantages("grpo", torch.ones(4, 1), scale=True, eps=1e-6)
+        compute_advantages(AdvantageInputs(torch.ones(4, 1)), GRPOConfig())
 
 
 # ---------------------------------------------------------------------------
@@ -57,7 +78,7 @@ RATIOS = [0.5, 0.9, 1.0, 1.25, 1.5]
 def _clip_case(advantage: float, eps_high: float):
     old = torch.zeros(1, len(RATIOS))
     logp = torch.tensor([RATIOS]).log().requires_grad_(True)
-    out = ppo_clip(logp, old, torch.tensor([advantage]), eps_low=0.2, eps_high=eps_high)
+    out = ppo_clip(PolicyLossInputs(logp, old, torch.tensor([advantage])), GRPOConfig(clip_eps_low=0.2, clip_eps_high=eps_high))
     out.loss.sum().backward()
     return out, logp.grad[0]
 
@@ -88,7 +109,7 @@ def test_clip_higher_is_asymmetric():
 
 def test_ratio_one_gives_the_policy_gradient():
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    out = ppo_clip(logp, logp.detach(), torch.tensor([0.7]), 0.2, 0.28)
+    out = ppo_clip(PolicyLossInputs(logp, logp.detach(), torch.tensor([0.7])), GRPOConfig(clip_eps_low=0.2, clip_eps_high=0.28))
     out.loss.sum().backward()
     assert out.loss[0].tolist() == pytest.approx([-0.7, -0.7])
     assert logp.grad[0].tolist() == pytest.approx([-0.7, -0.7])  # -A * grad log pi
@@ -105,13 +126,14 @@ def test_k3_kl():
 def test_token_and_sequence_aggregation():
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
-    tokens = aggregation_count(mask, "token_mean")
-    seqs = aggregation_count(mask, "seq_mean")
+    token_mean, seq_mean = LossAggregation.token_mean, LossAggregation.seq_mean
+    tokens = aggregation_count(mask, token_mean)
+    seqs = aggregation_count(mask, seq_mean)
     assert (tokens.item(), seqs.item()) == (4, 2), "an empty response is no sequence"
-    assert aggregate(values, mask, "token_mean", tokens).item() == pytest.approx((1 + 2 + 3 + 4) / 4)
-    assert aggregate(values, mask, "seq_mean", seqs).item() == pytest.approx((2 + 4) / 2)
+    assert aggregate(values, mask, token_mean, tokens).item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert aggregate(values, mask, seq_mean, seqs).item() == pytest.approx((2 + 4) / 2)
     # Shares computed on parts of the batch (micro-batches, processes) add up to the whole.
-    for mode, count in (("token_mean", tokens), ("seq_mean", seqs)):
+    for mode, count in ((token_mean, tokens), (seq_mean, seqs)):
         parts = sum(aggregate(values[i:i + 1], mask[i:i + 1], mode, count) for i in range(3))
         assert parts.item() == pytest.approx(aggregate(values, mask, mode, count).item())
 
@@ -177,7 +199,10 @@ def test_prompt_stream_is_a_pure_function_of_position():
 def test_rollout_seeds_differ_by_step_round_and_offset():
     seeds = {rollout_seed(0, s, r, o) for s in range(3) for r in range(3) for o in (0, 8)}
     assert len(seeds) == 18 and all(0 <= s < 2**40 for s in seeds)
-    assert rollout_seed(0, 1, 2, 8) == rollout_seed(0, 1, 2, 8)
+    # A pure function of its arguments, also in a fresh interpreter (str hash() is salted per process).
+    code = "from ntp_rl.seeding import rollout_seed; print(rollout_seed(0, 1, 2, 8))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert int(other.stdout) == rollout_seed(0, 1, 2, 8)
 
 
 def test_batch_masks_response_tokens_only():

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from ntp_rl.config import TaskConfig
+from ntp_rl.config.schema import TaskConfig
 from ntp_rl.errors import ConfigError, DataError
 from ntp_rl.tasks import build_task, is_correct, reward
 
@@ -186,7 +186,7 @@ def test_every_task_preset_fits_the_schema():
 
 
 def test_a_custom_reward_function_comes_from_an_explicit_import_path(tmp_path, monkeypatch):
-    from ntp_rl.config import TaskConfig
+    from ntp_rl.config.schema import TaskConfig
     from ntp_rl.errors import ConfigError
     from ntp_rl.tasks import build_task, reward
 

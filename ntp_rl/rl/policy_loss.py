@@ -1,8 +1,8 @@
 """Policy losses per token, and how they are averaged into the loss that is differentiated.
 
-Everything here is a pure function of [batch, tokens] tensors and a response mask, so the
-arithmetic is checked on hand-computed cases in tests/test_rl.py. Losses live in a registry
-keyed by name (`rl.policy_loss`), as verl's policy-loss registry.
+A registry keyed by name (`rl.policy_loss`), as verl's: a loss takes one `PolicyLossInputs`
+record and the rl config (`GRPOConfig`). Everything here is a pure function of
+[batch, tokens] tensors and a response mask, checked on hand-computed cases in tests/test_rl.py.
 """
 
 from __future__ import annotations
@@ -12,10 +12,17 @@ from typing import Any, Callable
 
 import torch
 
-from ntp_rl.config import LossAggregation
+from ntp_rl.config.schema import LossAggregation
 
 # exp() of a larger log-ratio overflows fp32; ratios that far out are clipped anyway.
 _MAX_LOG_RATIO = 20.0
+
+
+@dataclass
+class PolicyLossInputs:
+    logp: torch.Tensor  # [B, T] log-probs of the sampled tokens under the policy being updated
+    old_logp: torch.Tensor  # [B, T] the same under the policy that sampled them
+    advantages: torch.Tensor  # [B] one per sequence
 
 
 @dataclass
@@ -25,11 +32,12 @@ class PolicyLossOutput:
     high_clipped: torch.Tensor  # [B, T] bool: ratio > 1 + eps_high where A > 0
 
 
-POLICY_LOSSES: dict[str, Callable[..., PolicyLossOutput]] = {}
+PolicyLossFn = Callable[[PolicyLossInputs, Any], PolicyLossOutput]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
 
 
-def register_policy_loss(name: str) -> Callable:
-    def wrap(fn: Callable[..., PolicyLossOutput]) -> Callable[..., PolicyLossOutput]:
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    def wrap(fn: PolicyLossFn) -> PolicyLossFn:
         POLICY_LOSSES[name] = fn
         return fn
 
@@ -37,16 +45,16 @@ def register_policy_loss(name: str) -> Callable:
 
 
 @register_policy_loss("ppo_clip")
-def ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float,
-             eps_high: float) -> PolicyLossOutput:
+def ppo_clip(inputs: PolicyLossInputs, rl: Any) -> PolicyLossOutput:
     """PPO's clipped surrogate with asymmetric bounds (DAPO's clip-higher).
 
-    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old per token and
-    A the sequence's advantage. A wider upper bound lets unlikely tokens of good samples
-    grow faster, which keeps the policy's entropy from collapsing early.
+    loss = max(-A r, -A clip(r, 1 - rl.clip_eps_low, 1 + rl.clip_eps_high)), r = pi / pi_old per
+    token and A the sequence's advantage. A wider upper bound lets unlikely tokens of good
+    samples grow faster, which keeps the policy's entropy from collapsing early.
     """
-    ratio = torch.exp((logp - old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-    adv = advantages.unsqueeze(-1).to(ratio.dtype)
+    eps_low, eps_high = rl.clip_eps_low, rl.clip_eps_high
+    ratio = torch.exp((inputs.logp - inputs.old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    adv = inputs.advantages.unsqueeze(-1).to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
     return PolicyLossOutput(
@@ -65,22 +73,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def _mode(mode: Any) -> LossAggregation:
-    return LossAggregation(getattr(mode, "value", mode))
-
-
-def aggregation_count(mask: torch.Tensor, mode: Any) -> torch.Tensor:
+def aggregation_count(mask: torch.Tensor, mode: LossAggregation) -> torch.Tensor:
     """What the loss is averaged over: response tokens (token_mean) or responses with a token (seq_mean).
 
     Counted on each process and summed over processes by the caller, so the average is over
     the global batch whatever the number of processes.
     """
-    if _mode(mode) is LossAggregation.token_mean:
+    if mode is LossAggregation.token_mean:
         return mask.sum().float()
     return (mask.sum(-1) > 0).sum().float()
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Any, count: torch.Tensor | float) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: LossAggregation, count: torch.Tensor | float) -> torch.Tensor:
     """Sum of this batch's share of the average: token_mean sums tokens, seq_mean sums per-response means.
 
     Divided by `count` (from aggregation_count, over the whole global batch), so summing the
@@ -88,6 +92,6 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Any, count: torch.
     """
     mask = mask.to(values.dtype)
     total = values * mask
-    if _mode(mode) is LossAggregation.token_mean:
+    if mode is LossAggregation.token_mean:
         return total.sum() / count
     return (total.sum(-1) / mask.sum(-1).clamp_min(1)).sum() / count

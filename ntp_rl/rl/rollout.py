@@ -14,14 +14,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ntp_rl.data.pretrain import mix_seed
 from ntp_rl.generation import Generator, Sampling
+from ntp_rl.seeding import mix_seed
 from ntp_rl.tasks import Task, TaskProblem, score
-
-
-def rollout_seed(seed: int, step: int, round_: int, offset: int) -> int:
-    # HFGenerator seeds each batch with seed * 100_003 + batch, which must stay below 2**63.
-    return mix_seed("rollout", seed, step, round_, offset) % 2**40
 
 
 class PromptStream:

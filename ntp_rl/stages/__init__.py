@@ -1,29 +1,57 @@
-"""The stages. Each is one module with `run(cfg, overrides)` that reads top to bottom as a loop."""
+"""The stage table: every stage declared once, read by the CLI, the pipeline and the docs.
+
+A stage with a schema is configured by Hydra (`ntp-rl <stage> key=value ...`); its
+`validate` runs once when it is dispatched, and its module's `run(cfg, overrides)` reads top
+to bottom as named phases. A stage without a schema (compare) takes plain arguments.
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
-from omegaconf import OmegaConf
-
-from ntp_rl.errors import ConfigError
-
-
-def check_stage_config(stage: str, cfg: Any) -> None:
-    """Everything that can be checked from the config alone, before any work starts."""
-    from ntp_rl import config
-
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(missing[0], "is required (set it on the command line)")
-    getattr(config, f"check_{stage}")(cfg)
+from ntp_rl.config import schema
+from ntp_rl.config import validate as checks
 
 
-def run_stage(stage: str, cfg: Any, overrides: Sequence[str] = ()) -> Any:
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str  # one line of `ntp-rl --help`
+    module: str  # run(cfg, overrides) for a configured stage, main(argv) for one with plain arguments
+    schema: Optional[type] = None  # the dataclass its YAML (conf/<name>.yaml) is merged into
+    validate: Optional[Callable[[Any], None]] = None  # every check that needs the config alone
+
+    def run(self, cfg: Any, overrides: Sequence[str] = ()) -> Any:
+        return importlib.import_module(self.module).run(cfg, overrides=list(overrides))
+
+    def main(self, argv: Sequence[str]) -> Any:
+        return importlib.import_module(self.module).main(list(argv))
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("pretrain", "pre-train a model with the reward-shaped next-token loss", "ntp_rl.stages.pretrain",
+          schema.PretrainConfig, checks.validate_pretrain),
+    Stage("rl", "GRPO with verifiable rewards from a pre-trained checkpoint", "ntp_rl.stages.rl",
+          schema.RLConfig, checks.validate_rl),
+    Stage("eval", "pass@k, majority vote and entropy diagnostics for a checkpoint", "ntp_rl.stages.eval",
+          schema.EvalConfig, checks.validate_eval),
+    Stage("pipeline", "pretrain -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study",
+          "ntp_rl.stages.pipeline", schema.PipelineConfig, checks.validate_pipeline),
+    Stage("compare", "tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]", "ntp_rl.stages.compare"),
+)}
+
+
+def run_stage(name: str, cfg: Any, overrides: Sequence[str] = ()) -> Any:
+    """Dispatch a config nobody has checked yet (a pipeline's stages, tests): validate it once, then run."""
+    STAGES[name].validate(cfg)
+    return run_validated(name, cfg, overrides)
+
+
+def run_validated(name: str, cfg: Any, overrides: Sequence[str] = ()) -> Any:
+    """Run a config its caller validated (the CLI validates every job of a command before the first runs)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the stages draw their own; transformers' would interleave
-    check_stage_config(stage, cfg)
-    module = importlib.import_module(f"ntp_rl.stages.{stage}")
-    return module.run(cfg, overrides=list(overrides))
+    return STAGES[name].run(cfg, overrides)

@@ -22,11 +22,18 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from ntp_rl.checkpoint import latest_checkpoint
-from ntp_rl.config import check_pipeline, compose
+from ntp_rl.config.compose import compose
+from ntp_rl.config.schema import LINEAGE_STAGES
+from ntp_rl.errors import ConfigError, UserError
+from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import (RESULTS_FILE, RunDir, dir_name, mark_stopped, read_results, read_run_info, run_name,
-                           setting_overrides, write_json_atomic)
+                           setting_overrides)
 
-STAGE_OF = {"pretrain": "pretrain", "eval_base": "eval", "rl": "rl", "eval_rl": "eval"}
+# The stage (of the stage table) each stage of a lineage runs, and the lineage stage whose
+# checkpoint it starts from.
+RUNS = {"pretrain": "pretrain", "eval_base": "eval", "rl": "rl", "eval_rl": "eval"}
+UPSTREAM = {"eval_base": "pretrain", "rl": "pretrain", "eval_rl": "rl"}
+assert tuple(RUNS) == LINEAGE_STAGES
 
 
 def lineage_dir(cfg: Any, overrides: Sequence[str]) -> Path:
@@ -37,19 +44,19 @@ def lineage_name(overrides: Sequence[str]) -> str:
     return run_name("pipeline", [o for o in setting_overrides(overrides) if not o.lstrip("+").startswith("sweep")])
 
 
-def stage_config(step: str, cfg: Any, lineage: Path, name: str, tags: Sequence[str]) -> Any:
+def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: Sequence[str]) -> Any:
     """The full config of one stage of the lineage: its own defaults, then the pipeline's sections."""
-    stage = STAGE_OF[step]
+    stage = RUNS[lineage_stage]
     stage_cfg = compose(stage, ["model=hf"] if stage == "eval" else [])
     # Paths are set on the composed config, not as overrides: lineage names hold "=".
-    upstream = str(lineage / {"eval_base": "pretrain", "rl": "pretrain", "eval_rl": "rl"}.get(step, ""))
+    upstream = str(lineage / UPSTREAM.get(lineage_stage, ""))
     if stage == "eval":
         stage_cfg.model.name_or_path = upstream
     elif stage == "rl":
         stage_cfg.init_from = upstream
-    shared = {"seed": cfg.seed, "out_dir": cfg.out_dir, "run_dir": str(lineage / step), "resume": None,
+    shared = {"seed": cfg.seed, "out_dir": cfg.out_dir, "run_dir": str(lineage / lineage_stage), "resume": None,
               "logger": OmegaConf.merge(cfg.logger, {"wandb": {"group": cfg.logger.wandb.group or name,
-                                                               "name": f"{name}/{step}",
+                                                               "name": f"{name}/{lineage_stage}",
                                                                "tags": [*cfg.logger.wandb.tags, *tags]}})}
     sections = {
         "pretrain": {"model": cfg.model, "data": cfg.data, "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train},
@@ -64,51 +71,55 @@ def stage_config(step: str, cfg: Any, lineage: Path, name: str, tags: Sequence[s
     return stage_cfg
 
 
+def check_one_precision(cfg: Any) -> None:
+    """The stages run in one process, and Accelerate keeps one mixed-precision setting per process."""
+    from ntp_rl.runtime import resolved_precision
+
+    precisions = {key: resolved_precision(cfg[key].precision) for key in ("train", "rl", "eval")}
+    if len(set(precisions.values())) > 1:
+        raise ConfigError("train.precision", "train.precision, rl.precision and eval.precision must be the same in a "
+                          "pipeline (one process runs every stage); got "
+                          f"{', '.join(f'{k}={v.value}' for k, v in precisions.items())}")
+
+
 # Set for the processes a sweep launches: each runs its one lineage, whatever `sweep` its
 # config still holds (an experiment's config names the whole sweep).
 SWEEP_POINT_ENV = "NTP_RL_SWEEP_POINT"
 
 
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
-    check_pipeline(cfg)
+    check_one_precision(cfg)
     if cfg.sweep and not os.environ.get(SWEEP_POINT_ENV):
         return run_sweep(cfg, overrides)
     from accelerate import PartialState
 
-    from ntp_rl.runtime import printer
     from ntp_rl.stages import run_stage
 
     state = PartialState()
-    say = printer(state.is_main_process)
     name = lineage_name(overrides)
     lineage = lineage_dir(cfg, overrides)
-    tags = setting_overrides(overrides)
-    record = RunDir(path=lineage, name=name, info=read_run_info(lineage))
-    if state.is_main_process:
-        lineage.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, lineage / "config.yaml", resolve=True)
-        record.update(stage="pipeline", name=name, status="running", overrides=list(overrides),
-                      stages=list(cfg.stages), started_at=record.info.get("started_at", time.strftime("%Y-%m-%dT%H:%M:%S")))
+    record = open_lineage(cfg, overrides, lineage, name, state.is_main_process)
     state.wait_for_everyone()
+    say = print if state.is_main_process else (lambda message: None)
     say(f"ntp-rl pipeline {name} -> {lineage}: {' -> '.join(cfg.stages)}")
 
     results: dict[str, Any] = {}
     try:
-        for step in cfg.stages:
-            step_dir = lineage / step
-            done = read_results(step_dir)
+        for lineage_stage in cfg.stages:
+            stage_dir = lineage / lineage_stage
+            done = read_results(stage_dir)
             if done is not None:
-                say(f"[{step}] already finished: {step_dir}")
-                results[step] = done
+                say(f"[{lineage_stage}] already finished: {stage_dir}")
+                results[lineage_stage] = done
                 continue
-            stage_cfg = stage_config(step, cfg, lineage, name, tags)
-            if latest_checkpoint(step_dir / "checkpoints") is not None:
+            stage_cfg = stage_config(lineage_stage, cfg, lineage, name, setting_overrides(overrides))
+            if latest_checkpoint(stage_dir / "checkpoints") is not None:
                 stage_cfg.resume = "auto"
-                say(f"[{step}] resuming {step_dir}")
-            elif step_dir.exists() and state.is_main_process:
-                shutil.rmtree(step_dir)  # an attempt that died before its first checkpoint: nothing to keep
+                say(f"[{lineage_stage}] resuming {stage_dir}")
+            elif stage_dir.exists() and state.is_main_process:
+                shutil.rmtree(stage_dir)  # an attempt that died before its first checkpoint: nothing to keep
             state.wait_for_everyone()
-            results[step] = run_stage(STAGE_OF[step], stage_cfg, overrides=tags)
+            results[lineage_stage] = run_stage(RUNS[lineage_stage], stage_cfg, overrides=setting_overrides(overrides))
     except BaseException as exc:  # a stage that diverged too: the lineage did not finish
         if state.is_main_process:
             mark_stopped(record, exc)
@@ -122,6 +133,17 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     return {"lineage": str(lineage), "summary": summary, "stages": results}
 
 
+def open_lineage(cfg: Any, overrides: Sequence[str], lineage: Path, name: str, is_main: bool) -> RunDir:
+    """The lineage's own directory and run.json (main process); a re-run keeps its start time."""
+    record = RunDir(path=lineage, name=name, info=read_run_info(lineage))
+    if is_main:
+        lineage.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, lineage / "config.yaml", resolve=True)
+        record.update(stage="pipeline", name=name, status="running", overrides=list(overrides),
+                      stages=list(cfg.stages), started_at=record.info.get("started_at", time.strftime("%Y-%m-%dT%H:%M:%S")))
+    return record
+
+
 def lineage_summary(results: dict[str, Any]) -> dict[str, float]:
     """The lineage's headline numbers: pre-training NLL and entropy, and each eval's avg@n, cons@n, pass@1, pass@n."""
     summary: dict[str, float] = {}
@@ -129,8 +151,8 @@ def lineage_summary(results: dict[str, Any]) -> dict[str, float]:
     for key in ("nll", "entropy"):
         if key in val:
             summary[f"pretrain_{key}"] = val[key]
-    for step, prefix in (("eval_base", "base"), ("eval_rl", "rl")):
-        scores = (results.get(step) or {}).get("summary") or {}
+    for lineage_stage, prefix in (("eval_base", "base"), ("eval_rl", "rl")):
+        scores = (results.get(lineage_stage) or {}).get("summary") or {}
         ks = sorted(int(key[5:]) for key in scores if key.startswith("pass@"))
         wanted = [key for key in scores if key.startswith(("avg@", "cons@"))] + [f"pass@{k}" for k in ks[:1] + ks[-1:]]
         summary |= {f"{prefix}_{key}": scores[key] for key in dict.fromkeys(wanted)}
@@ -152,10 +174,8 @@ def sweep_lineage_points(cfg: Any, overrides: Sequence[str]) -> tuple[list[str],
 def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
     """One lineage per point of cfg.sweep, each its own process (`cfg.jobs` at a time), then compare."""
     from ntp_rl.launch import launch_points
+    from ntp_rl.runtime import launched_processes
     from ntp_rl.stages.compare import compare
-
-    from ntp_rl.config import launched_processes
-    from ntp_rl.errors import UserError
 
     if launched_processes() > 1:
         raise UserError("a sweep of lineages starts its own processes; run it without accelerate launch, or launch "

@@ -1,12 +1,15 @@
 """`ntp-rl rl`: on-policy GRPO with verifiable rewards (DAPO's clip-higher and dynamic sampling).
 
-One loop, top to bottom. Each step: every process samples G completions for its share of
-the step's prompts, the groups of all processes are gathered so that all agree on which
-groups carry signal (dynamic sampling), each process takes its share of the kept groups,
-computes group-relative advantages, and the policy takes mu x mini-batch clipped-surrogate
-updates. The loss is averaged over the response tokens of the global batch, so any number
-of processes gives the same update. A held-out evaluation runs before training, every
-rl.eval_every steps and at the end.
+Top to bottom: load the task and the policy, then each step runs five phases.
+  sample         every process samples G completions for its share of the step's prompts;
+                 the groups of all processes are gathered, so all agree on which groups carry
+                 signal (dynamic sampling) and each takes its share of the kept ones;
+  score          group-relative advantages, one training row per sample;
+  old log-probs  the rollout policy's (and the reference's) log-probs, when an update needs them;
+  update         mu x mini-batch clipped-surrogate updates; the loss is averaged over the
+                 response tokens of the global batch, so any number of processes makes the same update;
+  log            rewards, lengths, clipping, entropy, throughput.
+A held-out evaluation runs before training, every rl.eval_every steps and at the end.
 
 Rollouts are seeded by (run seed, step, round, prompt position) and the prompt position is
 saved in each checkpoint, so `resume=auto` reproduces the run from its last checkpoint.
@@ -14,286 +17,336 @@ saved in each checkpoint, so `resume=auto` reproduces the run from its last chec
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ntp_rl import checkpoint as ckpt
-from ntp_rl.config import check_rl
-from ntp_rl.data.pretrain import mix_seed
+from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.evaluation import sample_and_score, summarize
 from ntp_rl.faults import kill_point
 from ntp_rl.generation import HFGenerator, Sampling
+from ntp_rl.metrics import Sums
 from ntp_rl.models import check_vocab, count_parameters, load_pretrained
 from ntp_rl.optim import build_adamw, lr_lambda
-from ntp_rl.rl.advantages import compute_advantages
-from ntp_rl.rl.policy_loss import POLICY_LOSSES, aggregate, aggregation_count, k3_kl
-from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, build_batch, collect_groups, rollout_seed,
+from ntp_rl.rl.advantages import AdvantageInputs, compute_advantages
+from ntp_rl.rl.policy_loss import POLICY_LOSSES, PolicyLossInputs, aggregate, aggregation_count, k3_kl
+from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, RolloutBatch, build_batch, collect_groups,
                                sample_groups, token_logprobs)
-from ntp_rl.rundir import RESULTS_FILE, read_results, recording_failures, write_json_atomic
-from ntp_rl.runtime import (choose_run, make_accelerator, open_run, peak_flops, peak_memory_gib, printer,
-                            resolved_wandb_mode, saved_step, stop_diverged)
-from ntp_rl.tasks import build_task
+from ntp_rl.runtime import peak_flops, peak_memory_gib
+from ntp_rl.seeding import rl_eval_seed, rollout_seed, seed_everything
+from ntp_rl.stages.session import StageSession
+from ntp_rl.tasks import Task, TaskProblem, build_task
+
+# Per-step sums over micro-batches, reduced over processes in one call.
+STEP_SUMS = ("loss", "entropy", "tokens", "clip_low", "clip_high", "clip_tokens", "kl", "grad_norm", "seq_tokens")
 
 
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
-    check_rl(cfg)
-    rl = cfg.rl
-    mode = resolved_wandb_mode(cfg)
-    accelerator = make_accelerator(rl.precision, mode)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    from accelerate.utils import gather_object, set_seed
-
-    set_seed(cfg.seed)
+    session = StageSession("rl", cfg, overrides, precision=cfg.rl.precision)
+    rl_prompt_split(cfg.rl, session.world)
+    seed_everything(cfg.seed)
 
     # Everything a user can get wrong is found before the run directory exists.
     task = build_task(cfg.task)
-    train_pool = task.problems("train", rl.train_problems)
-    eval_problems = task.problems("test", rl.eval_problems)
-    init_dir = _model_dir(cfg.init_from)
-    run_dir = choose_run(cfg, "rl", overrides, accelerator)
-    resume_from = run_dir.resume_from
-    finished = read_results(run_dir.path) if resume_from else None
-    if finished is not None and finished["step"] >= rl.max_steps:
-        accelerator.print(f"ntp-rl rl: {run_dir.path} already finished at step {finished['step']}")
-        return finished
+    train_pool = task.problems("train", cfg.rl.train_problems)
+    eval_problems = task.problems("test", cfg.rl.eval_problems)
+    init_dir = resolve_init_from(cfg.init_from)
+    session.choose_run_dir()
+    if (done := session.finished_results(cfg.rl.max_steps)) is not None:
+        return done
+    policy, tokenizer, reference = load_models(cfg, session, init_dir)
+
+    with session.open(resume_step=session.resume_step()):
+        state = setup(cfg, session, task, policy, tokenizer, reference, train_pool, eval_problems)
+        announce(state, init_dir)
+        eval_after = None
+        if state.step == 0:
+            eval_after = state.eval_before = evaluate_held_out(state, 0)
+        bar = session.progress(total=cfg.rl.max_steps, initial=state.step)
+        last_step_metrics: dict = {}
+        started = time.perf_counter()
+        while state.step < cfg.rl.max_steps:
+            step_start = time.perf_counter()
+            state.step += 1
+            collected, gen_time = sample(state)
+            batch = score(state, collected)
+            train_start = time.perf_counter()
+            sums = Sums(STEP_SUMS, device=session.device)
+            old_logprobs(state, batch, sums)
+            update(state, batch, sums, bar)
+            bar.update(1)
+            kill_point("step", state.step)
+            timing = {"gen": gen_time, "train": time.perf_counter() - train_start, "step_start": step_start}
+            last_step_metrics = log(state, collected, batch, sums, timing, bar)
+            if state.step % cfg.rl.eval_every == 0 or state.step == cfg.rl.max_steps:
+                eval_after = evaluate_held_out(state, state.step)
+            if state.step % cfg.rl.save_every == 0 or state.step == cfg.rl.max_steps:
+                save(state)
+        bar.close()
+        if eval_after is None:  # resumed from the final checkpoint of a run that died before finishing
+            eval_after = evaluate_held_out(state, state.step)
+        return finish(state, init_dir, eval_after, last_step_metrics, time.perf_counter() - started)
+
+
+@dataclass
+class RLState:
+    """The run's models and settings, and where it is: what every phase reads and updates."""
+
+    cfg: Any
+    session: StageSession
+    task: Task
+    tokenizer: Any
+    model: torch.nn.Module  # the policy, prepared by Accelerate
+    lm: torch.nn.Module  # the same, unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    reference: Optional[torch.nn.Module]  # frozen init_from weights for the KL term, or None
+    stream: PromptStream  # the train prompts, in a reshuffled order that depends on position only
+    eval_problems: list[TaskProblem]
+    rollouts: HFGenerator
+    sampling: Sampling
+    eval_sampling: Sampling
+    per_rank: int  # prompts (= groups) each process samples and trains on per step
+    step: int = 0
+    prompt_position: int = 0  # prompts taken from the stream so far, over all processes
+    eval_before: Optional[dict] = None
+    first_step_metrics: Optional[dict] = None
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.cfg.rl.num_iterations * self.cfg.rl.num_mini_batches
+
+    @property
+    def separate_old_pass(self) -> bool:
+        # With a single update the policy that sampled is the one being updated: its log-probs
+        # are the current ones, detached, and need no pass of their own.
+        return self.updates_per_step > 1
+
+
+# ---------------------------------------------------------------------------
+# Setup
+
+
+def resolve_init_from(init_from: str) -> Any:
+    """A run directory or checkpoint -> its latest model directory; a hub name stays a name (validation vetted it)."""
+    return ckpt.resolve_model_dir(init_from, key="init_from") if Path(init_from).exists() else init_from
+
+
+def load_models(cfg: Any, session: StageSession, init_dir: Any) -> tuple[torch.nn.Module, Any, Optional[torch.nn.Module]]:
+    """The policy (from the checkpoint being resumed, else init_from), its tokenizer, and the KL reference."""
+    resume_from = session.resume_from
     model_dir = str(resume_from or init_dir)
     policy = load_pretrained(model_dir, key="resume" if resume_from else "init_from")
     tokenizer = load_tokenizer(model_dir)
     check_vocab(policy, tokenizer)
     reference = None
-    if rl.kl_coef > 0:  # frozen init_from weights, for the KL penalty
-        reference = load_pretrained(str(init_dir), key="init_from").to(accelerator.device).eval().requires_grad_(False)
-
-    with (recording_failures(run_dir, accelerator.is_main_process),
-          open_run(run_dir, cfg, "rl", overrides, accelerator, mode,
-                   resume_step=saved_step(resume_from) if resume_from else None) as tracker):
-        optimizer = build_adamw(policy, cfg.optim, fused=torch.cuda.is_available())
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
-        model, optimizer = accelerator.prepare(policy, optimizer)
-
-        start_step, prompt_position, eval_before, first_step = 0, 0, None, None
-        if resume_from is not None:
-            state = ckpt.load_training_state(resume_from, accelerator, model, optimizer)
-            scheduler.load_state_dict(state["scheduler"])
-            start_step, prompt_position = int(state["step"]), int(state["prompt_position"])
-            eval_before, first_step = state.get("eval_before"), state.get("train_first_step")
-
-        device = accelerator.device
-        lm = accelerator.unwrap_model(model)
-        G = rl.num_generations
-        per_rank = rl.prompts_per_step // world  # prompts (= groups) each process samples and trains on
-        groups_per_update = per_rank // rl.num_mini_batches
-        updates_per_step = rl.num_iterations * rl.num_mini_batches
-        # With a single update the policy that sampled is the one being updated: its log-probs
-        # are the current ones, detached, and need no pass of their own.
-        separate_old_pass = updates_per_step > 1
-        sampling = Sampling(rl.sampling.temperature, rl.sampling.top_p, rl.sampling.max_new_tokens)
-        eval_sampling = Sampling(rl.eval_sampling.temperature, rl.eval_sampling.top_p, rl.eval_sampling.max_new_tokens)
-        rollouts = HFGenerator(lm, tokenizer, task.stop_strings, batch_size=rl.sampling.batch_size)
-        prompts_per_call = max(1, rl.sampling.batch_size // G)
-        policy_loss = POLICY_LOSSES[rl.policy_loss]
-        stream = PromptStream(train_pool, cfg.seed)
-        say = printer(accelerator.is_main_process)
-        n_params, peak = count_parameters(lm, exclude_embeddings=True), peak_flops(device)
-        say(f"ntp-rl rl -> {run_dir.path}")
-        say(f"  policy: {init_dir} ({count_parameters(lm) / 1e6:.2f}M params) | task: {task.name}, "
-            f"{len(train_pool)} train prompts, {len(eval_problems)} held-out problems")
-        say(f"  GRPO: {rl.prompts_per_step} prompts x G={G} per step, {updates_per_step} update(s) per step, "
-            f"clip [{1 - rl.clip_eps_low:g}, {1 + rl.clip_eps_high:g}], {_value(rl.loss_aggregation)}, "
-            f"kl_coef {rl.kl_coef:g}, dynamic sampling {'on' if rl.dynamic_sampling else 'off'} | "
-            f"{world} process(es), {device.type}")
-        if start_step:
-            say(f"  resumed from {resume_from} at step {start_step}")
-
-        def held_out(step: int) -> dict[str, float]:
-            # Each process scores a slice of the problems with the same seed at every
-            # evaluation, so changes between evaluations come from the model, not the dice.
-            mine = eval_problems[rank::world]
-            evaluator = HFGenerator(lm, tokenizer, task.stop_strings, batch_size=rl.eval_sampling.batch_size)
-            results = sample_and_score(evaluator, task, mine, rl.eval_samples, eval_sampling, list(rl.eval_ks),
-                                       seed=mix_seed("eval", cfg.seed) % 2**40)
-            summary = summarize(gather_object(results), list(rl.eval_ks))
-            tracker.log({f"eval/{k}": v for k, v in summary.items() if k not in ("problems", "n")}, step=step)
-            shown = " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith(("avg@", "pass@", "cons@")))
-            say(f"  eval @ {step}: {shown} | mean length {summary['mean_length']:.1f}")
-            return summary
-
-        def save(step: int) -> Path:
-            state = {"step": step, "prompt_position": prompt_position, "scheduler": scheduler.state_dict(),
-                     "world_size": world, "eval_before": eval_before, "train_first_step": first_step}
-            return ckpt.save_checkpoint(run_dir.checkpoints, step, accelerator, model, lambda m: m, optimizer,
-                                        tokenizer, state, rl.keep_last)
-
-        eval_after: Optional[dict] = None
-        if start_step == 0:
-            eval_before = eval_after = held_out(0)
-        bar = tqdm(total=rl.max_steps, initial=start_step, desc="rl", dynamic_ncols=True,
-                   disable=not (accelerator.is_main_process and cfg.logger.progress_bar))
-        last_step: dict = {}
-        started = time.perf_counter()
-        step = start_step
-        while step < rl.max_steps:
-            step_start = time.perf_counter()
-            step += 1
-
-            # 1. Rollouts: this process's share of each round's prompts, then every process's groups.
-            def sample_round(round_: int) -> list[Group]:
-                nonlocal prompt_position
-                offset = prompt_position + rank * per_rank
-                problems = stream.take(offset, per_rank)
-                groups = sample_groups(rollouts, task, tokenizer, problems, G, sampling, prompts_per_call,
-                                       lambda i: rollout_seed(cfg.seed, step, round_, offset + i), cfg.task.format_reward)
-                prompt_position += rl.prompts_per_step
-                return gather_object(groups)
-
-            gen_start = time.perf_counter()
-            collected = collect_groups(sample_round, rl.prompts_per_step, rl.dynamic_sampling, rl.max_sampling_rounds)
-            gen_time = time.perf_counter() - gen_start
-            mine = collected.groups[rank * per_rank:(rank + 1) * per_rank]
-
-            # 2. Advantages within each group, then one row per sample.
-            rewards = torch.tensor([g.rewards for g in mine], dtype=torch.float32)
-            advantages = compute_advantages(rl.advantage, rewards, rl.scale_rewards, rl.advantage_eps)
-            batch = build_batch(mine, advantages, tokenizer.pad_token_id, rl.mask_truncated).to(device)
-
-            # 3. Log-probs of the rollout policy (and the reference), without gradients.
-            train_start = time.perf_counter()
-            sums = torch.zeros(len(_SUMS), device=device)
-            if separate_old_pass or reference is not None:
-                old, ref = [], []
-                with torch.no_grad():
-                    for micro in batch.split(rl.micro_batch_size):
-                        if separate_old_pass:
-                            logp, entropy = token_logprobs(model, micro, sampling.temperature, with_entropy=True)
-                            old.append(_pad_to(logp, batch.response_mask.shape[1]))
-                            _add(sums, entropy=(entropy * micro.response_mask).sum(), tokens=micro.response_mask.sum())
-                        if reference is not None:
-                            with accelerator.autocast():  # the reference is not prepared, so not autocast by Accelerate
-                                ref_logp = token_logprobs(reference, micro, sampling.temperature)[0]
-                            ref.append(_pad_to(ref_logp, batch.response_mask.shape[1]))
-                batch.old_logp = torch.cat(old) if old else None
-                batch.ref_logp = torch.cat(ref) if ref else None
-
-            # 4. mu passes over the batch, one optimizer update per mini-batch.
-            for _ in range(rl.num_iterations):
-                for first in range(0, len(batch), groups_per_update * G):
-                    minibatch = batch.rows(first, first + groups_per_update * G)
-                    # Normalise by the whole global mini-batch: each process's loss is its share of the global average.
-                    count = accelerator.reduce(aggregation_count(minibatch.response_mask, rl.loss_aggregation), "sum")
-                    micros = minibatch.split(rl.micro_batch_size)
-                    for i, micro in enumerate(micros):
-                        # Gradients are averaged over processes only on the last micro-batch.
-                        with nullcontext() if i == len(micros) - 1 else accelerator.no_sync(model):
-                            logp, entropy = token_logprobs(model, micro, sampling.temperature,
-                                                           with_entropy=not separate_old_pass)
-                            old_logp = micro.old_logp if separate_old_pass else logp.detach()
-                            out = policy_loss(logp, old_logp, micro.advantages, rl.clip_eps_low, rl.clip_eps_high)
-                            per_token = out.loss
-                            if reference is not None:
-                                kl = k3_kl(logp, micro.ref_logp)
-                                per_token = per_token + rl.kl_coef * kl
-                            loss = aggregate(per_token, micro.response_mask, rl.loss_aggregation, count)
-                            # DDP averages gradients over processes; the loss is already a share of the
-                            # global average, so undo the division.
-                            accelerator.backward(loss * world)
-                        mask = micro.response_mask
-                        _add(sums, loss=loss.detach() / updates_per_step, clip_low=(out.low_clipped & mask).sum(),
-                             clip_high=(out.high_clipped & mask).sum(), clip_tokens=mask.sum(),
-                             kl=(kl.detach() * mask).sum() if reference is not None else 0.0)
-                        if entropy is not None:
-                            _add(sums, entropy=(entropy * mask).sum(), tokens=mask.sum())
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    if not torch.isfinite(grad_norm):
-                        stop_diverged(step, sums[_SUMS.index("loss")], grad_norm, run_dir, tracker, bar)
-                    _add(sums, grad_norm=grad_norm.detach() / updates_per_step)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            bar.update(1)
-            kill_point("step", step)
-            train_time = time.perf_counter() - train_start
-
-            # 5. Records.
-            _add(sums, seq_tokens=batch.attention_mask.sum())
-            totals = dict(zip(_SUMS, accelerator.reduce(sums, "sum").tolist()))
-            metrics = _rollout_metrics(collected)
-            metrics |= {
-                "entropy": totals["entropy"] / max(totals["tokens"], 1),
-                "clip_ratio/low_mean": totals["clip_low"] / max(totals["clip_tokens"], 1),
-                "clip_ratio/high_mean": totals["clip_high"] / max(totals["clip_tokens"], 1),
-                "policy_loss": totals["loss"],
-                "grad_norm": totals["grad_norm"] / world,  # every process holds the same (global) norm
-                "lr": scheduler.get_last_lr()[0],
-                "perf/gen_tokens_per_sec": (collected_tokens := metrics.pop("_gen_tokens")) / max(gen_time, 1e-9),
-                "perf/gen_time_s": gen_time,
-                "perf/train_time_s": train_time,
-                "perf/step_time_s": time.perf_counter() - step_start,
-                "perf/peak_mem_gib": peak_memory_gib(device),
-            }
-            # Model FLOPs: forward+backward (6N a token) per pass over the batch, a forward (2N) for
-            # each extra no-grad pass and for every sampled token (the attention term left out).
-            trained = totals["seq_tokens"] * rl.num_iterations
-            extra_forwards = totals["seq_tokens"] * (int(separate_old_pass) + int(reference is not None))
-            metrics["perf/train_tokens_per_sec"] = trained / max(train_time, 1e-9)
-            if peak:
-                flops = 6 * n_params * trained + 2 * n_params * (extra_forwards + collected_tokens)
-                metrics["perf/mfu"] = flops / metrics["perf/step_time_s"] / (peak * world)
-            if reference is not None:
-                metrics["kl"] = totals["kl"] / max(totals["clip_tokens"], 1)
-            first_step = first_step or metrics
-            last_step = metrics
-            if step % rl.log_every == 0 or step == rl.max_steps:
-                tracker.log(metrics, step=step)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                                ent=f"{metrics['entropy']:.3f}", len=f"{metrics['completions/mean_length']:.1f}",
-                                drop=metrics["dynamic_sampling/dropped_groups"],
-                                **({"mfu": f"{metrics['perf/mfu']:.1%}"} if "perf/mfu" in metrics else {}))
-            if step % rl.eval_every == 0 or step == rl.max_steps:
-                eval_after = held_out(step)
-            if step % rl.save_every == 0 or step == rl.max_steps:
-                save(step)
-        bar.close()
-
-        if eval_after is None:  # resumed from the final checkpoint of a run that died before finishing
-            eval_after = held_out(step)
-        wall = time.perf_counter() - started
-        final = ckpt.latest_checkpoint(run_dir.checkpoints)
-        accuracy_key = f"avg@{rl.eval_samples}"
-        results = {"stage": "rl", "step": step, "checkpoint": str(final), "init_from": str(init_dir), "task": task.name,
-                   "eval_before": eval_before, "eval_after": eval_after, "train_first_step": first_step,
-                   "train_last_step": last_step, "train_wall_time_s": wall, "num_processes": world}
-        tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
-        if accelerator.is_main_process:
-            write_json_atomic(run_dir.path / RESULTS_FILE, results)
-            run_dir.update(status="finished", step=step, checkpoint=str(final))
-        before = f"{eval_before[accuracy_key]:.3f}" if eval_before else "?"
-        say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f} | "
-            f"mean length {eval_after['mean_length']:.1f}\n  model: {final}")
-        accelerator.wait_for_everyone()
-        return results
+    if cfg.rl.kl_coef > 0:  # frozen init_from weights, for the KL penalty
+        reference = load_pretrained(str(init_dir), key="init_from").to(session.device).eval().requires_grad_(False)
+    return policy, tokenizer, reference
 
 
-# Per-step sums over micro-batches, reduced over processes in one call.
-_SUMS = ("loss", "entropy", "tokens", "clip_low", "clip_high", "clip_tokens", "kl", "grad_norm", "seq_tokens")
+def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, tokenizer: Any,
+          reference: Optional[torch.nn.Module], train_pool: list[TaskProblem], eval_problems: list[TaskProblem]) -> RLState:
+    rl = cfg.rl
+    optimizer = build_adamw(policy, cfg.optim, fused=torch.cuda.is_available())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
+    model, optimizer = session.accelerator.prepare(policy, optimizer)
+    lm = session.accelerator.unwrap_model(model)
+    state = RLState(
+        cfg=cfg, session=session, task=task, tokenizer=tokenizer, model=model, lm=lm, optimizer=optimizer,
+        scheduler=scheduler, reference=reference, stream=PromptStream(train_pool, cfg.seed), eval_problems=eval_problems,
+        rollouts=HFGenerator(lm, tokenizer, task.stop_strings, batch_size=rl.sampling.batch_size),
+        sampling=Sampling(rl.sampling.temperature, rl.sampling.top_p, rl.sampling.max_new_tokens),
+        eval_sampling=Sampling(rl.eval_sampling.temperature, rl.eval_sampling.top_p, rl.eval_sampling.max_new_tokens),
+        per_rank=rl.prompts_per_step // session.world,
+    )
+    if session.resume_from is not None:
+        saved = ckpt.load_training_state(session.resume_from, session.accelerator, model, optimizer)
+        scheduler.load_state_dict(saved["scheduler"])
+        state.step, state.prompt_position = int(saved["step"]), int(saved["prompt_position"])
+        state.eval_before, state.first_step_metrics = saved.get("eval_before"), saved.get("train_first_step")
+    return state
 
 
-def _add(sums: torch.Tensor, **values: Any) -> None:
-    for name, value in values.items():
-        sums[_SUMS.index(name)] += value
+def announce(state: RLState, init_dir: Any) -> None:
+    rl, session = state.cfg.rl, state.session
+    session.say(f"ntp-rl rl -> {session.run_dir.path}")
+    session.say(f"  policy: {init_dir} ({count_parameters(state.lm) / 1e6:.2f}M params) | task: {state.task.name}, "
+                f"{len(state.stream.problems)} train prompts, {len(state.eval_problems)} held-out problems")
+    session.say(f"  GRPO: {rl.prompts_per_step} prompts x G={rl.num_generations} per step, {state.updates_per_step} "
+                f"update(s) per step, clip [{1 - rl.clip_eps_low:g}, {1 + rl.clip_eps_high:g}], "
+                f"{rl.loss_aggregation.value}, kl_coef {rl.kl_coef:g}, "
+                f"dynamic sampling {'on' if rl.dynamic_sampling else 'off'} | {session.world} process(es), "
+                f"{session.device.type}")
+    if state.step:
+        session.say(f"  resumed from {session.resume_from} at step {state.step}")
 
 
-def _pad_to(tokens: torch.Tensor, width: int) -> torch.Tensor:
-    """Micro-batches are trimmed to their longest row; the batch's tensors are full width."""
-    return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]))
+# ---------------------------------------------------------------------------
+# The phases of a step
 
 
-def _rollout_metrics(collected: CollectedGroups) -> dict[str, float]:
+def sample(state: RLState) -> tuple[CollectedGroups, float]:
+    """The step's training groups (dynamic sampling over rounds), and the seconds it took."""
+    rl = state.cfg.rl
+    started = time.perf_counter()
+    collected = collect_groups(functools.partial(sample_round, state), rl.prompts_per_step, rl.dynamic_sampling,
+                               rl.max_sampling_rounds)
+    return collected, time.perf_counter() - started
+
+
+def sample_round(state: RLState, round_: int) -> list[Group]:
+    """This process's share of one round's prompts, sampled, then every process's groups in global order."""
+    from accelerate.utils import gather_object
+
+    cfg, session = state.cfg, state.session
+    offset = state.prompt_position + session.rank * state.per_rank
+    problems = state.stream.take(offset, state.per_rank)
+    prompts_per_call = max(1, cfg.rl.sampling.batch_size // cfg.rl.num_generations)
+    step = state.step
+    groups = sample_groups(state.rollouts, state.task, state.tokenizer, problems, cfg.rl.num_generations, state.sampling,
+                           prompts_per_call, lambda i: rollout_seed(cfg.seed, step, round_, offset + i),
+                           cfg.task.format_reward)
+    state.prompt_position += cfg.rl.prompts_per_step
+    return gather_object(groups)
+
+
+def score(state: RLState, collected: CollectedGroups) -> RolloutBatch:
+    """This process's share of the kept groups: advantages within each group, one training row per sample."""
+    rank, per_rank = state.session.rank, state.per_rank
+    mine = collected.groups[rank * per_rank:(rank + 1) * per_rank]
+    rewards = torch.tensor([g.rewards for g in mine], dtype=torch.float32)
+    advantages = compute_advantages(AdvantageInputs(rewards), state.cfg.rl)
+    return build_batch(mine, advantages, state.tokenizer.pad_token_id, state.cfg.rl.mask_truncated).to(state.session.device)
+
+
+@torch.no_grad()
+def old_logprobs(state: RLState, batch: RolloutBatch, sums: Sums) -> None:
+    """Log-probs of the rollout policy (when several updates follow) and of the reference (when KL is on)."""
+    if not state.separate_old_pass and state.reference is None:
+        return
+    rl, width = state.cfg.rl, batch.response_mask.shape[1]
+    old, ref = [], []
+    for micro in batch.split(rl.micro_batch_size):
+        if state.separate_old_pass:
+            logp, entropy = token_logprobs(state.model, micro, state.sampling.temperature, with_entropy=True)
+            old.append(_pad_to(logp, width))
+            sums.add(entropy=(entropy * micro.response_mask).sum(), tokens=micro.response_mask.sum())
+        if state.reference is not None:
+            with state.session.accelerator.autocast():  # the reference is not prepared, so not autocast by Accelerate
+                ref_logp = token_logprobs(state.reference, micro, state.sampling.temperature)[0]
+            ref.append(_pad_to(ref_logp, width))
+    batch.old_logp = torch.cat(old) if old else None
+    batch.ref_logp = torch.cat(ref) if ref else None
+
+
+def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> None:
+    """mu passes over the batch, one optimizer update per mini-batch; then the schedule's step."""
+    rl = state.cfg.rl
+    rows_per_update = state.per_rank // rl.num_mini_batches * rl.num_generations
+    for _ in range(rl.num_iterations):
+        for first in range(0, len(batch), rows_per_update):
+            update_minibatch(state, batch.rows(first, first + rows_per_update), sums)
+            grad_norm = state.session.accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.optim.grad_clip)
+            if not torch.isfinite(grad_norm):
+                state.session.stop_diverged(state.step, sums["loss"], grad_norm, bar)
+            sums.add(grad_norm=grad_norm.detach() / state.updates_per_step)
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+
+
+def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> None:
+    """Gradients of one mini-batch's clipped surrogate, micro-batch by micro-batch."""
+    rl, accelerator, world = state.cfg.rl, state.session.accelerator, state.session.world
+    policy_loss = POLICY_LOSSES[rl.policy_loss]
+    # Normalise by the whole global mini-batch: each process's loss is its share of the global average.
+    count = accelerator.reduce(aggregation_count(minibatch.response_mask, rl.loss_aggregation), "sum")
+    micros = minibatch.split(rl.micro_batch_size)
+    for i, micro in enumerate(micros):
+        # Gradients are averaged over processes only on the last micro-batch.
+        with nullcontext() if i == len(micros) - 1 else accelerator.no_sync(state.model):
+            logp, entropy = token_logprobs(state.model, micro, state.sampling.temperature,
+                                           with_entropy=not state.separate_old_pass)
+            old_logp = micro.old_logp if state.separate_old_pass else logp.detach()
+            out = policy_loss(PolicyLossInputs(logp, old_logp, micro.advantages), rl)
+            per_token = out.loss
+            if state.reference is not None:
+                kl = k3_kl(logp, micro.ref_logp)
+                per_token = per_token + rl.kl_coef * kl
+            loss = aggregate(per_token, micro.response_mask, rl.loss_aggregation, count)
+            # DDP averages gradients over processes; the loss is already a share of the
+            # global average, so undo the division.
+            accelerator.backward(loss * world)
+        mask = micro.response_mask
+        sums.add(loss=loss.detach() / state.updates_per_step, clip_low=(out.low_clipped & mask).sum(),
+                 clip_high=(out.high_clipped & mask).sum(), clip_tokens=mask.sum(),
+                 kl=(kl.detach() * mask).sum() if state.reference is not None else 0.0)
+        if entropy is not None:
+            sums.add(entropy=(entropy * mask).sum(), tokens=mask.sum())
+
+
+def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: Sums, timing: dict[str, float],
+        bar: Any) -> dict:
+    """The step's metrics (TRL's names where it has them), logged every rl.log_every steps."""
+    rl, session = state.cfg.rl, state.session
+    sums.add(seq_tokens=batch.attention_mask.sum())
+    totals = sums.totals(session.accelerator)
+    metrics = rollout_metrics(collected)
+    generated_tokens = metrics.pop("_gen_tokens")
+    metrics |= {
+        "entropy": totals["entropy"] / max(totals["tokens"], 1),
+        "clip_ratio/low_mean": totals["clip_low"] / max(totals["clip_tokens"], 1),
+        "clip_ratio/high_mean": totals["clip_high"] / max(totals["clip_tokens"], 1),
+        "policy_loss": totals["loss"],
+        "grad_norm": totals["grad_norm"] / session.world,  # every process holds the same (global) norm
+        "lr": state.scheduler.get_last_lr()[0],
+        "perf/gen_tokens_per_sec": generated_tokens / max(timing["gen"], 1e-9),
+        "perf/gen_time_s": timing["gen"],
+        "perf/train_time_s": timing["train"],
+        "perf/step_time_s": time.perf_counter() - timing["step_start"],
+        "perf/peak_mem_gib": peak_memory_gib(session.device),
+    }
+    metrics |= throughput_metrics(state, totals["seq_tokens"], generated_tokens, timing["train"], metrics["perf/step_time_s"])
+    if state.reference is not None:
+        metrics["kl"] = totals["kl"] / max(totals["clip_tokens"], 1)
+    state.first_step_metrics = state.first_step_metrics or metrics
+    if state.step % rl.log_every == 0 or state.step == rl.max_steps:
+        session.tracker.log(metrics, step=state.step)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                        ent=f"{metrics['entropy']:.3f}", len=f"{metrics['completions/mean_length']:.1f}",
+                        drop=metrics["dynamic_sampling/dropped_groups"],
+                        **({"mfu": f"{metrics['perf/mfu']:.1%}"} if "perf/mfu" in metrics else {}))
+    return metrics
+
+
+def throughput_metrics(state: RLState, seq_tokens: float, generated_tokens: float, train_time: float,
+                       step_time: float) -> dict[str, float]:
+    """Training tokens/s, and MFU where the GPU's peak is known.
+
+    Model FLOPs: forward+backward (6N a token) per pass over the batch, a forward (2N) for each
+    extra no-grad pass and for every sampled token (the attention term left out).
+    """
+    rl = state.cfg.rl
+    trained = seq_tokens * rl.num_iterations
+    metrics = {"perf/train_tokens_per_sec": trained / max(train_time, 1e-9)}
+    peak = peak_flops(state.session.device)
+    if peak:
+        n_params = count_parameters(state.lm, exclude_embeddings=True)
+        extra_forwards = seq_tokens * (int(state.separate_old_pass) + int(state.reference is not None))
+        flops = 6 * n_params * trained + 2 * n_params * (extra_forwards + generated_tokens)
+        metrics["perf/mfu"] = flops / step_time / (peak * state.session.world)
+    return metrics
+
+
+def rollout_metrics(collected: CollectedGroups) -> dict[str, float]:
     """Rewards and lengths of everything sampled this step (every round, every process)."""
     groups = collected.generated
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
@@ -314,10 +367,55 @@ def _rollout_metrics(collected: CollectedGroups) -> dict[str, float]:
     }
 
 
-def _model_dir(init_from: str) -> Any:
-    """A run directory or checkpoint -> its latest model directory; a hub name stays a name (check_rl vetted it)."""
-    return ckpt.resolve_model_dir(init_from, key="init_from") if Path(init_from).exists() else init_from
+def _pad_to(tokens: torch.Tensor, width: int) -> torch.Tensor:
+    """Micro-batches are trimmed to their longest row; the batch's tensors are full width."""
+    return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]))
 
 
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
+# ---------------------------------------------------------------------------
+# Held-out checks, checkpoints, results
+
+
+def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
+    """Avg@n, Cons@n and pass@k on the task's test problems, logged at `step`.
+
+    Each process scores a slice of the problems with the same seed at every evaluation, so
+    changes between evaluations come from the model, not the dice.
+    """
+    from accelerate.utils import gather_object
+
+    rl, session = state.cfg.rl, state.session
+    mine = state.eval_problems[session.rank::session.world]
+    evaluator = HFGenerator(state.lm, state.tokenizer, state.task.stop_strings, batch_size=rl.eval_sampling.batch_size)
+    results = sample_and_score(evaluator, state.task, mine, rl.eval_samples, state.eval_sampling, list(rl.eval_ks),
+                               seed=rl_eval_seed(state.cfg.seed))
+    summary = summarize(gather_object(results), list(rl.eval_ks))
+    session.tracker.log({f"eval/{k}": v for k, v in summary.items() if k not in ("problems", "n")}, step=step)
+    shown = " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith(("avg@", "pass@", "cons@")))
+    session.say(f"  eval @ {step}: {shown} | mean length {summary['mean_length']:.1f}")
+    return summary
+
+
+def save(state: RLState) -> Path:
+    session = state.session
+    trainer_state = {"step": state.step, "prompt_position": state.prompt_position,
+                     "scheduler": state.scheduler.state_dict(), "world_size": session.world,
+                     "eval_before": state.eval_before, "train_first_step": state.first_step_metrics}
+    return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m,
+                                state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
+
+
+def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: dict, wall: float) -> dict:
+    session, step = state.session, state.step
+    final = ckpt.latest_checkpoint(session.run_dir.checkpoints)
+    accuracy_key = f"avg@{state.cfg.rl.eval_samples}"
+    results = {"stage": "rl", "step": step, "checkpoint": str(final), "init_from": str(init_dir),
+               "task": state.task.name, "eval_before": state.eval_before, "eval_after": eval_after,
+               "train_first_step": state.first_step_metrics, "train_last_step": last_step_metrics,
+               "train_wall_time_s": wall, "num_processes": session.world}
+    session.tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
+    session.finish(results, step=step, checkpoint=str(final))
+    before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
+    session.say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"
+                f" | mean length {eval_after['mean_length']:.1f}\n  model: {final}")
+    return results

@@ -115,7 +115,7 @@ def register(kind: str) -> Callable:
 
 
 def build_task(task_cfg: Any) -> Task:
-    kind = getattr(task_cfg.kind, "value", task_cfg.kind)
+    kind = task_cfg.kind
     if kind in KIND_MODULES:
         importlib.import_module(KIND_MODULES[kind])
     if kind not in KINDS:

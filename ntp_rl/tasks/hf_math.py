@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from math_verify import LatexExtractionConfig, parse, verify
 
-from ntp_rl.config import AnswerFormat
+from ntp_rl.config.schema import AnswerFormat
 from ntp_rl.errors import ConfigError, DataError
 from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register, template_stop_strings
 
@@ -76,7 +76,7 @@ class HFMathTask:
 
     def problems(self, split: str, n: int) -> list[TaskProblem]:
         """The first n rows of the split that have a reference answer, in the dataset's order."""
-        from ntp_rl.data.pretrain import load_hf_dataset
+        from ntp_rl.data.hf import load_hf_dataset
 
         if split not in TASK_SPLITS:
             raise ValueError(f"split must be one of {TASK_SPLITS}, not {split!r}")
@@ -117,7 +117,6 @@ def build(task_cfg: Any) -> HFMathTask:
     if not any(ch in str(path) for ch in "*?[") and not local.exists() and (
             local.is_absolute() or str(path).startswith((".", "~")) or local.suffix in (".jsonl", ".json", ".parquet", ".csv")):
         raise DataError(f"task.path={path}: no such file or directory")
-    answer_format = getattr(task_cfg, "answer_format", "auto")
     return HFMathTask(
         name=getattr(task_cfg, "name", "hf_math"),
         path=str(path),
@@ -125,6 +124,6 @@ def build(task_cfg: Any) -> HFMathTask:
         splits={"train": getattr(task_cfg, "train_split", "train"), "test": getattr(task_cfg, "test_split", "test")},
         question_field=getattr(task_cfg, "question_field", "question"),
         answer_field=getattr(task_cfg, "answer_field", "answer"),
-        answer_format=AnswerFormat(getattr(answer_format, "value", answer_format)),
+        answer_format=getattr(task_cfg, "answer_format", AnswerFormat.auto),
         prompt_template=getattr(task_cfg, "prompt_template", None) or DEFAULT_TEMPLATE,
     )

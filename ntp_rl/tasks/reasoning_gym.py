@@ -22,7 +22,7 @@ from reasoning_gym.factory import DATASETS
 from reasoning_gym.utils import SYSTEM_PROMPTS
 from reasoning_gym.utils import extract_answer as extract_tagged_answer
 
-from ntp_rl.data.pretrain import mix_seed
+from ntp_rl.seeding import mix_seed
 from ntp_rl.errors import ConfigError, first_line
 from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register, template_stop_strings
 

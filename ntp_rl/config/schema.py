@@ -1,0 +1,365 @@
+"""The config schema: one dataclass per config section, and the enums their fields take.
+
+Hydra merges every stage's YAML into these dataclasses, so a typo (`loss.bta=1`) or a wrong
+type (`loss.k=many`) fails before anything runs; each field's comment is its documentation.
+This module is a leaf: it imports nothing of ntp-rl, so any module may import it.
+Checks beyond types live in ntp_rl/config/validate.py; Hydra composition in compose.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class PositiveForm(Enum):
+    """How beta enters the ground-truth reward (PAPER.md section 3)."""
+
+    exponent = "exponent"  # r = (1/p) ** ((1-p) ** beta), the paper's typeset equation
+    multiplicative = "multiplicative"  # r = (1/p) * (1-p) ** beta
+
+
+class LossImpl(Enum):
+    fused = "fused"  # LM head + loss chunk by chunk: no [tokens x vocab] logits ever exist
+    chunked = "chunked"  # over the model's logits, fp32 one chunk at a time
+    reference = "reference"  # plain autograd over fp32 logits; slow, for checking
+
+
+class ModelArch(Enum):
+    qwen3 = "qwen3"
+    qwen3_moe = "qwen3_moe"
+    hf = "hf"  # any causal LM from the hub or a local directory (continued pre-training)
+
+
+class DataSource(Enum):
+    embedded = "embedded"  # the procedural reasoning corpus generated locally
+    hf = "hf"  # any `datasets` source with a text field
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class WandbMode(Enum):
+    auto = "auto"  # online when logged in, offline otherwise
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Schedule(Enum):
+    wsd = "wsd"  # warmup-stable-decay, as in the paper
+    cosine = "cosine"
+    constant = "constant"
+
+
+class AnswerFormat(Enum):
+    """How a dataset writes its reference answer (task kind hf_math)."""
+
+    auto = "auto"  # gsm8k when the field has "####", boxed when it has \boxed, else plain
+    gsm8k = "gsm8k"  # a worked solution ending "#### 42"
+    boxed = "boxed"  # a worked solution with the answer in \boxed{...}
+    plain = "plain"  # the field is the final answer itself
+
+
+class LossAggregation(Enum):
+    """How per-token policy losses become one number (verl: loss_agg_mode)."""
+
+    token_mean = "token_mean"  # DAPO: every response token of the batch weighs the same
+    seq_mean = "seq_mean"  # GRPO paper: mean over each response's tokens, then over responses
+
+
+class NonFinitePolicy(Enum):
+    stop = "stop"  # end the run with a clear message; no checkpoint is written
+    skip = "skip"  # drop the step (no update), count it, go on
+
+
+@dataclass
+class LossConfig:
+    """The reward-shaped next-token loss. beta = lambda_top = lambda_tail = 0 is exactly CE."""
+
+    name: str = "ce"  # the preset's name, used in run names and tags
+    beta: float = 0.0  # ground-truth reward factor: < 0 precision, > 0 diversity
+    lambda_top: float = 0.0  # reward of negatives inside the top-k (paper: lambda-tilde)
+    lambda_tail: float = 0.0  # reward of negatives outside the top-k (paper: lambda-hat)
+    k: int = 100  # size of the top-k set; also used for the top-k / tail mass diagnostics
+    positive_form: PositiveForm = PositiveForm.exponent
+    impl: LossImpl = LossImpl.fused
+    chunk_size: int = 1024  # tokens per chunk for the fused and chunked paths
+    # torch.compile each chunk's loss (Triton kernels on GPU, C++ on CPU): fewer passes over
+    # the [chunk x vocab] logits, at the price of a compile (seconds) in the first steps.
+    compile: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    arch: ModelArch = ModelArch.qwen3
+    name_or_path: Optional[str] = None  # arch=hf: hub name or local directory
+    vocab_size: Optional[int] = None  # null: taken from the tokenizer
+    hidden_size: int = 192
+    num_layers: int = 4
+    intermediate_size: int = 512
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # null: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # Mixture of experts (arch=qwen3_moe)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.embedded
+    seq_len: int = 256  # tokens per training sequence
+    # source=embedded: the procedural corpus (ntp_rl/data/corpus.py)
+    difficulty: int = 2  # 1 (one small step) .. 5 (long chains, big numbers)
+    seed: int = 0  # the corpus's seed; the run's `seed` varies init and data order only
+    num_train_docs: int = 60000
+    num_val_docs: int = 1000
+    vocab_size: int = 512  # size of the locally trained BPE tokenizer
+    # source=hf: a hub dataset name, a local directory, or local .jsonl/.json/.parquet/.txt
+    # files (a glob works); the text in `text_field` is tokenized and packed.
+    path: Optional[str] = None
+    name: Optional[str] = None  # the dataset's config (subset) name
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    val_docs: int = 200  # documents held out from the start of the split for validation
+    max_train_docs: Optional[int] = None  # null: all of them
+    tokenizer: Optional[str] = None  # HF tokenizer name or directory (default: the model's)
+    cache_dir: Optional[str] = None  # null: <out_dir>/cache
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: Schedule = Schedule.wsd
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
+    min_lr_ratio: float = 0.1  # lr at the end of the decay, as a share of lr
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    # Sequences per forward pass on one process; null: the process's whole share of the batch
+    # (no accumulation), so the same command runs on any number of processes.
+    micro_batch_size: Optional[int] = None
+    precision: Precision = Precision.auto
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    eval_sequences: int = 64  # validation sequences per evaluation
+    save_every: int = 200
+    keep_last: int = 2  # checkpoints kept in the run directory
+    on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: stop after this many skipped steps
+
+
+@dataclass
+class WandbConfig:
+    project: str = "ntp-rl"
+    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.auto
+    group: Optional[str] = None  # null: the run's own name (a pipeline sets its lineage)
+    name: Optional[str] = None  # null: derived from the stage and the overrides
+    tags: list[str] = field(default_factory=list)  # added to the swept settings
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: bool = True
+
+
+@dataclass
+class TaskConfig:
+    """A verifiable task (ntp_rl/tasks): what `rl` trains on and `eval` measures."""
+
+    name: str = "embedded"
+    kind: str = "embedded"  # a key of ntp_rl.tasks.KINDS
+    difficulty: int = 2  # kind=embedded: 1..5, as data.difficulty
+    seed: int = 0  # which problems: the same seed gives the same problems
+    format_reward: float = 0.0  # added to the reward when an answer could be extracted at all
+    reward_fn: Optional[str] = None  # package.module:function(completion, problem) -> float replaces the reward
+    prompt_template: Optional[str] = None  # "{question}" is replaced by the problem; null: the kind's own
+    # kind=reasoning_gym: a dataset the reasoning-gym package generates (and scores) offline
+    dataset: Optional[str] = None  # e.g. chain_sum, basic_arithmetic, gsm_symbolic, countdown
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # the dataset's own config, e.g. {min_terms: 2}
+    # kind=hf_math: GSM8K / MATH-style data from `datasets`, scored with math-verify
+    path: Optional[str] = None  # hub name, local directory (train.jsonl, test.jsonl, ...) or local file(s)
+    subset: Optional[str] = None  # the dataset's config name, e.g. main for openai/gsm8k
+    train_split: str = "train"  # `datasets` split syntax works: train[:90%]
+    test_split: str = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: AnswerFormat = AnswerFormat.auto
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64  # sequences per generate call
+
+
+@dataclass
+class RunConfig:
+    """Keys every stage has."""
+
+    stage: str = "?"
+    seed: int = 0
+    out_dir: str = "outputs"
+    run_dir: Optional[str] = None  # null: <out_dir>/<stage>/<time>-<overrides>
+    resume: Optional[str] = None  # null: fresh run; auto: latest checkpoint of this run; or a path
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    stage: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _rollout_sampling() -> SamplingConfig:
+    return SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=48, batch_size=128)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO with verifiable rewards, DAPO-style (clip-higher, dynamic sampling, token-level loss).
+
+    Defaults are the paper's (PAPER.md section 6) except the batch sizes and step count,
+    which fit the tiny model on 2 CPU cores in about five minutes; the paper runs 128 prompts
+    x 16 samples for ~1000 steps.
+    """
+
+    max_steps: int = 60
+    prompts_per_step: int = 32  # groups per step over all processes (paper: 128); each rank takes its share
+    num_generations: int = 8  # G, samples per prompt (paper: 16)
+    num_iterations: int = 1  # mu: passes over each rollout batch (1 = strictly on-policy)
+    num_mini_batches: int = 1  # optimizer updates per pass; the rollout batch is split this many ways
+    micro_batch_size: int = 64  # sequences per forward/backward on one process (memory, not maths)
+    advantage: str = "grpo"  # a key of ntp_rl.rl.advantages.ADVANTAGES
+    scale_rewards: bool = True  # divide by the group's std; false: only subtract the group mean (Dr. GRPO)
+    advantage_eps: float = 1e-6
+    policy_loss: str = "ppo_clip"  # a key of ntp_rl.rl.policy_loss.POLICY_LOSSES
+    clip_eps_low: float = 0.2  # ratio floor 1 - eps_low
+    clip_eps_high: float = 0.28  # ratio ceiling 1 + eps_high (clip-higher, DAPO)
+    loss_aggregation: LossAggregation = LossAggregation.token_mean
+    kl_coef: float = 0.0  # > 0: k3 KL penalty to the frozen init_from model (the paper uses none)
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal and sample more prompts
+    max_sampling_rounds: int = 3  # rounds of sampling per step at most (1 = no resampling)
+    mask_truncated: bool = False  # responses cut off at max_new_tokens get no loss
+    sampling: SamplingConfig = field(default_factory=_rollout_sampling)
+    train_problems: int = 4096  # size of the prompt pool from the task's train split (reshuffled each pass)
+    precision: Precision = Precision.auto
+    log_every: int = 1
+    save_every: int = 20
+    keep_last: int = 2
+    # Held-out evaluation on the task's test split, before training, every eval_every steps and at the end.
+    eval_every: int = 20
+    eval_problems: int = 256
+    eval_samples: int = 8  # n per problem: avg@n is the mean accuracy
+    eval_ks: list[int] = field(default_factory=lambda: [1, 8])  # unbiased pass@k for each k <= n
+    eval_sampling: SamplingConfig = field(default_factory=_rollout_sampling)
+
+
+@dataclass
+class RLConfig(RunConfig):
+    stage: str = "rl"
+    init_from: str = MISSING  # a pretrain/rl run directory, a checkpoint, or an HF model directory / hub name
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rl: GRPOConfig = field(default_factory=GRPOConfig)
+
+
+@dataclass
+class EvalSettings:
+    """What `eval` samples and reports: n completions per problem, scored as Avg@n, Cons@n and pass@k."""
+
+    n: int = 16  # samples per problem (the paper: 128; `eval=paper`)
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # pass@k for each k <= n
+    num_problems: int = 64  # the first problems of the task's split (fewer if the task has fewer)
+    split: str = "test"  # the task's split; "test" is held out from pretrain and rl alike
+    keep_samples: bool = False  # also write every completion to samples.jsonl
+    precision: Precision = Precision.auto  # auto: bf16 weights on GPU, fp32 on CPU
+
+
+@dataclass
+class DiagnosticsConfig:
+    """The model's next-token distribution on held-out text (`data`): how sure it is, and where it branches."""
+
+    enabled: bool = True
+    num_sequences: int = 64  # held-out windows of data.seq_len tokens
+    batch_size: int = 16  # windows per forward pass
+    k: int = 100  # top-k mass is the probability of the k likeliest tokens; tail mass the rest
+    # Entropy (nats) above which a token counts as a "forking" token. 0.672 is the 80th
+    # percentile Wang et al. (2025, "Beyond the 80/20 rule", arXiv 2506.01939) found in
+    # Qwen3-8B's chains of thought on AIME: their top 20%, where reasoning branches. A fixed
+    # threshold (not a per-run percentile) lets runs be compared by the share above it.
+    forking_threshold: float = 0.672
+    bins: int = 50  # entropy histogram bins over [0, log V]
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    stage: str = "eval"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    data: DataConfig = field(default_factory=DataConfig)  # the held-out text of the diagnostics
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+
+
+# A pipeline lineage's stages, in order: each runs one of the stages in the stage table
+# (eval_base and eval_rl are `eval` runs, before and after RL).
+LINEAGE_STAGES = ("pretrain", "eval_base", "rl", "eval_rl")
+
+
+@dataclass
+class PipelineConfig(PretrainConfig):
+    """pretrain -> eval (base) -> rl -> eval (after RL). The pre-training keys sit at the top
+    level as in `ntp-rl pretrain` (loss=..., train.max_steps=...); the RL and eval keys are
+    those of `ntp-rl rl` and `ntp-rl eval` (rl.*, eval.*, sampling.*), with RL's optimizer
+    under rl_optim."""
+
+    stage: str = "pipeline"
+    stages: list[str] = field(default_factory=lambda: list(LINEAGE_STAGES))  # a subset, in this order
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rl: GRPOConfig = field(default_factory=GRPOConfig)
+    rl_optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the evals' sampling
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    # An experiment: key -> values, one lineage per combination, each its own process.
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    jobs: int = 1  # lineages of a sweep run at once (CPU machines: the cores are shared out)
+
+

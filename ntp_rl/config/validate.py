@@ -1,0 +1,287 @@
+"""Checks beyond types: one `validate_<stage>` per stage, run once when the stage is dispatched.
+
+Each check raises ConfigError naming the key and what would work. These need nothing but the
+config; checks that need the process count, the device, the model or the tokenizer are the
+functions at the end, which the stages call once those exist.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from ntp_rl.config.schema import LINEAGE_STAGES, DataSource, LossImpl, ModelArch
+from ntp_rl.errors import ConfigError, DataError
+
+
+def validate_pretrain(cfg: Any) -> None:
+    _check_required(cfg)
+    _check_resume(cfg)
+    check_loss(cfg.loss)
+    _check_model(cfg.model)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_train(cfg.train)
+
+
+def validate_rl(cfg: Any) -> None:
+    _check_required(cfg)
+    _check_resume(cfg)
+    _check_init_from(cfg.init_from)
+    _check_grpo(cfg.rl, cfg.optim, cfg.task)
+
+
+def validate_eval(cfg: Any) -> None:
+    _check_required(cfg)
+    if cfg.resume not in (None, "never"):
+        raise ConfigError("resume", "eval runs are not resumed (they save no checkpoints); run the command again", cfg.resume)
+    if cfg.model.arch is not ModelArch.hf:
+        raise ConfigError("model", "eval needs trained weights: model=<run dir, checkpoint, HF model dir or hub name>; "
+                          "an architecture preset such as model=tiny has none")
+    _check_model(cfg.model)
+    _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+
+
+def validate_pipeline(cfg: Any) -> None:
+    _check_required(cfg)
+    _check_resume(cfg)
+    if cfg.resume not in (None, "never"):
+        raise ConfigError("resume", "a pipeline always resumes: run the same command again", cfg.resume)
+    unknown = [s for s in cfg.stages if s not in LINEAGE_STAGES]
+    if unknown or not cfg.stages or list(cfg.stages) != [s for s in LINEAGE_STAGES if s in cfg.stages]:
+        raise ConfigError("stages", f"must be a non-empty subset of {list(LINEAGE_STAGES)}, in that order",
+                          list(cfg.stages))
+    _positive(cfg.jobs, "jobs")
+    for key, values in cfg.sweep.items():
+        if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+            raise ConfigError(f"sweep.{key}", "must be a non-empty list of values")
+    check_loss(cfg.loss)
+    _check_model(cfg.model)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_train(cfg.train)
+    _check_grpo(cfg.rl, cfg.rl_optim, cfg.task, optim_key="rl_optim")
+    _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+def _positive(value: Any, key: str) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(key, "must be > 0", value)
+
+
+def _finite(value: float, key: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(key, "must be a finite number", value)
+
+
+def _check_required(cfg: Any) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(missing[0], "is required (set it on the command line)")
+
+
+def _check_resume(cfg: Any) -> None:
+    if cfg.resume not in (None, "never", "auto") and not Path(cfg.resume).exists():
+        raise ConfigError("resume", "must be null, never, auto, or an existing checkpoint directory", cfg.resume)
+
+
+def check_loss(loss: Any, vocab_size: Optional[int] = None) -> None:
+    """The loss's settings; with `vocab_size` (known once the tokenizer is), also k against it."""
+    for key in ("beta", "lambda_top", "lambda_tail"):
+        _finite(loss[key], f"loss.{key}")
+    if loss.k < 1 or (vocab_size is not None and loss.k > vocab_size):
+        bound = f"in 1..{vocab_size} (the vocabulary size)" if vocab_size else ">= 1"
+        raise ConfigError("loss.k", f"must be {bound}", loss.k)
+    _positive(loss.chunk_size, "loss.chunk_size")
+    if loss.compile and loss.impl is LossImpl.reference:
+        raise ConfigError("loss.compile", "applies to loss.impl=fused or chunked, not reference", loss.compile)
+
+
+def _check_model(model: Any) -> None:
+    if model.arch is ModelArch.hf:
+        if not model.name_or_path:
+            raise ConfigError("model.name_or_path", "is required with model.arch=hf (a hub name or a local directory)")
+        return
+    for key in ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "max_position_embeddings"):
+        _positive(model[key], f"model.{key}")
+    if model.num_heads % model.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"must divide model.num_heads={model.num_heads}", model.num_kv_heads)
+    if model.head_dim is None and model.hidden_size % model.num_heads:
+        raise ConfigError("model.num_heads", f"must divide model.hidden_size={model.hidden_size} (or set model.head_dim)",
+                          model.num_heads)
+    if model.arch is ModelArch.qwen3_moe:
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            _positive(model[key], f"model.{key}")
+        if model.num_experts_per_tok > model.num_experts:
+            raise ConfigError("model.num_experts_per_tok", f"must be <= model.num_experts={model.num_experts}",
+                              model.num_experts_per_tok)
+
+
+def _check_data(data: Any) -> None:
+    _positive(data.seq_len, "data.seq_len")
+    if data.source is DataSource.embedded:
+        if not 1 <= data.difficulty <= 5:
+            raise ConfigError("data.difficulty", "must be in 1..5", data.difficulty)
+        _positive(data.num_train_docs, "data.num_train_docs")
+        _positive(data.num_val_docs, "data.num_val_docs")
+        if data.vocab_size < 64:
+            raise ConfigError("data.vocab_size", "must be >= 64", data.vocab_size)
+    else:
+        if not data.path:
+            raise ConfigError("data.path", "is required with data.source=hf (a hub dataset name or local files)")
+        _positive(data.val_docs, "data.val_docs")
+
+
+def _check_optim(optim: Any, prefix: str = "optim") -> None:
+    for key in ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "decay_fraction", "min_lr_ratio"):
+        _finite(optim[key], f"{prefix}.{key}")
+    _positive(optim.lr, f"{prefix}.lr")
+    if optim.weight_decay < 0:
+        raise ConfigError(f"{prefix}.weight_decay", "must be >= 0", optim.weight_decay)
+    for key in ("beta1", "beta2"):
+        if not 0 <= optim[key] < 1:
+            raise ConfigError(f"{prefix}.{key}", "must be in [0, 1)", optim[key])
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"{prefix}.warmup_steps", "must be >= 0", optim.warmup_steps)
+    if not 0 <= optim.decay_fraction <= 1:
+        raise ConfigError(f"{prefix}.decay_fraction", "must be in [0, 1]", optim.decay_fraction)
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError(f"{prefix}.min_lr_ratio", "must be in [0, 1]", optim.min_lr_ratio)
+
+
+def _check_train(train: Any) -> None:
+    for key in ("max_steps", "log_every", "eval_every", "save_every", "keep_last", "eval_sequences"):
+        _positive(train[key], f"train.{key}")
+    # The split over processes is checked by the stage (micro_batches), which knows how many there are.
+    micro_batches(train.batch_size, train.micro_batch_size, 1)
+
+
+def _check_sampling(sampling: Any, prefix: str = "sampling") -> None:
+    if sampling.temperature < 0 or not math.isfinite(sampling.temperature):
+        raise ConfigError(f"{prefix}.temperature", "must be a finite number >= 0 (0 = greedy)", sampling.temperature)
+    if not 0 < sampling.top_p <= 1:
+        raise ConfigError(f"{prefix}.top_p", "must be in (0, 1]", sampling.top_p)
+    _positive(sampling.max_new_tokens, f"{prefix}.max_new_tokens")
+    _positive(sampling.batch_size, f"{prefix}.batch_size")
+
+
+def _check_evaluation(ev: Any, sampling: Any, diag: Any, data: Any) -> None:
+    """What an eval samples and measures, wherever it sits (`ntp-rl eval` or a pipeline's evals)."""
+    from ntp_rl.tasks import TASK_SPLITS
+
+    _check_sampling(sampling)
+    _positive(ev.n, "eval.n")
+    _positive(ev.num_problems, "eval.num_problems")
+    if not ev.ks:
+        raise ConfigError("eval.ks", "must list at least one k, e.g. eval.ks=[1,8]", list(ev.ks))
+    too_big = [k for k in ev.ks if not 1 <= k <= ev.n]
+    if too_big:
+        raise ConfigError("eval.ks", f"every k must be in 1..eval.n={ev.n} (pass@k draws k of the n samples); "
+                          f"{too_big[0]} is not", list(ev.ks))
+    if ev.split not in TASK_SPLITS:
+        raise ConfigError("eval.split", f"must be one of: {', '.join(TASK_SPLITS)}", ev.split)
+    if diag.enabled:
+        _check_data(data)
+        for key in ("num_sequences", "batch_size", "k", "bins"):
+            _positive(diag[key], f"diagnostics.{key}")
+        if diag.forking_threshold < 0 or not math.isfinite(diag.forking_threshold):
+            raise ConfigError("diagnostics.forking_threshold", "must be a finite entropy in nats, >= 0",
+                              diag.forking_threshold)
+
+
+def _check_init_from(init_from: str) -> None:
+    """A local path must hold a model; anything else is taken for a hub name and checked when loaded."""
+    from ntp_rl.checkpoint import resolve_model_dir
+
+    path = Path(init_from)
+    if path.exists():
+        resolve_model_dir(init_from, key="init_from")
+    elif path.is_absolute() or init_from.startswith((".", "~")) or len(path.parts) > 2:
+        raise DataError(f"init_from={init_from}: no such directory (give a run directory, a checkpoint or an HF model)")
+
+
+def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> None:
+    """The RL settings, wherever they sit (`ntp-rl rl` or a pipeline's rl stage)."""
+    from ntp_rl.rl.advantages import ADVANTAGES
+    from ntp_rl.rl.policy_loss import POLICY_LOSSES
+
+    _check_optim(optim, optim_key)
+    _finite(task.format_reward, "task.format_reward")
+    for key in ("max_steps", "prompts_per_step", "num_iterations", "num_mini_batches", "micro_batch_size",
+                "max_sampling_rounds", "train_problems", "log_every", "save_every", "keep_last", "eval_every",
+                "eval_problems", "eval_samples"):
+        _positive(rl[key], f"rl.{key}")
+    if rl.num_generations < 2:
+        raise ConfigError("rl.num_generations", "must be >= 2: group-relative advantages compare samples of a prompt",
+                          rl.num_generations)
+    rl_prompt_split(rl, 1)  # and again by the stage, with its number of processes
+    for key in ("clip_eps_low", "clip_eps_high", "advantage_eps", "kl_coef"):
+        _finite(rl[key], f"rl.{key}")
+    if not 0 <= rl.clip_eps_low < 1:
+        raise ConfigError("rl.clip_eps_low", "must be in [0, 1): the ratio is clipped below at 1 - clip_eps_low",
+                          rl.clip_eps_low)
+    if rl.clip_eps_high < 0:
+        raise ConfigError("rl.clip_eps_high", "must be >= 0: the ratio is clipped above at 1 + clip_eps_high",
+                          rl.clip_eps_high)
+    if rl.advantage_eps < 0:
+        raise ConfigError("rl.advantage_eps", "must be >= 0", rl.advantage_eps)
+    if rl.kl_coef < 0:
+        raise ConfigError("rl.kl_coef", "must be >= 0 (0 = no KL term)", rl.kl_coef)
+    if rl.advantage not in ADVANTAGES:
+        raise ConfigError("rl.advantage", f"unknown estimator; choose one of: {', '.join(sorted(ADVANTAGES))}", rl.advantage)
+    if rl.policy_loss not in POLICY_LOSSES:
+        raise ConfigError("rl.policy_loss", f"unknown loss; choose one of: {', '.join(sorted(POLICY_LOSSES))}",
+                          rl.policy_loss)
+    _check_sampling(rl.sampling, "rl.sampling")
+    if rl.sampling.temperature == 0:
+        raise ConfigError("rl.sampling.temperature", "must be > 0: GRPO compares different samples of a prompt", 0)
+    _check_sampling(rl.eval_sampling, "rl.eval_sampling")
+    bad_ks = [k for k in rl.eval_ks if not 1 <= k <= rl.eval_samples]
+    if bad_ks:
+        raise ConfigError("rl.eval_ks", f"every k must be in 1..rl.eval_samples={rl.eval_samples}", list(rl.eval_ks))
+
+
+# ---------------------------------------------------------------------------
+# Checks that need what only a running stage knows: its processes, its model.
+
+
+def micro_batches(batch_size: int, micro_batch_size: Optional[int], num_processes: int,
+                  prefix: str = "train") -> tuple[int, int]:
+    """(micro batch size, gradient accumulation steps) for this many processes, or say which key to change."""
+    _positive(batch_size, f"{prefix}.batch_size")
+    if micro_batch_size is None:
+        if batch_size % num_processes:
+            raise ConfigError(f"{prefix}.batch_size", f"must be a multiple of the {num_processes} processes", batch_size)
+        return batch_size // num_processes, 1
+    _positive(micro_batch_size, f"{prefix}.micro_batch_size")
+    per_step = micro_batch_size * num_processes
+    if batch_size % per_step:
+        raise ConfigError(
+            f"{prefix}.batch_size",
+            f"must be a multiple of {prefix}.micro_batch_size x processes = {micro_batch_size} x {num_processes} = {per_step}",
+            batch_size,
+        )
+    return micro_batch_size, batch_size // per_step
+
+
+def rl_prompt_split(rl: Any, num_processes: int) -> int:
+    """Prompts (groups) each process samples per step, or say which key to change."""
+    per_update = rl.num_mini_batches * num_processes
+    if rl.prompts_per_step % per_update:
+        raise ConfigError("rl.prompts_per_step", f"must be a multiple of rl.num_mini_batches x processes = "
+                          f"{rl.num_mini_batches} x {num_processes} = {per_update}", rl.prompts_per_step)
+    return rl.prompts_per_step // num_processes
+
+
+def check_seq_len(seq_len: int, model: Any) -> None:
+    """Training or measuring windows longer than the model's positions would fail deep inside attention."""
+    limit = model.config.max_position_embeddings
+    if seq_len > limit:
+        raise ConfigError("data.seq_len", f"exceeds the model's max_position_embeddings={limit}", seq_len)

@@ -1,0 +1,138 @@
+"""What every stage does around its own loop, written once.
+
+    session = StageSession("pretrain", cfg, overrides, precision=cfg.train.precision)
+    ...build what a user can get wrong (data, model); nothing is written yet...
+    session.choose_run_dir()                  # rank 0 decides; every rank learns the answer
+    if (done := session.finished_results(max_steps)) is not None:
+        return done                           # resume=auto of a run that already finished
+    with session.open(resume_step) as tracker:  # run.json, config.yaml, W&B; failures are recorded
+        bar = session.progress(...)
+        ...the stage's own loop...
+        return session.finish(results, step=..., checkpoint=...)
+
+A run whose code raises is marked failed (or interrupted) in run.json and its W&B run is
+closed as failed, so a half-done run never looks complete.
+"""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from ntp_rl import rundir
+from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
+from ntp_rl.errors import TrainingDiverged
+from ntp_rl.io import write_json_atomic
+from ntp_rl.rundir import RESULTS_FILE, RunDir
+from ntp_rl.runtime import make_accelerator
+from ntp_rl.tracking import Tracker, wandb_mode
+
+
+class StageSession:
+    """One run of a stage on this process: its accelerator, run directory, records and console."""
+
+    def __init__(self, stage: str, cfg: Any, overrides: Sequence[str], precision: Any):
+        self.stage = stage
+        self.cfg = cfg
+        self.overrides = list(overrides)
+        self.wandb_mode = wandb_mode(cfg.logger.wandb.mode)
+        self.accelerator = make_accelerator(precision, self.wandb_mode)
+        self.is_main = self.accelerator.is_main_process
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.run_dir: Optional[RunDir] = None
+        self.tracker: Optional[Tracker] = None
+
+    def say(self, message: str) -> None:
+        """A console line from the main process; tqdm.write keeps a progress bar intact below it."""
+        if self.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+
+    def choose_run_dir(self, name_overrides: Optional[Sequence[str]] = None) -> RunDir:
+        """Rank 0 decides the run directory (and the checkpoint to resume); every rank gets the same answer.
+
+        Nothing is written yet, so a mistake found while building the model leaves no trace.
+        `name_overrides` name the run when the command line's overrides would not say it well.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        chosen: list[Any] = [None, None]  # the RunDir, or the error that stopped rank 0
+        if self.is_main:
+            try:
+                chosen[0] = rundir.choose_run_dir(self.cfg, self.stage, name_overrides or self.overrides)
+            except Exception as exc:  # every rank must learn of it, or the others hang
+                chosen[1] = exc
+        if self.world > 1:
+            broadcast_object_list(chosen)
+        if chosen[1] is not None:
+            raise chosen[1]
+        self.run_dir = chosen[0]
+        return self.run_dir
+
+    @property
+    def resume_from(self) -> Optional[Path]:
+        return self.run_dir.resume_from if self.run_dir else None
+
+    def resume_step(self) -> Optional[int]:
+        """The step of the checkpoint this run resumes from (None for a fresh run)."""
+        if self.resume_from is None:
+            return None
+        return int(torch.load(Path(self.resume_from) / TRAINER_STATE, map_location="cpu", weights_only=True)["step"])
+
+    def finished_results(self, max_steps: int) -> Optional[dict]:
+        """The results of this run if it already finished all `max_steps` (resume=auto of a finished run)."""
+        finished = rundir.read_results(self.run_dir.path) if self.resume_from else None
+        if finished is None or finished["step"] < max_steps:
+            return None
+        self.accelerator.print(f"ntp-rl {self.stage}: {self.run_dir.path} already finished at step {finished['step']}")
+        return finished
+
+    @contextmanager
+    def open(self, resume_step: Optional[int] = None) -> Iterator[Tracker]:
+        """Create the run directory and its records, start tracking (W&B + metrics.jsonl), and record
+        in run.json whatever stops the run early."""
+        run, cfg = self.run_dir, self.cfg
+        with rundir.recording_failures(run, self.is_main):
+            if self.is_main:
+                if "wandb_id" not in run.info and self.wandb_mode != "disabled":
+                    run.info["wandb_id"] = secrets.token_hex(6)  # kept in run.json: a resumed run logs to the same W&B run
+                rundir.create(run, cfg, self.stage, self.overrides, self.world)
+            self.accelerator.wait_for_everyone()
+            run.info = rundir.read_run_info(run.path)  # the other ranks learn the W&B id here
+            tags = [*rundir.setting_overrides(self.overrides), *cfg.logger.wandb.tags]
+            with Tracker(self.accelerator, run.path, self.wandb_mode, stage=self.stage, run_name=run.name,
+                         group=cfg.logger.wandb.group, tags=tags, cfg=cfg, resume_step=resume_step,
+                         wandb_id=run.info.get("wandb_id"), logger_cfg=cfg.logger) as tracker:
+                self.tracker = tracker
+                yield tracker
+
+    def progress(self, total: int, initial: int = 0, desc: Optional[str] = None, unit: str = "it") -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc or self.stage, unit=unit, dynamic_ncols=True,
+                    disable=not (self.is_main and self.cfg.logger.progress_bar))
+
+    def finish(self, results: dict, **info: Any) -> dict:
+        """Write results.json and mark the run finished (main process), then wait for every process."""
+        if self.is_main:
+            write_json_atomic(self.run_dir.path / RESULTS_FILE, results)
+            self.run_dir.update(status="finished", **info)
+        self.accelerator.wait_for_everyone()
+        return results
+
+    def stop_diverged(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, bar: Any) -> None:
+        """Record in run.json that the run diverged at `step`, and stop it; nothing from this step is saved."""
+        bar.close()
+        last = latest_checkpoint(self.run_dir.checkpoints)
+        message = (f"training diverged at step {step}: loss {loss.item():.4g}, grad norm {grad_norm.item():.4g} "
+                   f"(non-finite); nothing was saved from this step; last good checkpoint: {last or 'none'}")
+        if self.is_main:
+            self.run_dir.update(status="diverged", error=message)
+        raise TrainingDiverged(message)
