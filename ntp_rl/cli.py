@@ -20,7 +20,7 @@ STAGES: dict[str, str] = {
     "rl": "GRPO with verifiable rewards from a pre-trained checkpoint",
     "eval": "pass@k, majority vote and entropy diagnostics for a checkpoint",
     "pipeline": "pretrain -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study",
-    "compare": "tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]",
+    "compare": "tables, tests and plots across finished runs: ntp-rl compare <dirs> [--out DIR] [--baseline SETTING]",
 }
 
 HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}

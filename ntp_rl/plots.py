@@ -120,7 +120,12 @@ def plot_scatter_grid(path: Path, panels: Sequence[tuple[str, str, str, Sequence
     settings = list(dict.fromkeys(s for *_, points in panels for s, _, _ in points))
     columns = min(4, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows + 0.6), dpi=110, squeeze=False)
+    legend_rows = math.ceil(len(settings) / 5)
+    height = 3.0 * rows + 0.9 + 0.25 * legend_rows
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, height), dpi=100, squeeze=False)
+    # Fixed margins: tight_layout measures every tick label of every panel, seconds for a grid.
+    fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.85 / height, bottom=(0.6 + 0.25 * legend_rows) / height,
+                        wspace=0.35, hspace=0.6)
     for ax, (panel_title, xlabel, ylabel, points) in zip(axes.flat, panels):
         for i, setting in enumerate(settings):
             mine = [(x, y) for s, x, y in points if s == setting]
@@ -138,7 +143,6 @@ def plot_scatter_grid(path: Path, panels: Sequence[tuple[str, str, str, Sequence
                for i, s in enumerate(settings)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(settings), 5), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(settings) / 5), 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return Path(path)

@@ -88,7 +88,7 @@ def difference(values: Sequence[tuple[Optional[int], float]], baseline: Sequence
         paired_b = np.asarray([order_b[s] for s in seeds_a])
         if np.ptp(a - paired_b) == 0.0:
             return Difference("paired t", len(a), len(b), diff, diff, diff, math.nan,
-                              "every seed shows the same difference: no spread to test against")
+                              "the same difference on every seed: no spread to test")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             result = stats.ttest_rel(a, paired_b)
@@ -98,7 +98,7 @@ def difference(values: Sequence[tuple[Optional[int], float]], baseline: Sequence
         return Difference("", len(a), len(b), diff, math.nan, math.nan, math.nan, "a test needs 2 seeds on each side")
     if np.ptp(a) == 0.0 and np.ptp(b) == 0.0:
         return Difference("Welch t", len(a), len(b), diff, diff, diff, math.nan,
-                          "no spread across seeds on either side: nothing to test against")
+                          "no spread on either side: nothing to test")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_ind(a, b, equal_var=False)

@@ -126,7 +126,8 @@ def main(argv: Sequence[str]) -> None:
     result = compare(args.paths, args.out, baseline=args.baseline, adjustment=args.adjust,
                      wandb=WandbOptions(mode=args.wandb, project=args.wandb_project, group=args.wandb_group))
     print(result["table"], end="")
-    if result["predictors"]:
-        print("\n" + result["predictors"], end="")
+    verdicts = [line for line in result["predictors"].splitlines() if line.startswith("- Gain in ")]
+    if verdicts:
+        print("\n## What predicts the RL gain (predictors.md)\n\n" + "\n".join(verdicts))
     names = ["compare.md", "compare.csv"] + (["predictors.md", "predictors.csv"] if result["predictors"] else [])
     print(f"\nwritten to {result['out_dir']}: " + ", ".join(names + [Path(f).name for f in result["figures"]]))

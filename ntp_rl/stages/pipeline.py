@@ -153,6 +153,7 @@ def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
     """One lineage per point of cfg.sweep, each its own process (`cfg.jobs` at a time), then compare."""
     from ntp_rl.launch import launch_points
     from ntp_rl.stages.compare import compare
+    from ntp_rl.study.wandb_log import WandbOptions
 
     from ntp_rl.config import launched_processes
     from ntp_rl.errors import UserError
@@ -172,7 +173,10 @@ def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
         print(f"  {' '.join(result.overrides)}: {status} in {result.seconds:.0f}s")
     lineages = [str(Path(cfg.out_dir) / "pipeline" / dir_name(lineage_name(r.overrides))) for r in results]
     existing = [p for p in lineages if Path(p).exists()]
-    summary = compare(existing, str(out_dir)) if existing else {"table": "", "figures": []}
+    wandb = WandbOptions(mode=getattr(cfg.logger.wandb.mode, "value", cfg.logger.wandb.mode),
+                         project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
+                         group=cfg.logger.wandb.group or label)  # the study's verdict beside its lineages
+    summary = compare(existing, str(out_dir), wandb=wandb) if existing else {"table": "", "figures": []}
     wall = time.perf_counter() - started
     print(summary["table"], end="")
     print(f"{label}: {len(points)} lineages in {wall / 60:.1f} min; table and figures in {out_dir}")

@@ -67,12 +67,14 @@ def _pass_at_k(out_dir: Path, records: Sequence[Record], labels: dict) -> Option
                 values[f"{labels[record.setting]} ({PASS_VARIANTS[prefix]})"][int(metric[5:])].append(value)
     if not values:
         return None
-    summaries = {label: {k: mean_ci(v) for k, v in ks.items()} for label, ks in sorted(values.items())}
+    variants = list(PASS_VARIANTS.values())
+    order = sorted(values, key=lambda label: (label.rpartition(" (")[0], variants.index(label.rpartition(" (")[2][:-1])))
+    summaries = {label: {k: mean_ci(v) for k, v in values[label].items()} for label in order}
     seeds = max(m.n for ks in summaries.values() for m in ks.values())
     note = "mean over seeds, bars = 95% CI of the mean" if seeds > 1 else "one seed per setting"
     return plot_pass_at_k(out_dir / "passk.png", {label: {k: m.mean for k, m in ks.items()}
                                                   for label, ks in summaries.items()},
-                          f"pass@k before and after RL ({note})",
+                          f"pass@k before and after RL\n({note})",
                           intervals={label: {k: (m.low, m.high) for k, m in ks.items()}
                                      for label, ks in summaries.items()})
 
@@ -82,8 +84,8 @@ def _predictor_figures(out_dir: Path, result: Predictors) -> list[Path]:
 
     written = []
     for gain, name in (("Avg@n", "predictors_avg.png"), ("pass@k", "predictors_passk.png")):
-        pairs = [p for p in result.pairs if p.gain == gain]
-        if not pairs:
+        pairs = [p for p in result.pairs if p.gain == gain and not math.isnan(p.correlation.rho)]
+        if not pairs:  # fewer than 3 lineages, or no spread: nothing to see
             continue
         key = "/".join(result.gain_keys.get(gain, [])) or gain
         panels = []

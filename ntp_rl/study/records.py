@@ -96,15 +96,23 @@ def find_records(paths: Sequence[str]) -> list[Record]:
             raise DataError(f"compare: {raw}: no ntp-rl runs there (no {RUN_FILE} below it)")
         run_dirs += found
     run_dirs = sorted(set(p.resolve() for p in run_dirs))
-    lineages = [p for p in run_dirs if read_run_info(p).get("stage") == "pipeline"]
+    lineages = [p for p in run_dirs if _is_lineage(p)]
     plain = [p for p in run_dirs if p not in lineages and not any(lineage in p.parents for lineage in lineages)]
     return [lineage_record(p) for p in lineages] + link_plain_runs(plain)
+
+
+def _is_lineage(path: Path) -> bool:
+    """A pipeline's directory, also when its own run.json is unreadable: it holds the stages' runs."""
+    stage = read_run_info(path).get("stage")
+    return stage == "pipeline" or (stage is None and any((path / s / RUN_FILE).exists() for s in LINEAGE_STAGES))
 
 
 def lineage_record(path: Path) -> Record:
     info = read_run_info(path)
     record = Record(path=path, kind="pipeline", setting=_setting(info.get("overrides"), "pipeline", linked=False),
                     seed=_seed(path))
+    if info.get("stage") != "pipeline":
+        record.missing.append(f"lineage: {RUN_FILE} missing or unreadable, so its setting is unknown")
     for stage in LINEAGE_STAGES:
         _attach(record, stage, path / stage, absent="not run")
     return record

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ntp_rl.errors import UserError, first_line
 from ntp_rl.study.records import Record
 from ntp_rl.tracking import wandb_mode
 
@@ -40,10 +41,14 @@ def log_study(out_dir: Path, options: WandbOptions, records: Sequence[Record],
     if mode == "offline":
         print(f"W&B: offline (not logged in, or --wandb offline), run files in {out_dir / 'wandb'} "
               f"(upload later with `wandb sync {out_dir / 'wandb'}/offline-run-*`)", file=sys.stderr)
-    run = wandb.init(project=options.project or _common(records, "project") or DEFAULT_PROJECT,
-                     entity=options.entity or _common(records, "entity"), group=group, job_type="compare",
-                     name=f"compare-{group}", dir=str(out_dir), mode=mode, config=config,
-                     settings={"console": "off", "quiet": True, "silent": True})
+    try:
+        run = wandb.init(project=options.project or _common(records, "project") or DEFAULT_PROJECT,
+                         entity=options.entity or _common(records, "entity"), group=group, job_type="compare",
+                         name=f"compare-{group}", dir=str(out_dir), mode=mode, config=config,
+                         settings={"console": "off", "quiet": True, "silent": True})
+    except Exception as exc:  # a server or login problem; the files are already written
+        raise UserError(f"compare: W&B ({mode}): {first_line(exc)}; the tables and figures are in {out_dir} "
+                        "(rerun with --wandb offline to keep a local W&B run)") from exc
     try:
         payload: dict[str, Any] = {f"compare/{name}": wandb.Table(columns=list(columns), data=[list(r) for r in rows])
                                    for name, (columns, rows) in tables.items()}
