@@ -34,14 +34,15 @@ def plot_pass_at_k(path: Path, curves: Mapping[str, Mapping[int, float]], title:
     """
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     names = list(dict.fromkeys(label.split(" (")[0] for label in curves))
-    variants = list(dict.fromkeys(label.partition(" (")[2] for label in curves))
-    styles = ["-", "--", ":", "-."]
+    # "before" reads as dashed, whatever comes first in the legend; the other variants cycle.
+    variants = [v for v in dict.fromkeys(label.partition(" (")[2] for label in curves) if v != "base)"]
+    styles = ["-", ":", "-."]
     for label, values in curves.items():
         name, _, variant = label.partition(" (")
         ks = sorted(values)
         color = f"C{names.index(name) % 10}"
         ax.plot(ks, [values[k] for k in ks], marker="o", markersize=4, label=_legend(label),
-                color=color, linestyle=styles[variants.index(variant) % len(styles)])
+                color=color, linestyle="--" if variant == "base)" else styles[variants.index(variant) % len(styles)])
         bars = [k for k in ks if k in (intervals or {}).get(label, {}) and not math.isnan(intervals[label][k][0])]
         if bars:
             low = [values[k] - intervals[label][k][0] for k in bars]

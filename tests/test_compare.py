@@ -215,6 +215,17 @@ def test_eval_runs_are_linked_to_their_models(tmp_path, no_figures):
     assert row["base avg@4"] == pytest.approx(0.1) and row["rl avg@4"] == pytest.approx(0.3)  # the evals, not rl's own
 
 
+def test_an_unlinked_input_is_named_by_its_run_not_its_path(tmp_path, no_figures):
+    outputs = tmp_path / "outputs"
+    gone = "'outputs/pretrain/20260101-120000-pretrain-loss=precision/checkpoints/step_00000160'"
+    for name, init in (("a", gone), ("b", "Qwen/Qwen3-0.6B")):
+        write_run(outputs / "rl" / name, "rl", overrides=[f"init_from={init}"],
+                  results={"eval_after": {"avg@4": 0.2}})
+    result = compare([str(outputs)], str(tmp_path / "out"))
+    assert sorted(r["setting"] for r in result["rows"]) == [
+        "init_from=20260101-120000-pretrain-loss=precision", "init_from=Qwen/Qwen3-0.6B"]
+
+
 def test_one_setting_keeps_its_overrides_as_its_label(tmp_path):
     write_lineage(tmp_path / "p", "ce", 0, accuracy=0.1, after=0.2)
     ok = run_cli("compare", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--wandb", "disabled")
@@ -224,13 +235,14 @@ def test_one_setting_keeps_its_overrides_as_its_label(tmp_path):
 
 def test_standalone_runs_of_a_sweep(tmp_path, no_figures):
     sweep = tmp_path / "sweeps" / "pretrain-x"
-    for i, beta in enumerate((-0.25, 0.0, 0.5)):
+    for i, (beta, name) in enumerate(((-0.25, "precision"), (0.0, "ce"), (0.5, "diversity"))):
         write_run(sweep / str(i), "pretrain", overrides=[f"loss.beta={beta}", "train.max_steps=9"],
-                  results={"val": {"nll": 1.0 + beta, "ppl": 2.0, "entropy": 0.5 + beta}})
+                  results={"val": {"nll": 1.0 + beta, "ppl": 2.0, "entropy": 0.5 + beta}, "loss": {"name": name}})
     write_run(sweep / "3", "pretrain", status="running", overrides=["loss.beta=1.0", "train.max_steps=9"])
     result = compare([str(sweep)], str(tmp_path / "out"))
-    labels = sorted(r["setting"] for r in result["rows"])
-    assert labels == ["loss.beta=-0.25", "loss.beta=0.0", "loss.beta=0.5"]  # the shared override is dropped
+    labels = [r["setting"] for r in result["rows"]]
+    assert labels == ["loss.beta=0.0", "loss.beta=-0.25", "loss.beta=0.5"]  # the shared override is dropped
+    assert result["baseline"] == "loss.beta=0.0"  # no label says ce: the loss name in results.json does
     assert result["incomplete"] == [str((sweep / "3").resolve())] and not (tmp_path / "out" / "predictors.md").exists()
 
 

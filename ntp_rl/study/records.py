@@ -209,7 +209,7 @@ def input_run(run_dir: Path, stage: str, known: Sequence[Path]) -> Optional[Path
 def _run_dir_of(model_path: Path, known: Sequence[Path]) -> Optional[Path]:
     # <run>/checkpoints/step_N, <run>/checkpoints or <run>: the nearest directory with a run.json.
     for path in [model_path, *model_path.parents][:3]:
-        if (path / RUN_FILE).is_file():
+        if path.parts and (path / RUN_FILE).is_file():  # never "." (a hub name's parent)
             return path.resolve()
     # Not here (relative to another directory, or moved): the run being compared whose path
     # ends the same way, trying the longest ending first; two equally good matches are none.
@@ -236,16 +236,16 @@ def _setting(overrides: Any, stage: Optional[str], linked: bool) -> tuple[str, .
     if not isinstance(overrides, list):
         return ()
     kept = []
-    for override in setting_overrides([str(o) for o in overrides]):
+    for override in (str(o) for o in overrides):
         key, _, value = override.partition("=")
-        key = key.lstrip("+~")
-        if key == "seed":
+        key, value = key.lstrip("+~"), value.strip("'\"")  # a quoted path is still a path
+        if key == "seed" or not setting_overrides([override]):
             continue
         if key in INPUT_KEYS.get(stage or "", set()):
             if linked or (key == "model" and value == "hf"):
                 continue
             override = f"{key}={_short_model(value)}"
-        kept.append(override)
+        kept += setting_overrides([override])  # as in run names and W&B tags (64 characters)
     return tuple(kept)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from ntp_rl.stats import MeanCI
 from ntp_rl.study.predictors import Predictors, verdict
@@ -34,13 +34,18 @@ def write_compare(out_dir: Path, study: Study, means: dict[str, dict[str, MeanCI
                     row |= {"test": r.test, "diff": r.diff, "diff_low": r.low, "diff_high": r.high, "p": r.p,
                             "p_adjusted": c.p_adjusted, "significant": c.significant, "note": r.note}
                 writer.writerow({k: _csv(v) for k, v in row.items()})
-    text = "\n".join(_means_table(study, means) + _comparison_table(study, comparisons, adjustment)
+    used = sum(len(runs) for runs in study.runs.values())
+    header = [f"# ntp-rl compare: {used} finished run(s) or lineage(s) in {len(study.settings)} setting(s)"
+              + (f", {len(incomplete)} left out (listed at the end)" if incomplete else ""), ""]
+    text = "\n".join(header + _means_table(study, means) + _comparison_table(study, comparisons, adjustment)
                      + _incomplete(incomplete)) + "\n"
     (out_dir / "compare.md").write_text(text)
     return text
 
 
 def _means_table(study: Study, means: dict[str, dict[str, MeanCI]]) -> list[str]:
+    if not study.settings:
+        return ["## Means over seeds", "", "No finished run or lineage to compare (see below)."]
     lines = ["## Means over seeds", "",
              "± is the half-width of the 95% Student-t confidence interval of the mean (mean ± t·s/√n over the "
              "seeds), not the standard deviation; a single seed shows its value alone.", "",

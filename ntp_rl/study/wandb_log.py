@@ -58,6 +58,10 @@ def log_study(out_dir: Path, options: WandbOptions, records: Sequence[Record],
         run.finish(exit_code=1)
         raise
     run.finish()
+    if wandb.run is None:
+        # wandb-core writes the run file after finish() returns; shutting its service down waits
+        # for that, so the offline files are complete (ready for `wandb sync`) when compare returns.
+        wandb.teardown()
     return str(Path(run.dir).parent)
 
 
