@@ -284,7 +284,9 @@ def test_compare_logs_its_tables_and_figures_to_wandb_offline(tmp_path):
     table = run["history"]["compare/compare"]
     csv_lines = (tmp_path / "out" / "compare.csv").read_text().splitlines()
     assert table["_type"] == "table-file" and table["nrows"] == len(csv_lines) - 1 > 0
-    assert (run_file.parent / "files" / table["path"]).exists()
+    logged = json.loads((run_file.parent / "files" / table["path"]).read_text())
+    mean = logged["columns"].index("mean")
+    assert all(isinstance(row[mean], float) for row in logged["data"])  # numbers, so W&B can plot them
     assert run["history"]["compare/predictors"]["_type"] == "table-file"
     assert run["history"]["compare/passk"]["_type"] == "image-file"
 

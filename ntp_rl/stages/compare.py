@@ -98,11 +98,20 @@ def _rows(study: Any, means: dict) -> list[dict[str, Any]]:
 
 
 def _csv_table(path: Path) -> tuple[list[str], list[list]]:
+    """A CSV file as W&B table columns and rows, numbers as numbers (so W&B can plot them)."""
     import csv
+
+    def typed(cell: str) -> Any:
+        if cell == "":
+            return None
+        try:
+            return float(cell)
+        except ValueError:
+            return cell
 
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    return rows[0], rows[1:]
+    return rows[0], [[typed(cell) for cell in row] for row in rows[1:]]
 
 
 def main(argv: Sequence[str]) -> None:
