@@ -45,15 +45,23 @@ def wandb_logged_in() -> bool:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line that is not a JSON object (cut short by a kill, edited
+    by hand) is skipped with a warning naming the file and line, never an exception."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line cut short by a kill
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
             continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            print(f"ntp-rl: warning: {path}:{number}: not a JSON object, skipped", file=sys.stderr)
     return rows
 
 

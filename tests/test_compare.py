@@ -6,43 +6,65 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats as scipy_stats
 
 from conftest import run_cli
+from ntp_rl.errors import UserError
 from ntp_rl.io import write_json_atomic
 from ntp_rl.stages.compare import compare
+from ntp_rl.study.wandb_log import WandbOptions
+from wandb_offline import read_run, run_files
 
 
-def write_run(path: Path, stage: str, status: str = "finished", overrides=(), seed=0, results=None, metrics=()):
+def write_run(path: Path, stage: str, status: str = "finished", overrides=(), seed=0, results=None, metrics=(),
+              config=None):
     path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path / "run.json", {"stage": stage, "status": status, "overrides": list(overrides)})
-    OmegaConf.save(OmegaConf.create({"seed": seed, "stage": stage}), path / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"seed": seed, "stage": stage, **(config or {})}), path / "config.yaml")
     if results is not None:
         write_json_atomic(path / "results.json", results)
     (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
-def write_lineage(root: Path, loss: str, seed: int, accuracy: float, after: float, stop_before: str = ""):
+def write_lineage(root: Path, loss: str, seed: int, accuracy: float, after: float, stop_before: str = "",
+                  entropy: float = 0.5, group: str = None):
+    """A pipeline lineage as `ntp-rl pipeline` writes it: base diagnostics, evals before and after RL."""
     lineage = root / f"pipeline-loss={loss},seed={seed}"
     write_run(lineage, "pipeline", overrides=[f"loss={loss}", f"seed={seed}", f"out_dir={root}"], seed=seed)
     stages = {
-        "pretrain": {"val": {"nll": 0.5 + seed / 10, "ppl": 1.6, "entropy": 0.4 + accuracy}},
-        "eval_base": {"summary": {"avg@4": accuracy, "cons@4": accuracy, "pass@1": accuracy, "pass@4": 2 * accuracy}},
+        "pretrain": {"val": {"nll": 0.5 + seed / 10, "ppl": 1.6, "entropy": 0.4 + accuracy},
+                     "loss": {"name": loss, "beta": 0.0}},
+        "eval_base": {"summary": {"avg@4": accuracy, "cons@4": accuracy, "pass@1": accuracy, "pass@4": 2 * accuracy},
+                      "diagnostics": {"entropy": entropy, "nll": 0.6, "tail_mass": 0.01 + seed / 100,
+                                      "topk_mass": 0.99 - seed / 100, "forking_share": 0.2}},
         "rl": {"eval_before": {"avg@4": accuracy}, "eval_after": {"avg@4": after}},
         "eval_rl": {"summary": {"avg@4": after, "cons@4": after, "pass@1": after, "pass@4": min(1.0, 2 * after)}},
     }
     metrics = {
-        "pretrain": [{"step": s, "train/nll": 3 - s, "train/entropy": 2 - s / 2} for s in (1, 2, 3)],
-        "rl": [{"step": s, "reward": accuracy + s / 10, "entropy": 0.5, "completions/mean_length": 20 + s} for s in (1, 2)],
+        "pretrain": [{"step": s, "train/nll": 3 - s / 2, "train/entropy": 2 - s / 2} for s in (1, 2, 3)],
+        "rl": [{"step": s, "reward": accuracy + s / 10, "entropy": 0.5, "completions/mean_length": 20 + s,
+                "dynamic_sampling/filled_groups": s + seed} for s in (1, 2)],
     }
+    wandb_cfg = {"logger": {"wandb": {"group": group or lineage.name, "project": "ntp-rl-tests"}}}
     for stage, results in stages.items():
         if stage == stop_before:
             write_run(lineage / stage, stage, status="failed", seed=seed)
             break
-        write_run(lineage / stage, stage, seed=seed, results=results, metrics=metrics.get(stage, ()))
+        write_run(lineage / stage, stage, seed=seed, results=results, metrics=metrics.get(stage, ()), config=wandb_cfg)
     return lineage
 
 
-def test_table_averages_seeds_per_setting_and_lists_incomplete_runs(tmp_path):
+@pytest.fixture
+def no_figures(monkeypatch):
+    """For the tests that read only tables: drawing is most of compare's time."""
+    monkeypatch.setattr("ntp_rl.stages.compare.write_figures", lambda *args, **kwargs: [])
+
+
+def by(comparisons, metric, setting):
+    return next(c for c in comparisons if c.metric == metric and c.setting == setting)
+
+
+def test_means_with_intervals_over_seeds_and_incomplete_lineages_listed(tmp_path):
     root = tmp_path / "pipeline"
     write_lineage(root, "ce", 0, accuracy=0.10, after=0.20)
     write_lineage(root, "ce", 1, accuracy=0.20, after=0.40)
@@ -51,40 +73,236 @@ def test_table_averages_seeds_per_setting_and_lists_incomplete_runs(tmp_path):
 
     result = compare([str(root)], str(tmp_path / "out"))
     rows = {r["setting"]: r for r in result["rows"]}
-    assert set(rows) == {"loss=ce", "loss=precision"}
+    assert list(rows) == ["loss=ce", "loss=precision"]  # the baseline first
     assert rows["loss=ce"]["seeds"] == 2 and rows["loss=precision"]["seeds"] == 1
-    assert rows["loss=ce"]["base avg@4"] == pytest.approx(0.15)
-    assert rows["loss=ce"]["rl avg@4"] == pytest.approx(0.30)
-    assert rows["loss=ce"]["rl avg@4 std"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows["loss=ce"]["base avg@4"] == pytest.approx(0.15) and rows["loss=ce"]["rl avg@4"] == pytest.approx(0.30)
+    # 0.2 and 0.4: s = 0.1414, t(0.975, df=1) = 12.7062 -> 0.30 ± 12.7062 * 0.1414 / sqrt(2) = ± 1.2706
+    assert rows["loss=ce"]["rl avg@4 ci"] == pytest.approx((0.3 - 1.27062, 0.3 + 1.27062), abs=1e-4)
     assert rows["loss=precision"]["rl pass@4"] == pytest.approx(1.0)  # the broken seed is not averaged in
+    assert rows["loss=ce"]["rl filled groups/step"] == pytest.approx(2.0)  # seeds' means 1.5 and 2.5
     assert result["incomplete"] == [str(broken.resolve())]
     table = (tmp_path / "out" / "compare.md").read_text()
-    assert "0.1500 ± 0.0707" in table and "rl: failed" in table and "eval_rl: not run" in table
+    assert "| loss=ce | 2 | " in table and "0.3000 ± 1.2706" in table
+    assert "rl: failed" in table and "eval_rl: not run" in table
     with open(tmp_path / "out" / "compare.csv") as f:
-        assert {r["setting"] for r in csv.DictReader(f)} == {"loss=ce", "loss=precision"}
+        csv_rows = list(csv.DictReader(f))
+    ce_rl = next(r for r in csv_rows if r["setting"] == "loss=ce" and r["metric"] == "rl avg@4")
+    assert float(ce_rl["ci_high"]) == pytest.approx(1.57062, abs=1e-4) and ce_rl["seeds"] == "2"
     for name in ("pretrain_curves.png", "rl_curves.png", "passk.png"):
         assert (tmp_path / "out" / name).stat().st_size > 10_000, name
 
 
-def test_standalone_runs_of_a_sweep(tmp_path):
-    sweep = tmp_path / "sweeps" / "pretrain-x"
-    for i, beta in enumerate((-0.25, 0.0, 0.5)):
-        write_run(sweep / str(i), "pretrain", overrides=[f"loss.beta={beta}", "train.max_steps=9"],
-                  results={"val": {"nll": 1.0 + beta, "ppl": 2.0, "entropy": 0.5 + beta}})
-    write_run(sweep / "3", "pretrain", status="running", overrides=["loss.beta=1.0", "train.max_steps=9"])
-    result = compare([str(sweep)])
-    labels = sorted(r["setting"] for r in result["rows"])
-    assert labels == ["loss.beta=-0.25", "loss.beta=0.0", "loss.beta=0.5"]  # the shared override is dropped
-    assert len(result["incomplete"]) == 1 and (sweep / "compare" / "compare.md").exists()
+def test_settings_against_the_baseline_paired_by_seed_and_holm_adjusted(tmp_path, no_figures):
+    root = tmp_path / "pipeline"
+    after = {"ce": [0.20, 0.30, 0.25], "diversity": [0.21, 0.33, 0.24], "precision": [0.30, 0.41, 0.37]}
+    for loss, values in after.items():
+        for seed, value in enumerate(values):
+            write_lineage(root, loss, seed, accuracy=0.1, after=value)
+    result = compare([str(root)], str(tmp_path / "out"))
+    assert result["baseline"] == "loss=ce"
+    p = {loss: scipy_stats.ttest_rel(after[loss], after["ce"]).pvalue for loss in ("diversity", "precision")}
+    low, high = sorted(p.values())
+    holm = {loss: min(1.0, max(2 * low, high) if p[loss] == high else 2 * low) for loss in p}
+    for loss in ("diversity", "precision"):
+        c = by(result["comparisons"], "rl avg@4", f"loss={loss}")
+        assert c.result.test == "paired t" and c.result.p == pytest.approx(p[loss])
+        assert c.p_adjusted == pytest.approx(holm[loss])
+    assert by(result["comparisons"], "rl avg@4", "loss=precision").significant == "yes"
+    assert by(result["comparisons"], "rl avg@4", "loss=diversity").significant == "no"
+    table = result["table"]
+    assert "## Against the baseline: loss=ce" in table and "| rl avg@4 | loss=precision | paired t | 3 pairs |" in table
+    # Base accuracy is the same everywhere: no spread to test, said rather than a p-value of 0 or 1.
+    assert by(result["comparisons"], "base avg@4", "loss=precision").significant == "n/a"
 
 
-def test_compare_from_the_shell_and_bad_paths(tmp_path):
+def test_unpaired_welch_test_when_the_settings_ran_different_seeds(tmp_path, no_figures):
+    root = tmp_path / "pipeline"
+    for seed, value in enumerate([0.20, 0.30, 0.25]):
+        write_lineage(root, "ce", seed, accuracy=0.1, after=value)
+    for seed, value in zip((5, 6, 7), [0.30, 0.41, 0.37]):
+        write_lineage(root, "precision", seed, accuracy=0.1, after=value)
+    result = compare([str(root)], str(tmp_path / "out"))
+    c = by(result["comparisons"], "rl avg@4", "loss=precision")
+    reference = scipy_stats.ttest_ind([0.30, 0.41, 0.37], [0.20, 0.30, 0.25], equal_var=False)
+    assert c.result.test == "Welch t" and c.result.p == pytest.approx(reference.pvalue)
+    assert c.p_adjusted == pytest.approx(reference.pvalue)  # a family of one
+
+
+def test_baseline_by_name_by_default_first_setting_or_an_error(tmp_path, no_figures):
+    root = tmp_path / "pipeline"
+    for loss in ("diversity", "precision"):
+        for seed in (0, 1):
+            write_lineage(root, loss, seed, accuracy=0.1, after=0.2 + seed / 10)
+    fallback = compare([str(root)], str(tmp_path / "a"))
+    assert fallback["baseline"] == "loss=diversity" and "no setting is 'ce'" in fallback["table"]
+    chosen = compare([str(root)], str(tmp_path / "b"), baseline="precision")
+    assert chosen["baseline"] == "loss=precision" and "first one" not in chosen["table"]
+    with pytest.raises(UserError, match="--baseline sharp matches no setting; the settings are: loss=diversity, "
+                                        "loss=precision"):
+        compare([str(root)], str(tmp_path / "c"), baseline="sharp")
+
+
+def test_predictors_of_the_rl_gain(tmp_path):
+    root = tmp_path / "pipeline"
+    # The gain in Avg@4 rises with base entropy, lineage by lineage (rank correlation 1).
+    for i, (loss, seed) in enumerate([(l, s) for l in ("ce", "precision") for s in (0, 1, 2)]):
+        write_lineage(root, loss, seed, accuracy=0.10 + (i % 2) / 50, after=0.2 + i / 20, entropy=0.3 + i / 10)
+    result = compare([str(root)], str(tmp_path / "out"))
+    text = (tmp_path / "out" / "predictors.md").read_text()
+    assert "6 lineages with an eval before and after RL" in text
+    row = next(line for line in text.splitlines() if line.startswith("| base entropy | avg@4 |"))
+    assert "| 6 | +1.000" in row
+    assert "Gain in Avg@n: base entropy predicts it best, a strong positive rank correlation" in text
+    # p from the exact permutation distribution: 2 of 720 orders are as extreme as rho = 1.
+    with open(tmp_path / "out" / "predictors.csv") as f:
+        entropy = next(r for r in csv.DictReader(f) if r["predictor"] == "base entropy" and r["gain"] == "Avg@n")
+    assert float(entropy["p"]) == pytest.approx(2 / 720)
+    for name in ("predictors_avg.png", "predictors_passk.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 10_000, name
+    assert result["predictors"] == text
+
+
+def test_predictors_say_so_when_nothing_is_significant(tmp_path, no_figures):
+    root = tmp_path / "pipeline"
+    for seed, (entropy, after) in enumerate([(0.3, 0.25), (0.4, 0.20), (0.5, 0.30), (0.6, 0.22)]):
+        write_lineage(root, "ce", seed, accuracy=0.1, after=after, entropy=entropy)
+    compare([str(root)], str(tmp_path / "out"))
+    text = (tmp_path / "out" / "predictors.md").read_text()
+    assert "Gain in Avg@n: no diagnostic predicts it significantly at 0.05" in text
+    assert "predicts it best" not in text
+
+
+def test_plain_runs_are_linked_to_the_runs_they_started_from(tmp_path, monkeypatch):
+    """`ntp-rl compare outputs/rl outputs/pretrain`: one row per lineage, passk.png, output outside the runs."""
+    monkeypatch.chdir(tmp_path)
+    outputs = tmp_path / "outputs"
+    for seed, (after, loss) in enumerate([(0.3, "precision"), (0.4, "precision")]):
+        pretrain = outputs / "pretrain" / f"2026010{seed}-120000-pretrain-loss={loss}"
+        write_run(pretrain, "pretrain", overrides=[f"loss={loss}", f"seed={seed}"], seed=seed,
+                  results={"val": {"nll": 0.5, "ppl": 1.65, "entropy": 0.45}})
+        # rl stored the model directory it loaded, relative to where it was started: matched by its ending.
+        init = f"somewhere/else/outputs/pretrain/{pretrain.name}/checkpoints/step_00000160"
+        write_run(outputs / "rl" / f"2026010{seed}-130000-rl-init_from=outputs_pretrain", "rl",
+                  overrides=[f"init_from=outputs/pretrain/{pretrain.name}", "rl.max_steps=5"], seed=seed,
+                  results={"init_from": init, "eval_before": {"avg@4": 0.1, "pass@1": 0.1, "pass@4": 0.3},
+                           "eval_after": {"avg@4": after, "pass@1": after, "pass@4": 0.5}})
+    result = compare([str(outputs / "rl"), str(outputs / "pretrain")])
+    (row,) = result["rows"]
+    assert row["setting"] == "loss=precision,rl.max_steps=5" and row["seeds"] == 2
+    assert row["pretrain nll"] == pytest.approx(0.5) and row["rl avg@4"] == pytest.approx(0.35)
+    out = Path(result["out_dir"])
+    assert out.parent == Path("outputs") / "compare" and (out / "passk.png").exists()
+    assert not list((outputs / "rl").rglob("compare.md")) and not list((outputs / "pretrain").rglob("compare.md"))
+    again = compare([str(outputs / "rl"), str(outputs / "pretrain")])
+    assert again["out_dir"] != result["out_dir"]  # a fresh directory each time
+
+
+def test_eval_runs_are_linked_to_their_models(tmp_path, no_figures):
+    outputs = tmp_path / "outputs"
+    pretrain = outputs / "pretrain" / "20260101-120000-pretrain"
+    write_run(pretrain, "pretrain", results={"val": {"nll": 0.5}})
+    rl = outputs / "rl" / "20260101-130000-rl"
+    write_run(rl, "rl", overrides=[f"init_from={pretrain}"], results={"init_from": str(pretrain / "checkpoints"),
+                                                                       "eval_after": {"avg@4": 0.9}})
+    for name, model, avg in (("base", pretrain, 0.1), ("after", rl, 0.3)):
+        write_run(outputs / "eval" / f"20260101-14000{len(name)}-eval-{name}", "eval",
+                  overrides=["model=hf", f"model.name_or_path={model}"],
+                  results={"model": str(model / "checkpoints" / "step_00000005"), "summary": {"avg@4": avg}})
+    result = compare([str(outputs)], str(tmp_path / "out"))
+    (row,) = result["rows"]
+    assert row["setting"] == "default"  # no path of a model in the label
+    assert row["base avg@4"] == pytest.approx(0.1) and row["rl avg@4"] == pytest.approx(0.3)  # the evals, not rl's own
+
+
+def test_an_unlinked_input_is_named_by_its_run_not_its_path(tmp_path, no_figures):
+    outputs = tmp_path / "outputs"
+    gone = "'outputs/pretrain/20260101-120000-pretrain-loss=precision/checkpoints/step_00000160'"
+    for name, init in (("a", gone), ("b", "Qwen/Qwen3-0.6B")):
+        write_run(outputs / "rl" / name, "rl", overrides=[f"init_from={init}"],
+                  results={"eval_after": {"avg@4": 0.2}})
+    result = compare([str(outputs)], str(tmp_path / "out"))
+    assert sorted(r["setting"] for r in result["rows"]) == [
+        "init_from=20260101-120000-pretrain-loss=precision", "init_from=Qwen/Qwen3-0.6B"]
+
+
+def test_one_setting_keeps_its_overrides_as_its_label(tmp_path):
     write_lineage(tmp_path / "p", "ce", 0, accuracy=0.1, after=0.2)
-    ok = run_cli("compare", str(tmp_path / "p"), "--out", str(tmp_path / "o"))
+    ok = run_cli("compare", str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--wandb", "disabled")
     assert ok.returncode == 0, ok.stderr
-    assert "| default |" in ok.stdout  # one setting: nothing tells it apart from another
-    missing = run_cli("compare", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "no such directory" in missing.stderr
+    assert "| loss=ce | 1 |" in ok.stdout
+
+
+def test_standalone_runs_of_a_sweep(tmp_path, no_figures):
+    sweep = tmp_path / "sweeps" / "pretrain-x"
+    for i, (beta, name) in enumerate(((-0.25, "precision"), (0.0, "ce"), (0.5, "diversity"))):
+        write_run(sweep / str(i), "pretrain", overrides=[f"loss.beta={beta}", "train.max_steps=9"],
+                  results={"val": {"nll": 1.0 + beta, "ppl": 2.0, "entropy": 0.5 + beta}, "loss": {"name": name}})
+    write_run(sweep / "3", "pretrain", status="running", overrides=["loss.beta=1.0", "train.max_steps=9"])
+    result = compare([str(sweep)], str(tmp_path / "out"))
+    labels = [r["setting"] for r in result["rows"]]
+    assert labels == ["loss.beta=0.0", "loss.beta=-0.25", "loss.beta=0.5"]  # the shared override is dropped
+    assert result["baseline"] == "loss.beta=0.0"  # no label says ce: the loss name in results.json does
+    assert result["incomplete"] == [str((sweep / "3").resolve())] and not (tmp_path / "out" / "predictors.md").exists()
+
+
+def test_broken_and_older_records_are_listed_never_averaged_or_fatal(tmp_path, no_figures, capsys):
+    root = tmp_path / "pipeline"
+    good = write_lineage(root, "ce", 0, accuracy=0.1, after=0.2)
+    with open(good / "rl" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward": 0.\n[1, 2]\n')  # a line cut short, and JSON that is not a row
+    no_status = write_lineage(root, "ce", 1, accuracy=0.5, after=0.9)
+    write_json_atomic(no_status / "eval_rl" / "run.json", {"stage": "eval"})  # an older run.json
+    no_results = write_lineage(root, "ce", 2, accuracy=0.5, after=0.9)
+    (no_results / "eval_base" / "results.json").write_text("{not json")
+    garbled = write_lineage(root, "ce", 3, accuracy=0.5, after=0.9)
+    (garbled / "run.json").write_text("")  # still a lineage (it holds the stages), of unknown setting
+    (garbled / "pretrain" / "config.yaml").write_text("seed: [unclosed\n")
+
+    result = compare([str(root)], str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert f"{good / 'rl' / 'metrics.jsonl'}:3: not a JSON object, skipped" in err
+    assert f"{good / 'rl' / 'metrics.jsonl'}:4: not a JSON object, skipped" in err
+    (row,) = result["rows"]
+    assert row["seeds"] == 1 and row["rl avg@4"] == pytest.approx(0.2)  # only the good lineage
+    table = result["table"]
+    assert "eval_rl: no status (older format?)" in table
+    assert "eval_base: finished, but results.json is missing or unreadable" in table
+    assert f"{garbled.resolve()}: lineage: run.json missing or unreadable" in table
+    assert str(no_status.resolve()) in table and str(no_results.resolve()) in table
+
+
+def test_compare_logs_its_tables_and_figures_to_wandb_offline(tmp_path):
+    root = tmp_path / "pipeline"
+    for loss in ("ce", "precision"):
+        for seed in (0, 1):
+            write_lineage(root, loss, seed, accuracy=0.1, after=0.2 + seed / 10, group="paper_small")
+    compare([str(root)], str(tmp_path / "out"), wandb=WandbOptions(mode="offline"))
+    (run_file,) = run_files(tmp_path / "out")
+    run = read_run(run_file)
+    assert run["job_type"] == "compare" and run["group"] == "paper_small" and run["project"] == "ntp-rl-tests"
+    table = run["history"]["compare/compare"]
+    csv_lines = (tmp_path / "out" / "compare.csv").read_text().splitlines()
+    assert table["_type"] == "table-file" and table["nrows"] == len(csv_lines) - 1 > 0
+    logged = json.loads((run_file.parent / "files" / table["path"]).read_text())
+    mean = logged["columns"].index("mean")
+    assert all(isinstance(row[mean], float) for row in logged["data"])  # numbers, so W&B can plot them
+    assert run["history"]["compare/predictors"]["_type"] == "table-file"
+    assert run["history"]["compare/passk"]["_type"] == "image-file"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["{tmp}/nope"], "compare: {tmp}/nope: no such directory"),
+    (["{tmp}/empty"], "compare: {tmp}/empty: no ntp-rl runs there (no run.json below it)"),
+    (["{tmp}/p", "--out", "{tmp}/file"], "compare: --out {tmp}/file: is a file, not a directory"),
+    (["{tmp}/p", "--baseline", "sharp"], "compare: --baseline sharp matches no setting; the settings are: loss=ce"),
+])
+def test_a_mistake_costs_one_line_and_exit_2(args, needle, tmp_path, capsys, no_figures):
+    from ntp_rl.cli import main
+
     (tmp_path / "empty").mkdir()
-    empty = run_cli("compare", str(tmp_path / "empty"))
-    assert empty.returncode == 2 and "no ntp-rl runs" in empty.stderr
+    (tmp_path / "file").write_text("")
+    write_lineage(tmp_path / "p", "ce", 0, accuracy=0.1, after=0.2)
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", *(a.format(tmp=tmp_path) for a in args), "--wandb", "disabled"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err == f"ntp-rl: error: {needle.format(tmp=tmp_path)}"

@@ -39,7 +39,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           schema.EvalConfig, checks.validate_eval),
     Stage("pipeline", "pretrain -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study",
           "ntp_rl.stages.pipeline", schema.PipelineConfig, checks.validate_pipeline),
-    Stage("compare", "tables and plots across finished runs: ntp-rl compare <dirs> [--out DIR]", "ntp_rl.stages.compare"),
+    Stage("compare", "tables, tests and plots across finished runs: ntp-rl compare <dirs> [--out DIR] [--baseline SETTING]",
+          "ntp_rl.stages.compare"),
 )}
 
 

@@ -176,6 +176,7 @@ def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
     from ntp_rl.launch import launch_points
     from ntp_rl.runtime import launched_processes
     from ntp_rl.stages.compare import compare
+    from ntp_rl.study.wandb_log import WandbOptions
 
     if launched_processes() > 1:
         raise UserError("a sweep of lineages starts its own processes; run it without accelerate launch, or launch "
@@ -192,7 +193,10 @@ def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
         print(f"  {' '.join(result.overrides)}: {status} in {result.seconds:.0f}s")
     lineages = [str(Path(cfg.out_dir) / "pipeline" / dir_name(lineage_name(r.overrides))) for r in results]
     existing = [p for p in lineages if Path(p).exists()]
-    summary = compare(existing, str(out_dir)) if existing else {"table": "", "figures": []}
+    wandb = WandbOptions(mode=getattr(cfg.logger.wandb.mode, "value", cfg.logger.wandb.mode),
+                         project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
+                         group=cfg.logger.wandb.group or label)  # the study's verdict beside its lineages
+    summary = compare(existing, str(out_dir), wandb=wandb) if existing else {"table": "", "figures": []}
     wall = time.perf_counter() - started
     print(summary["table"], end="")
     print(f"{label}: {len(points)} lineages in {wall / 60:.1f} min; table and figures in {out_dir}")
