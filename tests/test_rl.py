@@ -138,6 +138,34 @@ def test_token_and_sequence_aggregation():
         assert parts.item() == pytest.approx(aggregate(values, mask, mode, count).item())
 
 
+def test_aggregation_over_no_tokens_is_zero_not_nan():
+    """A mini-batch whose responses are all masked (all truncated under rl.mask_truncated) has nothing to average."""
+    values = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
+    mask = torch.zeros(2, 2, dtype=torch.bool)
+    for mode in LossAggregation:
+        count = aggregation_count(mask, mode)
+        assert count.item() == 0
+        assert aggregate(values, mask, mode, count).item() == 0.0, mode
+    # A NaN where the mask is off (a padded position) never leaks into the loss.
+    mask[0, 0] = True
+    assert aggregate(values, mask, LossAggregation.token_mean, aggregation_count(mask, LossAggregation.token_mean)).item() == 1.0
+
+
+def test_a_nan_metric_is_said_on_the_console(tmp_path, capsys):
+    from ntp_rl.tracking import Tracker
+
+    class OneProcess:
+        is_main_process = True
+
+    with Tracker(OneProcess(), tmp_path, "disabled", stage="rl", run_name="r", group=None, tags=[], cfg=None,
+                 resume_step=None, wandb_id=None, logger_cfg=None) as tracker:
+        tracker.log({"policy_loss": float("nan"), "reward": 0.5}, step=3)
+        tracker.log({"policy_loss": 1.0}, step=4)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "step 3" in err and "policy_loss=nan" in err
+    assert read_metrics(tmp_path)[0] == {"step": 3, "policy_loss": None, "reward": 0.5}
+
+
 # ---------------------------------------------------------------------------
 # Dynamic sampling
 
@@ -339,6 +367,28 @@ def test_several_updates_per_step_with_kl_and_sequence_mean(rl_args):
     # Later updates of a step see a policy that has moved: ratios leave 1 and the KL grows.
     assert all(steps[s]["kl"] > 0 for s in (1, 2))
     assert any(steps[s]["clip_ratio/low_mean"] + steps[s]["clip_ratio/high_mean"] > 0 for s in (1, 2))
+
+
+def test_a_step_with_no_token_to_train_on_takes_no_update_and_says_so(rl_args, policy, tmp_path, capsys):
+    """Every response cut at max_new_tokens under rl.mask_truncated: nothing to learn from, so no
+    update (not a NaN loss, not a step on a zero gradient), counted and said."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "masked"
+    results = rl_run([*rl_args, "rl.mask_truncated=true", "rl.sampling.max_new_tokens=2", "rl.dynamic_sampling=false",
+                      "rl.max_steps=2", "rl.num_mini_batches=2", "rl.eval_every=10", f"run_dir={run_dir}"])
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    steps = step_rows(run_dir)
+    for row in steps.values():
+        assert row["completions/clipped_ratio"] == 1.0, "the case under test: every response truncated"
+        assert all(value is not None for value in row.values()), row
+        assert row["empty_mini_batches"] == 2
+        assert "policy_loss" not in row and "grad_norm" not in row, "no update, so no loss to report"
+    assert results["empty_mini_batches"] == 4
+    assert "had no response token with a loss" in capsys.readouterr().out
+    before = load_file(latest_checkpoint(policy / "checkpoints") / "model.safetensors")
+    after = load_file(Path(results["checkpoint"]) / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before), "the weights must not move"
 
 
 def test_resume_after_sigkill_reproduces_the_run(rl_args, tmp_path):

@@ -18,7 +18,9 @@ saved in each checkpoint, so `resume=auto` reproduces the run from its last chec
 from __future__ import annotations
 
 import functools
+import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +82,11 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             train_start = time.perf_counter()
             sums = Sums(STEP_SUMS, device=session.device)
             old_logprobs(state, batch, sums)
-            update(state, batch, sums, bar)
+            counts = update(state, batch, sums, bar)
             bar.update(1)
             kill_point("step", state.step)
             timing = {"gen": gen_time, "train": time.perf_counter() - train_start, "step_start": step_start}
-            last_step_metrics = log(state, collected, batch, sums, timing, bar)
+            last_step_metrics = log(state, collected, batch, sums, counts, timing, bar)
             if state.step % cfg.rl.eval_every == 0 or state.step == cfg.rl.max_steps:
                 eval_after = evaluate_held_out(state, state.step)
             if state.step % cfg.rl.save_every == 0 or state.step == cfg.rl.max_steps:
@@ -118,6 +120,7 @@ class RLState:
     prompt_position: int = 0  # prompts taken from the stream so far, over all processes
     eval_before: Optional[dict] = None
     first_step_metrics: Optional[dict] = None
+    empty_mini_batches: int = 0  # over the run: updates skipped because no response token had a loss
 
     @property
     def updates_per_step(self) -> int:
@@ -172,6 +175,7 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         scheduler.load_state_dict(saved["scheduler"])
         state.step, state.prompt_position = int(saved["step"]), int(saved["prompt_position"])
         state.eval_before, state.first_step_metrics = saved.get("eval_before"), saved.get("train_first_step")
+        state.empty_mini_batches = int(saved.get("empty_mini_batches", 0))
     return state
 
 
@@ -247,28 +251,57 @@ def old_logprobs(state: RLState, batch: RolloutBatch, sums: Sums) -> None:
     batch.ref_logp = torch.cat(ref) if ref else None
 
 
-def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> None:
+@dataclass
+class UpdateCounts:
+    """What became of a step's mini-batch updates (the same on every process)."""
+
+    applied: int = 0
+    empty: int = 0  # no response token of the global mini-batch had a loss: nothing to learn, no update
+
+
+def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> UpdateCounts:
     """mu passes over the batch, one optimizer update per mini-batch; then the schedule's step."""
     rl = state.cfg.rl
     rows_per_update = state.per_rank // rl.num_mini_batches * rl.num_generations
+    counts = UpdateCounts()
     for _ in range(rl.num_iterations):
         for first in range(0, len(batch), rows_per_update):
-            update_minibatch(state, batch.rows(first, first + rows_per_update), sums)
+            if not update_minibatch(state, batch.rows(first, first + rows_per_update), sums):
+                # An optimizer step on a zero gradient would still move the weights (Adam's
+                # momentum, weight decay), so an empty mini-batch takes no step at all.
+                counts.empty += 1
+                continue
             grad_norm = state.session.accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.optim.grad_clip)
             if not torch.isfinite(grad_norm):
                 state.session.stop_diverged(state.step, sums["loss"], grad_norm, bar)
-            sums.add(grad_norm=grad_norm.detach() / state.updates_per_step)
+            sums.add(grad_norm=grad_norm.detach())
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
-    state.scheduler.step()
+            counts.applied += 1
+    with warnings.catch_warnings():  # torch warns when no update preceded: true of an empty step, and meant
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        state.scheduler.step()
+    report_empty(state, counts)
+    return counts
 
 
-def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> None:
-    """Gradients of one mini-batch's clipped surrogate, micro-batch by micro-batch."""
+def report_empty(state: RLState, counts: UpdateCounts) -> None:
+    """Say the first time a step had nothing to train on; the metric and results.json count every time."""
+    if counts.empty and not state.empty_mini_batches:
+        state.session.say(f"  step {state.step}: {counts.empty} of {counts.empty + counts.applied} mini-batch "
+                          "update(s) had no response token with a loss (all truncated under rl.mask_truncated=true, "
+                          "or only equal-reward groups) and were skipped; counted in empty_mini_batches")
+    state.empty_mini_batches += counts.empty
+
+
+def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> bool:
+    """Gradients of one mini-batch's clipped surrogate, micro-batch by micro-batch; False if it has no token to train on."""
     rl, accelerator, world = state.cfg.rl, state.session.accelerator, state.session.world
     policy_loss = POLICY_LOSSES[rl.policy_loss]
     # Normalise by the whole global mini-batch: each process's loss is its share of the global average.
     count = accelerator.reduce(aggregation_count(minibatch.response_mask, rl.loss_aggregation), "sum")
+    if count.item() == 0:  # every process sees the same global count, so all skip together
+        return False
     micros = minibatch.split(rl.micro_batch_size)
     for i, micro in enumerate(micros):
         # Gradients are averaged over processes only on the last micro-batch.
@@ -286,15 +319,16 @@ def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> Non
             # global average, so undo the division.
             accelerator.backward(loss * world)
         mask = micro.response_mask
-        sums.add(loss=loss.detach() / state.updates_per_step, clip_low=(out.low_clipped & mask).sum(),
+        sums.add(loss=loss.detach(), clip_low=(out.low_clipped & mask).sum(),
                  clip_high=(out.high_clipped & mask).sum(), clip_tokens=mask.sum(),
                  kl=(kl.detach() * mask).sum() if state.reference is not None else 0.0)
         if entropy is not None:
             sums.add(entropy=(entropy * mask).sum(), tokens=mask.sum())
+    return True
 
 
-def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: Sums, timing: dict[str, float],
-        bar: Any) -> dict:
+def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: Sums, counts: UpdateCounts,
+        timing: dict[str, float], bar: Any) -> dict:
     """The step's metrics (TRL's names where it has them), logged every rl.log_every steps."""
     rl, session = state.cfg.rl, state.session
     sums.add(seq_tokens=batch.attention_mask.sum())
@@ -302,11 +336,7 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
     metrics = rollout_metrics(collected)
     generated_tokens = metrics.pop("_gen_tokens")
     metrics |= {
-        "entropy": totals["entropy"] / max(totals["tokens"], 1),
-        "clip_ratio/low_mean": totals["clip_low"] / max(totals["clip_tokens"], 1),
-        "clip_ratio/high_mean": totals["clip_high"] / max(totals["clip_tokens"], 1),
-        "policy_loss": totals["loss"],
-        "grad_norm": totals["grad_norm"] / session.world,  # every process holds the same (global) norm
+        "empty_mini_batches": counts.empty,
         "lr": state.scheduler.get_last_lr()[0],
         "perf/gen_tokens_per_sec": generated_tokens / max(timing["gen"], 1e-9),
         "perf/gen_time_s": timing["gen"],
@@ -315,15 +345,32 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
         "perf/peak_mem_gib": peak_memory_gib(session.device),
     }
     metrics |= throughput_metrics(state, totals["seq_tokens"], generated_tokens, timing["train"], metrics["perf/step_time_s"])
-    if state.reference is not None:
-        metrics["kl"] = totals["kl"] / max(totals["clip_tokens"], 1)
+    metrics |= update_metrics(state, totals, counts)
     state.first_step_metrics = state.first_step_metrics or metrics
     if state.step % rl.log_every == 0 or state.step == rl.max_steps:
         session.tracker.log(metrics, step=state.step)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                        ent=f"{metrics['entropy']:.3f}", len=f"{metrics['completions/mean_length']:.1f}",
+                        ent=f"{metrics.get('entropy', math.nan):.3f}", len=f"{metrics['completions/mean_length']:.1f}",
                         drop=metrics["dynamic_sampling/dropped_groups"],
                         **({"mfu": f"{metrics['perf/mfu']:.1%}"} if "perf/mfu" in metrics else {}))
+    return metrics
+
+
+def update_metrics(state: RLState, totals: dict[str, float], counts: UpdateCounts) -> dict[str, float]:
+    """Means over the tokens trained on and the updates taken; a step without any has none to report
+    (a 0 would read as a measurement)."""
+    metrics = {}
+    if totals["tokens"]:
+        metrics["entropy"] = totals["entropy"] / totals["tokens"]
+    if totals["clip_tokens"]:
+        metrics["clip_ratio/low_mean"] = totals["clip_low"] / totals["clip_tokens"]
+        metrics["clip_ratio/high_mean"] = totals["clip_high"] / totals["clip_tokens"]
+        if state.reference is not None:
+            metrics["kl"] = totals["kl"] / totals["clip_tokens"]
+    if counts.applied:
+        metrics["policy_loss"] = totals["loss"] / counts.applied
+        # every process holds the same (global) norm
+        metrics["grad_norm"] = totals["grad_norm"] / state.session.world / counts.applied
     return metrics
 
 
@@ -400,7 +447,8 @@ def save(state: RLState) -> Path:
     session = state.session
     trainer_state = {"step": state.step, "prompt_position": state.prompt_position,
                      "scheduler": state.scheduler.state_dict(), "world_size": session.world,
-                     "eval_before": state.eval_before, "train_first_step": state.first_step_metrics}
+                     "eval_before": state.eval_before, "train_first_step": state.first_step_metrics,
+                     "empty_mini_batches": state.empty_mini_batches}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m,
                                 state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
 
@@ -412,7 +460,8 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
     results = {"stage": "rl", "step": step, "checkpoint": str(final), "init_from": str(init_dir),
                "task": state.task.name, "eval_before": state.eval_before, "eval_after": eval_after,
                "train_first_step": state.first_step_metrics, "train_last_step": last_step_metrics,
-               "train_wall_time_s": wall, "num_processes": session.world}
+               "train_wall_time_s": wall, "num_processes": session.world,
+               "empty_mini_batches": state.empty_mini_batches}
     session.tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
     session.finish(results, step=step, checkpoint=str(final))
     before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
