@@ -67,18 +67,7 @@ class HFGenerator:
                 enc = {k: v.to(device) for k, v in enc.items()}
                 # One seed per batch: the samples depend on (seed, batch), not on what ran before.
                 torch.manual_seed(generate_batch_seed(seed, b))
-                out = model.generate(
-                    **enc,
-                    do_sample=sampling.temperature > 0,
-                    temperature=sampling.temperature if sampling.temperature > 0 else None,
-                    top_p=sampling.top_p if sampling.temperature > 0 else None,
-                    top_k=None,
-                    max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
-                    stop_strings=list(self.stop_strings) or None,
-                    tokenizer=tok if self.stop_strings else None,
-                )
+                out = self._sample(enc, sampling, eos, pad)
                 prompt_len = enc["input_ids"].shape[1]
                 ends = self._sampled_lengths(out, prompt_len, eos)
                 for (prompt_index, _), ids, end in zip(batch, out[:, prompt_len:].tolist(), ends):
@@ -87,6 +76,31 @@ class HFGenerator:
             tok.padding_side = padding_side
             model.train(was_training)
         return results
+
+    def _sample(self, enc: dict[str, torch.Tensor], sampling: Sampling, eos: int, pad: int) -> torch.Tensor:
+        """`generate` with exactly these settings: softmax(z / T) with top-p, or greedy at T = 0.
+
+        `generate` fills every setting it is not given from the model's generation_config, and
+        a hub model's may carry a repetition penalty, a minimum length, banned words, top-k, more
+        EOS ids...: any of them would sample from another distribution than the one the policy
+        loss scores. So the model's is set aside for the call, and top_k is 0 (off) explicitly:
+        transformers' own default is 50.
+        """
+        from transformers import GenerationConfig
+
+        sample = sampling.temperature > 0
+        settings = GenerationConfig(
+            do_sample=sample, temperature=sampling.temperature if sample else 1.0,
+            top_p=sampling.top_p if sample else 1.0, top_k=0 if sample else None,
+            max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            stop_strings=list(self.stop_strings) or None)
+        model, checkpoint_settings = self.model, self.model.generation_config
+        model.generation_config = GenerationConfig()
+        try:
+            return model.generate(**enc, generation_config=settings,
+                                  tokenizer=self.tokenizer if self.stop_strings else None)
+        finally:
+            model.generation_config = checkpoint_settings
 
     def _sampled_lengths(self, out: torch.Tensor, prompt_len: int, eos: int) -> list[Optional[int]]:
         """How many tokens of each row were sampled: up to and including its EOS or the token that

@@ -1,4 +1,5 @@
-"""The sampler (ntp_rl/generation.py): a completion's tokens are exactly those sampled."""
+"""The sampler (ntp_rl/generation.py): a completion's tokens are exactly those sampled, and
+sampling is exactly softmax(z / T) with top-p, whatever a checkpoint's generation_config says."""
 
 from pathlib import Path
 
@@ -73,3 +74,51 @@ def test_padding_after_a_stop_string_is_not_taken_for_a_sampled_eos(tmp_path):
     own_pad = digits_tokenizer(tmp_path, pad_is_eos=False)
     again = HFGenerator(model, own_pad, [STOP], batch_size=32).generate(PROMPTS, 8, sampling, seed=0)
     assert [[c.token_ids for c in p] for p in again] == [[c.token_ids for c in p] for p in out]
+
+
+def save_with_generation_config(model, tokenizer, directory: Path, **settings) -> Path:
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(**settings)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_a_checkpoints_generation_config_does_not_change_sampling(tmp_path):
+    """A hub model may ship a repetition penalty, a minimum length, banned words, top-k...: the
+    policy loss assumes softmax(z / T), so sampling must ignore them all."""
+    from ntp_rl.models import load_pretrained
+
+    tokenizer = digits_tokenizer(tmp_path, pad_is_eos=True)
+    model = random_model(len(tokenizer))
+    plain = save_with_generation_config(model, tokenizer, tmp_path / "plain")
+    eos, one = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("1")
+    opinionated = save_with_generation_config(
+        model, tokenizer, tmp_path / "opinionated", repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=6,
+        bad_words_ids=[[one]], do_sample=True, top_k=2, temperature=0.3, top_p=0.5, eos_token_id=[eos, one])
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=10)
+    samples = {}
+    for name, directory in (("plain", plain), ("opinionated", opinionated)):
+        lm = load_pretrained(str(directory))
+        samples[name] = [[c.token_ids for c in p] for p in
+                         HFGenerator(lm, tokenizer, batch_size=32).generate(PROMPTS, 8, sampling, seed=3)]
+    assert samples["opinionated"] == samples["plain"]
+
+
+def test_sampling_is_the_full_softmax_without_a_hidden_top_k(tmp_path):
+    """transformers' global default top_k=50 must not apply: with a flat distribution over a
+    vocabulary larger than 50, more than 50 different first tokens come out."""
+    from transformers import PreTrainedTokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    texts = [" ".join(a + b for b in letters) for a in letters]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_embedded_tokenizer(texts, vocab_size=160).backend_tokenizer,
+                                        eos_token=EOS_TOKEN, pad_token="<|pad|>")
+    assert len(tokenizer) > 100
+    model = random_model(len(tokenizer))
+    with torch.no_grad():  # every next token about equally likely (not exactly: top-k keeps ties)
+        model.get_output_embeddings().weight.normal_(0, 0.01)
+    out = HFGenerator(model, tokenizer, batch_size=256).generate(["ab cd"], 512, Sampling(1.0, 1.0, 1), seed=0)
+    first_tokens = {c.token_ids[0] for c in out[0]}
+    assert len(first_tokens) > 60
