@@ -18,7 +18,7 @@ from ntp_rl.errors import UserError
 from ntp_rl.config.schema import GRPOConfig, LossAggregation
 from ntp_rl.rl.advantages import ADVANTAGES, AdvantageInputs, compute_advantages
 from ntp_rl.rl.policy_loss import PolicyLossInputs, aggregate, aggregation_count, k3_kl, ppo_clip
-from ntp_rl.rl.rollout import Group, PromptStream, build_batch, collect_groups, token_logprobs
+from ntp_rl.rl.rollout import Group, PromptStream, build_batch, collect_groups, deal_groups, token_logprobs
 from ntp_rl.seeding import rollout_seed
 from ntp_rl.stages import run_stage
 from ntp_rl.tasks import TaskProblem
@@ -204,6 +204,43 @@ def test_dynamic_sampling_respects_the_cap_and_fills_with_equal_reward_groups():
     assert (got.rounds, got.dropped, got.filled) == (2, 4, 2)
 
 
+def test_filler_groups_get_no_loss_and_do_not_dilute_the_token_mean():
+    """When max_sampling_rounds runs out, the update must be the one the informative groups alone
+    would give: the fillers' tokens count neither in the loss nor in its denominator."""
+    sample_round, _ = _rounds([SIGNAL, FLAT, FLAT, FLAT], [FLAT, FLAT, SIGNAL, FLAT])
+    got = collect_groups(sample_round, target=4, dynamic=True, max_rounds=2)
+    assert got.trained(dynamic=True) == [True, True, False, False] and got.filled == 2
+    groups = [Group("p", [1, 2], [[3, 4, 5], [6]], [1.0, 0.0], [True, False], [False, False]),
+              Group("q", [1], [[7, 8], [9, 9, 9, 9]], [0.0, 0.0], [False, False], [False, False])]
+    advantages = torch.tensor([[1.0, -1.0], [0.0, 0.0]])
+    batch = build_batch(groups, advantages, pad_id=0, mask_truncated=False, trained=[True, False])
+    alone = build_batch(groups[:1], advantages[:1], pad_id=0, mask_truncated=False)
+    assert batch.response_mask[2:].sum() == 0, "a filler group has no token with a loss"
+    values = torch.rand(batch.response_mask.shape)
+    for mode in LossAggregation:
+        count = aggregation_count(batch.response_mask, mode)
+        assert count == aggregation_count(alone.response_mask, mode)
+        width = alone.response_mask.shape[1]
+        assert aggregate(values, batch.response_mask, mode, count).item() == pytest.approx(
+            aggregate(values[:2, :width], alone.response_mask, mode, count).item())
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2, 4])
+def test_each_update_holds_the_same_groups_whatever_the_number_of_processes(mini_batches):
+    groups, per_update = 8, 8 // mini_batches
+
+    def updates(world):
+        shares = [deal_groups(groups, mini_batches, world, rank) for rank in range(world)]
+        assert sorted(i for share in shares for i in share) == list(range(groups)), "every group exactly once"
+        step = per_update // world
+        return [[i for share in shares for i in share[m * step:(m + 1) * step]] for m in range(mini_batches)]
+
+    worlds = [w for w in (1, 2, 4) if per_update % w == 0]
+    assert all(updates(w) == updates(1) for w in worlds)
+    # Groups kept first (the informative ones) are spread over the updates, the fillers over their ends.
+    assert [sorted(u)[0] for u in updates(1)] == list(range(mini_batches))
+
+
 def test_without_dynamic_sampling_one_round_is_trained_as_is():
     sample_round, calls = _rounds([SIGNAL, FLAT, FLAT, FLAT], [SIGNAL] * 4)
     got = collect_groups(sample_round, target=4, dynamic=False, max_rounds=3)
@@ -347,6 +384,9 @@ def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
         assert row["dynamic_sampling/dropped_groups"] + row["dynamic_sampling/filled_groups"] == zero_std
         assert 0 <= row["accuracy"] <= 1 and row["entropy"] > 0 and row["grad_norm"] > 0
         assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == 0, "one on-policy update: ratio 1"
+    filled = [row["dynamic_sampling/filled_groups"] for row in steps.values()]
+    assert saved["dynamic_sampling"] == {"short_steps": sum(f > 0 for f in filled), "filled_groups": sum(filled),
+                                         "groups_per_step": 4}
     assert sorted(eval_rows(run_dir)) == [0, 2, 4]
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000002", "step_00000004"]
 
@@ -358,12 +398,16 @@ def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
     assert out.stdout.split()[1] == "False"
 
 
-def test_several_updates_per_step_with_kl_and_sequence_mean(rl_args):
+def test_several_updates_per_step_with_kl_and_sequence_mean(rl_args, capsys):
+    # One sampling round: some groups of a step have equal rewards, and the step trains without them.
     results = rl_run([*rl_args, "rl.max_steps=2", "rl.num_iterations=2", "rl.num_mini_batches=2", "rl.kl_coef=0.05",
                       "rl.loss_aggregation=seq_mean", "rl.mask_truncated=true", "optim.lr=1e-2", "rl.save_every=10",
-                      "rl.eval_every=10"])
+                      "rl.eval_every=10", "rl.max_sampling_rounds=1"])
     run_dir = Path(results["checkpoint"]).parents[1]
     steps = step_rows(run_dir)
+    filled = [steps[s]["dynamic_sampling/filled_groups"] for s in (1, 2)]
+    assert results["dynamic_sampling"]["short_steps"] == sum(f > 0 for f in filled) > 0
+    assert "the step trains on those alone" in capsys.readouterr().out
     # Later updates of a step see a policy that has moved: ratios leave 1 and the KL grows.
     assert all(steps[s]["kl"] > 0 for s in (1, 2))
     assert any(steps[s]["clip_ratio/low_mean"] + steps[s]["clip_ratio/high_mean"] > 0 for s in (1, 2))

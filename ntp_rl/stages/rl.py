@@ -40,7 +40,7 @@ from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.rl.advantages import AdvantageInputs, compute_advantages
 from ntp_rl.rl.policy_loss import POLICY_LOSSES, PolicyLossInputs, aggregate, aggregation_count, k3_kl
 from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, RolloutBatch, build_batch, collect_groups,
-                               sample_groups, token_logprobs)
+                               deal_groups, sample_groups, token_logprobs)
 from ntp_rl.runtime import peak_flops, peak_memory_gib
 from ntp_rl.seeding import rl_eval_seed, rollout_seed, seed_everything
 from ntp_rl.stages.session import StageSession
@@ -121,6 +121,8 @@ class RLState:
     eval_before: Optional[dict] = None
     first_step_metrics: Optional[dict] = None
     empty_mini_batches: int = 0  # over the run: updates skipped because no response token had a loss
+    short_steps: int = 0  # over the run: steps whose sampling rounds ran out before the batch was full
+    filled_groups: int = 0  # over the run: batch places those steps left without a group to train on
 
     @property
     def updates_per_step(self) -> int:
@@ -176,6 +178,7 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         state.step, state.prompt_position = int(saved["step"]), int(saved["prompt_position"])
         state.eval_before, state.first_step_metrics = saved.get("eval_before"), saved.get("train_first_step")
         state.empty_mini_batches = int(saved.get("empty_mini_batches", 0))
+        state.short_steps, state.filled_groups = int(saved.get("short_steps", 0)), int(saved.get("filled_groups", 0))
     return state
 
 
@@ -223,12 +226,29 @@ def sample_round(state: RLState, round_: int) -> list[Group]:
 
 
 def score(state: RLState, collected: CollectedGroups) -> RolloutBatch:
-    """This process's share of the kept groups: advantages within each group, one training row per sample."""
-    rank, per_rank = state.session.rank, state.per_rank
-    mine = collected.groups[rank * per_rank:(rank + 1) * per_rank]
+    """This process's share of the step's groups: advantages within each group, one training row per sample."""
+    rl, session = state.cfg.rl, state.session
+    report_filled(state, collected)
+    share = deal_groups(len(collected.groups), rl.num_mini_batches, session.world, session.rank)
+    mine = [collected.groups[i] for i in share]
+    trained = collected.trained(rl.dynamic_sampling)
     rewards = torch.tensor([g.rewards for g in mine], dtype=torch.float32)
-    advantages = compute_advantages(AdvantageInputs(rewards), state.cfg.rl)
-    return build_batch(mine, advantages, state.tokenizer.pad_token_id, state.cfg.rl.mask_truncated).to(state.session.device)
+    advantages = compute_advantages(AdvantageInputs(rewards), rl)
+    return build_batch(mine, advantages, state.tokenizer.pad_token_id, rl.mask_truncated,
+                       trained=[trained[i] for i in share]).to(session.device)
+
+
+def report_filled(state: RLState, collected: CollectedGroups) -> None:
+    """Count the steps that ran out of sampling rounds; say so the first time."""
+    if not collected.filled:
+        return
+    if not state.short_steps:
+        rl = state.cfg.rl
+        state.session.say(f"  step {state.step}: {rl.max_sampling_rounds} sampling round(s) gave only "
+                          f"{len(collected.groups) - collected.filled} of {rl.prompts_per_step} groups with different "
+                          "rewards; the step trains on those alone (dynamic_sampling/filled_groups counts the rest)")
+    state.short_steps += 1
+    state.filled_groups += collected.filled
 
 
 @torch.no_grad()
@@ -448,7 +468,8 @@ def save(state: RLState) -> Path:
     trainer_state = {"step": state.step, "prompt_position": state.prompt_position,
                      "scheduler": state.scheduler.state_dict(), "world_size": session.world,
                      "eval_before": state.eval_before, "train_first_step": state.first_step_metrics,
-                     "empty_mini_batches": state.empty_mini_batches}
+                     "empty_mini_batches": state.empty_mini_batches, "short_steps": state.short_steps,
+                     "filled_groups": state.filled_groups}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m,
                                 state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
 
@@ -461,10 +482,17 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
                "task": state.task.name, "eval_before": state.eval_before, "eval_after": eval_after,
                "train_first_step": state.first_step_metrics, "train_last_step": last_step_metrics,
                "train_wall_time_s": wall, "num_processes": session.world,
-               "empty_mini_batches": state.empty_mini_batches}
+               "empty_mini_batches": state.empty_mini_batches,
+               "dynamic_sampling": {"short_steps": state.short_steps, "filled_groups": state.filled_groups,
+                                    "groups_per_step": state.cfg.rl.prompts_per_step}}
     session.tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
     session.finish(results, step=step, checkpoint=str(final))
     before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
     session.say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"
                 f" | mean length {eval_after['mean_length']:.1f}\n  model: {final}")
+    if state.short_steps:
+        session.say(f"  {state.short_steps} of {step} steps ran out of sampling rounds and trained on fewer groups "
+                    f"({state.filled_groups} places of {step * state.cfg.rl.prompts_per_step} left empty)")
+    if state.empty_mini_batches:
+        session.say(f"  {state.empty_mini_batches} mini-batch update(s) had no response token with a loss and were skipped")
     return results
