@@ -310,7 +310,8 @@ def test_token_logprobs_match_an_unpadded_forward():
 
 # Difficulty 1 and a format bonus: the small policy's groups then mostly hold different rewards.
 RL_TINY = [
-    "task.difficulty=1", "task.format_reward=0.5", "rl.max_steps=4", "rl.prompts_per_step=4", "rl.num_generations=4",
+    "task.difficulty=1", "task.format_reward=0.5", "rl.max_steps=4", "rl.prompts_per_step=4", "rl.num_mini_batches=2",
+    "rl.num_generations=4",
     "rl.micro_batch_size=8", "rl.sampling.max_new_tokens=24", "rl.sampling.batch_size=8", "rl.train_problems=64",
     "rl.eval_problems=8", "rl.eval_samples=4", "rl.eval_ks=[1,4]", "rl.eval_every=2", "rl.save_every=2",
     "rl.eval_sampling.max_new_tokens=24", "optim.lr=1e-3", "logger.wandb.mode=disabled", "logger.progress_bar=false",
@@ -383,7 +384,7 @@ def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
         zero_std = round(row["frac_reward_zero_std"] * generated)
         assert row["dynamic_sampling/dropped_groups"] + row["dynamic_sampling/filled_groups"] == zero_std
         assert 0 <= row["accuracy"] <= 1 and row["entropy"] > 0 and row["grad_norm"] > 0
-        assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == 0, "one on-policy update: ratio 1"
+        assert 0 <= row["clip_ratio/low_mean"] <= 1 and 0 <= row["clip_ratio/high_mean"] <= 1
     filled = [row["dynamic_sampling/filled_groups"] for row in steps.values()]
     assert saved["dynamic_sampling"] == {"short_steps": sum(f > 0 for f in filled), "filled_groups": sum(filled),
                                          "groups_per_step": 4}
@@ -396,6 +397,21 @@ def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(latest_checkpoint(run_dir / "checkpoints"))], capture_output=True,
                          text=True, cwd="/", env={**os.environ, "PYTHONPATH": ""}, check=True)
     assert out.stdout.split()[1] == "False"
+
+
+def test_the_defaults_take_several_updates_per_rollout_batch(tmp_path):
+    """With one update per rollout batch the ratio is exactly 1 and clip-higher never acts."""
+    (tmp_path / "config.json").write_text("{}")
+    rl = compose("rl", [f"init_from={tmp_path}"]).rl
+    assert rl.num_mini_batches * rl.num_iterations > 1
+    for processes in (1, 2, 4, 8):  # and the default batch splits over the usual process counts
+        assert rl.prompts_per_step % (rl.num_mini_batches * processes) == 0
+
+
+def test_one_update_per_rollout_batch_never_clips(rl_args):
+    results = rl_run([*rl_args, "rl.max_steps=2", "rl.num_mini_batches=1", "rl.eval_every=10"])
+    for row in step_rows(Path(results["checkpoint"]).parents[1]).values():
+        assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == 0, "one on-policy update: ratio 1"
 
 
 def test_several_updates_per_step_with_kl_and_sequence_mean(rl_args, capsys):
@@ -562,3 +578,6 @@ def test_the_default_run_raises_held_out_accuracy(tmp_path):
     before, after = results["eval_before"]["avg@8"], results["eval_after"]["avg@8"]
     assert after > before + 0.02, (before, after)
     assert results["train_last_step"]["entropy"] < results["train_first_step"]["entropy"]
+    steps = step_rows(rl_dir).values()
+    assert any(row["clip_ratio/high_mean"] > 0 for row in steps) and any(row["clip_ratio/low_mean"] > 0 for row in steps), \
+        "the default run's later updates move the policy far enough for both clip bounds to act"
