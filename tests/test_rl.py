@@ -451,6 +451,45 @@ def test_a_step_with_no_token_to_train_on_takes_no_update_and_says_so(rl_args, p
     assert all(torch.equal(before[k], after[k]) for k in before), "the weights must not move"
 
 
+def _poison_update(monkeypatch, bad_calls):
+    """The policy loss turns NaN on the given calls (one call per mini-batch update here)."""
+    from ntp_rl.rl import policy_loss
+
+    clean, calls = policy_loss.POLICY_LOSSES["ppo_clip"], {"n": 0}
+
+    def poisoned(inputs, rl):
+        out = clean(inputs, rl)
+        calls["n"] += 1
+        return out if calls["n"] not in bad_calls else type(out)(out.loss * float("nan"), out.low_clipped, out.high_clipped)
+
+    monkeypatch.setitem(policy_loss.POLICY_LOSSES, "ppo_clip", poisoned)
+
+
+def test_a_non_finite_update_stops_the_run_by_default(rl_args, tmp_path, monkeypatch):
+    from ntp_rl.errors import TrainingDiverged
+
+    _poison_update(monkeypatch, {3})  # 2 updates a step, one micro-batch each: step 2 goes bad
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 2"):
+        rl_run([*rl_args, "rl.save_every=1", f"run_dir={run_dir}"])
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "diverged" and "step_00000001" in info["error"]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000001"]
+
+
+def test_non_finite_updates_can_be_skipped_and_counted(rl_args, tmp_path, monkeypatch, capsys):
+    _poison_update(monkeypatch, {3})
+    results = rl_run([*rl_args, "rl.on_nonfinite=skip", "rl.eval_every=10", "rl.max_steps=3"])
+    steps = step_rows(Path(results["checkpoint"]).parents[1])
+    assert [steps[s]["nonfinite_skips"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert all(value is not None for row in steps.values() for value in row.values()), "the bad update is not averaged in"
+    assert results["nonfinite_skips"] == 1 and "mini-batch update skipped" in capsys.readouterr().out
+
+    _poison_update(monkeypatch, {1, 2})
+    with pytest.raises(Exception, match="diverged at step 1"):
+        rl_run([*rl_args, "rl.on_nonfinite=skip", "rl.max_nonfinite_skips=1", f"run_dir={tmp_path / 'two'}"])
+
+
 def test_resume_after_sigkill_reproduces_the_run(rl_args, tmp_path):
     straight = tmp_path / "straight"
     rl_run([*rl_args, f"run_dir={straight}"])
@@ -515,6 +554,8 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
         (["rl.sampling.temperature=0"], ["rl.sampling.temperature"]),
         (["rl.eval_ks=[1,16]"], ["rl.eval_ks"]),
         (["rl.kl_coef=-1"], ["rl.kl_coef"]),
+        (["rl.on_nonfinite=ignore"], ["rl.on_nonfinite", "stop", "skip"]),
+        (["rl.max_nonfinite_skips=-1"], ["rl.max_nonfinite_skips"]),
         (["task=nope"], ["task=nope", "chain_sum", "gsm8k"]),
         (["rl.num_generation=4"], ["rl.num_generation", "num_generations"]),
     ],

@@ -279,6 +279,8 @@ class GRPOConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal and sample more prompts
     max_sampling_rounds: int = 3  # rounds of sampling per step at most (1 = no resampling)
     mask_truncated: bool = False  # responses cut off at max_new_tokens get no loss
+    on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop  # a non-finite gradient: stop, or skip that update
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: stop after this many skipped updates
     sampling: SamplingConfig = field(default_factory=_rollout_sampling)
     train_problems: int = 4096  # size of the prompt pool from the task's train split (reshuffled each pass)
     precision: Precision = Precision.auto

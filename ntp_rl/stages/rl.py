@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ntp_rl import checkpoint as ckpt
+from ntp_rl.config.schema import NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.evaluation import sample_and_score, summarize
@@ -121,6 +122,7 @@ class RLState:
     eval_before: Optional[dict] = None
     first_step_metrics: Optional[dict] = None
     empty_mini_batches: int = 0  # over the run: updates skipped because no response token had a loss
+    nonfinite_skips: int = 0  # over the run: updates dropped for a non-finite gradient (rl.on_nonfinite=skip)
     short_steps: int = 0  # over the run: steps whose sampling rounds ran out before the batch was full
     filled_groups: int = 0  # over the run: batch places those steps left without a group to train on
 
@@ -178,6 +180,7 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         state.step, state.prompt_position = int(saved["step"]), int(saved["prompt_position"])
         state.eval_before, state.first_step_metrics = saved.get("eval_before"), saved.get("train_first_step")
         state.empty_mini_batches = int(saved.get("empty_mini_batches", 0))
+        state.nonfinite_skips = int(saved.get("nonfinite_skips", 0))
         state.short_steps, state.filled_groups = int(saved.get("short_steps", 0)), int(saved.get("filled_groups", 0))
     return state
 
@@ -277,6 +280,7 @@ class UpdateCounts:
 
     applied: int = 0
     empty: int = 0  # no response token of the global mini-batch had a loss: nothing to learn, no update
+    nonfinite: int = 0  # a non-finite gradient, skipped under rl.on_nonfinite=skip
 
 
 def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> UpdateCounts:
@@ -286,23 +290,38 @@ def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> UpdateC
     counts = UpdateCounts()
     for _ in range(rl.num_iterations):
         for first in range(0, len(batch), rows_per_update):
-            if not update_minibatch(state, batch.rows(first, first + rows_per_update), sums):
+            minibatch_sums = Sums(STEP_SUMS, device=state.session.device)
+            if not update_minibatch(state, batch.rows(first, first + rows_per_update), minibatch_sums):
                 # An optimizer step on a zero gradient would still move the weights (Adam's
                 # momentum, weight decay), so an empty mini-batch takes no step at all.
                 counts.empty += 1
                 continue
             grad_norm = state.session.accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.optim.grad_clip)
-            if not torch.isfinite(grad_norm):
-                state.session.stop_diverged(state.step, sums["loss"], grad_norm, bar)
-            sums.add(grad_norm=grad_norm.detach())
-            state.optimizer.step()
+            # The norm is of the gradient averaged over processes, so every process decides alike.
+            if torch.isfinite(grad_norm):
+                minibatch_sums.add(grad_norm=grad_norm.detach())
+                sums.values += minibatch_sums.values
+                state.optimizer.step()
+                counts.applied += 1
+            else:
+                skip_nonfinite(state, minibatch_sums["loss"], grad_norm, bar)
+                counts.nonfinite += 1
             state.optimizer.zero_grad(set_to_none=True)
-            counts.applied += 1
     with warnings.catch_warnings():  # torch warns when no update preceded: true of an empty step, and meant
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         state.scheduler.step()
     report_empty(state, counts)
     return counts
+
+
+def skip_nonfinite(state: RLState, loss: torch.Tensor, grad_norm: torch.Tensor, bar: Any) -> None:
+    """A non-finite gradient stops the run (rl.on_nonfinite=stop), or its update is dropped and counted."""
+    rl = state.cfg.rl
+    state.nonfinite_skips += 1
+    if rl.on_nonfinite is NonFinitePolicy.stop or state.nonfinite_skips > rl.max_nonfinite_skips:
+        state.session.stop_diverged(state.step, loss, grad_norm, bar)
+    state.session.say(f"  step {state.step}: non-finite loss or gradient, mini-batch update skipped "
+                      f"({state.nonfinite_skips} so far, at most rl.max_nonfinite_skips={rl.max_nonfinite_skips})")
 
 
 def report_empty(state: RLState, counts: UpdateCounts) -> None:
@@ -357,6 +376,7 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
     generated_tokens = metrics.pop("_gen_tokens")
     metrics |= {
         "empty_mini_batches": counts.empty,
+        "nonfinite_skips": state.nonfinite_skips,
         "lr": state.scheduler.get_last_lr()[0],
         "perf/gen_tokens_per_sec": generated_tokens / max(timing["gen"], 1e-9),
         "perf/gen_time_s": timing["gen"],
@@ -468,7 +488,8 @@ def save(state: RLState) -> Path:
     trainer_state = {"step": state.step, "prompt_position": state.prompt_position,
                      "scheduler": state.scheduler.state_dict(), "world_size": session.world,
                      "eval_before": state.eval_before, "train_first_step": state.first_step_metrics,
-                     "empty_mini_batches": state.empty_mini_batches, "short_steps": state.short_steps,
+                     "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
+                     "short_steps": state.short_steps,
                      "filled_groups": state.filled_groups}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m,
                                 state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
@@ -482,7 +503,7 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
                "task": state.task.name, "eval_before": state.eval_before, "eval_after": eval_after,
                "train_first_step": state.first_step_metrics, "train_last_step": last_step_metrics,
                "train_wall_time_s": wall, "num_processes": session.world,
-               "empty_mini_batches": state.empty_mini_batches,
+               "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
                "dynamic_sampling": {"short_steps": state.short_steps, "filled_groups": state.filled_groups,
                                     "groups_per_step": state.cfg.rl.prompts_per_step}}
     session.tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
