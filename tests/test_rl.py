@@ -519,7 +519,9 @@ def test_resume_after_sigkill_reproduces_the_run(rl_args, tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
     # Two generate calls per round (2 prompts each), so each process makes exactly the calls
     # the single process makes for its half of the prompts.
-    common = [*rl_args, "rl.max_steps=3", "rl.save_every=3", "rl.eval_every=3", "rl.sampling.batch_size=8"]
+    # The held-out checks: 4 chunks of 2 problems, dealt 2 to each process.
+    common = [*rl_args, "rl.max_steps=3", "rl.save_every=3", "rl.eval_every=3", "rl.sampling.batch_size=8",
+              "rl.eval_sampling.batch_size=8"]
     one = tmp_path / "one"
     rl_run([*common, f"run_dir={one}"])
     two = tmp_path / "two"
@@ -537,6 +539,8 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
         for key in ("policy_loss", "entropy"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
+    assert eval_rows(two)[0] == eval_rows(one)[0], "the held-out check of the same model gives the same numbers"
+    assert eval_rows(two)[3] == pytest.approx(eval_rows(one)[3])
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from ntp_rl import checkpoint as ckpt
 from ntp_rl.config.schema import NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
-from ntp_rl.evaluation import sample_and_score, summarize
+from ntp_rl.evaluation import sample_and_score_chunks, summarize
 from ntp_rl.faults import kill_point
 from ntp_rl.generation import HFGenerator, Sampling
 from ntp_rl.metrics import Sums
@@ -466,17 +466,17 @@ def _pad_to(tokens: torch.Tensor, width: int) -> torch.Tensor:
 def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
     """Avg@n, Cons@n and pass@k on the task's test problems, logged at `step`.
 
-    Each process scores a slice of the problems with the same seed at every evaluation, so
-    changes between evaluations come from the model, not the dice.
+    The problems are sampled in chunks of one generate call, each with a seed of its own that
+    is the same at every evaluation: changes between evaluations come from the model, not the
+    dice, and the numbers are the same for any number of processes (as in `ntp-rl eval`).
     """
-    from accelerate.utils import gather_object
-
-    rl, session = state.cfg.rl, state.session
-    mine = state.eval_problems[session.rank::session.world]
+    rl, session, seed = state.cfg.rl, state.session, state.cfg.seed
     evaluator = HFGenerator(state.lm, state.tokenizer, state.task.stop_strings, batch_size=rl.eval_sampling.batch_size)
-    results = sample_and_score(evaluator, state.task, mine, rl.eval_samples, state.eval_sampling, list(rl.eval_ks),
-                               seed=rl_eval_seed(state.cfg.seed))
-    summary = summarize(gather_object(results), list(rl.eval_ks))
+    per_call = max(1, rl.eval_sampling.batch_size // rl.eval_samples)
+    results = sample_and_score_chunks(evaluator, state.task, state.eval_problems, rl.eval_samples, state.eval_sampling,
+                                      list(rl.eval_ks), lambda chunk: rl_eval_seed(seed, chunk), session.rank,
+                                      session.world, per_call)
+    summary = summarize(results, list(rl.eval_ks))
     session.tracker.log({f"eval/{k}": v for k, v in summary.items() if k not in ("problems", "n")}, step=step)
     shown = " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith(("avg@", "pass@", "cons@")))
     session.say(f"  eval @ {step}: {shown} | mean length {summary['mean_length']:.1f}")
