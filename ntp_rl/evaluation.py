@@ -7,7 +7,7 @@ report the same numbers under the same names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from ntp_rl.generation import Completion, Generator, Sampling
 from ntp_rl.metrics import majority_vote, pass_at_k
@@ -77,3 +77,32 @@ def sample_and_score(generator: Generator, task: Task, problems: Sequence[TaskPr
                      ks: Sequence[int], seed: int, keep_samples: bool = False) -> list[ProblemResult]:
     completions = generator.generate([p.prompt for p in problems], n, sampling, seed)
     return [score_problem(task, p, cs, ks, keep_samples) for p, cs in zip(problems, completions)]
+
+
+def deal_chunks(num_problems: int, per_call: int, rank: int, world: int) -> list[range]:
+    """This process's chunks of the problems: chunk c (`per_call` problems, one generate call) goes to process c mod world."""
+    chunks = [range(s, min(s + per_call, num_problems)) for s in range(0, num_problems, per_call)]
+    return chunks[rank::world]
+
+
+def sample_and_score_chunks(generator: Generator, task: Task, problems: Sequence[TaskProblem], n: int, sampling: Sampling,
+                            ks: Sequence[int], chunk_seed: Callable[[int], int], rank: int, world: int, per_call: int,
+                            keep_samples: bool = False, on_chunk: Optional[Callable[[int], object]] = None
+                            ) -> list[ProblemResult]:
+    """This process's chunks, each sampled with a seed of its own (`chunk_seed(c)`), then every
+    process's results in problem order.
+
+    The samples depend on (seed, chunk), never on which process drew the chunk, so the results
+    are the same for any number of processes.
+    """
+    from accelerate.utils import gather_object
+
+    scored: list[tuple[int, ProblemResult]] = []
+    for chunk in deal_chunks(len(problems), per_call, rank, world):
+        out = sample_and_score(generator, task, [problems[i] for i in chunk], n, sampling, ks,
+                               seed=chunk_seed(chunk.start // per_call), keep_samples=keep_samples)
+        scored += zip(chunk, out)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    gathered = gather_object(scored) if world > 1 else scored
+    return [result for _, result in sorted(gathered, key=lambda pair: pair[0])]

@@ -8,7 +8,7 @@ for GPU scale would be another class with the same `generate` method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
@@ -44,6 +44,7 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(stop_strings)
         self.batch_size = batch_size
+        self._stop_criterion: Any = None  # built on first use: it indexes the tokenizer's vocabulary
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], n: int, sampling: Sampling, seed: int) -> list[list[Completion]]:
@@ -66,37 +67,65 @@ class HFGenerator:
                 enc = {k: v.to(device) for k, v in enc.items()}
                 # One seed per batch: the samples depend on (seed, batch), not on what ran before.
                 torch.manual_seed(generate_batch_seed(seed, b))
-                out = model.generate(
-                    **enc,
-                    do_sample=sampling.temperature > 0,
-                    temperature=sampling.temperature if sampling.temperature > 0 else None,
-                    top_p=sampling.top_p if sampling.temperature > 0 else None,
-                    top_k=None,
-                    max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
-                    stop_strings=list(self.stop_strings) or None,
-                    tokenizer=tok if self.stop_strings else None,
-                )
-                new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
-                for (prompt_index, _), ids in zip(batch, new_tokens):
-                    results[prompt_index].append(self._completion(prompt_index, ids, eos, pad, sampling.max_new_tokens))
+                out = self._sample(enc, sampling, eos, pad)
+                prompt_len = enc["input_ids"].shape[1]
+                ends = self._sampled_lengths(out, prompt_len, eos)
+                for (prompt_index, _), ids, end in zip(batch, out[:, prompt_len:].tolist(), ends):
+                    results[prompt_index].append(self._completion(prompt_index, ids[:end], ended=end is not None))
         finally:
             tok.padding_side = padding_side
             model.train(was_training)
         return results
 
-    def _completion(self, prompt_index: int, ids: list[int], eos: int, pad: int, max_new: int) -> Completion:
-        if eos in ids:
-            ids = ids[: ids.index(eos) + 1]
-            ended = True
-        else:
-            while ids and ids[-1] == pad:  # padding after a stop string ended this row early
-                ids = ids[:-1]
-            ended = len(ids) < max_new
+    def _sample(self, enc: dict[str, torch.Tensor], sampling: Sampling, eos: int, pad: int) -> torch.Tensor:
+        """`generate` with exactly these settings: softmax(z / T) with top-p, or greedy at T = 0.
+
+        `generate` fills every setting it is not given from the model's generation_config, and
+        a hub model's may carry a repetition penalty, a minimum length, banned words, top-k, more
+        EOS ids...: any of them would sample from another distribution than the one the policy
+        loss scores. So the model's is set aside for the call, and top_k is 0 (off) explicitly:
+        transformers' own default is 50.
+        """
+        from transformers import GenerationConfig
+
+        sample = sampling.temperature > 0
+        settings = GenerationConfig(
+            do_sample=sample, temperature=sampling.temperature if sample else 1.0,
+            top_p=sampling.top_p if sample else 1.0, top_k=0 if sample else None,
+            max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            stop_strings=list(self.stop_strings) or None)
+        model, checkpoint_settings = self.model, self.model.generation_config
+        model.generation_config = GenerationConfig()
+        try:
+            return model.generate(**enc, generation_config=settings,
+                                  tokenizer=self.tokenizer if self.stop_strings else None)
+        finally:
+            model.generation_config = checkpoint_settings
+
+    def _sampled_lengths(self, out: torch.Tensor, prompt_len: int, eos: int) -> list[Optional[int]]:
+        """How many tokens of each row were sampled: up to and including its EOS or the token that
+        completed a stop string (None: it ran to max_new_tokens).
+
+        What follows is padding, which may be the EOS token itself (pad = EOS in Qwen-style
+        tokenizers), so it is told apart by replaying `generate`'s own stopping rules on each
+        prefix, not by looking for EOS.
+        """
+        new = out[:, prompt_len:]
+        stopped = new == eos
+        if self.stop_strings:
+            if self._stop_criterion is None:
+                from transformers import StopStringCriteria
+
+                self._stop_criterion = StopStringCriteria(self.tokenizer, list(self.stop_strings))
+            for t in range(new.shape[1]):
+                stopped[:, t] |= self._stop_criterion(out[:, :prompt_len + t + 1], None)
+        first = stopped.int().argmax(dim=1)
+        return [int(f) + 1 if row_stopped else None for f, row_stopped in zip(first.tolist(), stopped.any(dim=1).tolist())]
+
+    def _completion(self, prompt_index: int, ids: list[int], ended: bool) -> Completion:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         for stop in self.stop_strings:
             cut = text.find(stop)
             if cut != -1:
-                text, ended = text[:cut], True
+                text = text[:cut]
         return Completion(prompt_index=prompt_index, text=text, token_ids=ids, truncated=not ended)

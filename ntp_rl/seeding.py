@@ -36,9 +36,10 @@ def rollout_seed(seed: int, step: int, round_: int, offset: int) -> int:
     return mix_seed("rollout", seed, step, round_, offset) % _SAMPLING_SEED_BOUND
 
 
-def rl_eval_seed(seed: int) -> int:
-    """RL's held-out checks sample with the same seed every time, so their changes come from the model."""
-    return mix_seed("eval", seed) % _SAMPLING_SEED_BOUND
+def rl_eval_seed(seed: int, chunk: int) -> int:
+    """RL's held-out checks sample each chunk of problems with the same seed every time, so their
+    changes come from the model, and never depend on which process drew the chunk."""
+    return mix_seed("eval", seed, chunk) % _SAMPLING_SEED_BOUND
 
 
 def eval_chunk_seed(seed: int, chunk: int) -> int:

@@ -73,6 +73,16 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _warn_nonfinite(values: dict[str, Any], step: int) -> None:
+    """A NaN metric is written as null: say so on the console every time, so that it never
+    passes unseen until someone plots the run."""
+    bad = [f"{k}={v}" for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"warning: step {step}: non-finite metric(s) {', '.join(bad)} (NaN is written as null)", file=sys.stderr)
+
+
 class Tracker:
     """Created on every process; only the main process writes anything."""
 
@@ -122,7 +132,9 @@ class Tracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:
             return
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        values = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+        _warn_nonfinite(values, step)
+        row = {"step": step, **{k: _clean(v) for k, v in values.items()}}
         self._metrics_file.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)

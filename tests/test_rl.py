@@ -18,7 +18,7 @@ from ntp_rl.errors import UserError
 from ntp_rl.config.schema import GRPOConfig, LossAggregation
 from ntp_rl.rl.advantages import ADVANTAGES, AdvantageInputs, compute_advantages
 from ntp_rl.rl.policy_loss import PolicyLossInputs, aggregate, aggregation_count, k3_kl, ppo_clip
-from ntp_rl.rl.rollout import Group, PromptStream, build_batch, collect_groups, token_logprobs
+from ntp_rl.rl.rollout import Group, PromptStream, build_batch, collect_groups, deal_groups, token_logprobs
 from ntp_rl.seeding import rollout_seed
 from ntp_rl.stages import run_stage
 from ntp_rl.tasks import TaskProblem
@@ -138,6 +138,34 @@ def test_token_and_sequence_aggregation():
         assert parts.item() == pytest.approx(aggregate(values, mask, mode, count).item())
 
 
+def test_aggregation_over_no_tokens_is_zero_not_nan():
+    """A mini-batch whose responses are all masked (all truncated under rl.mask_truncated) has nothing to average."""
+    values = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
+    mask = torch.zeros(2, 2, dtype=torch.bool)
+    for mode in LossAggregation:
+        count = aggregation_count(mask, mode)
+        assert count.item() == 0
+        assert aggregate(values, mask, mode, count).item() == 0.0, mode
+    # A NaN where the mask is off (a padded position) never leaks into the loss.
+    mask[0, 0] = True
+    assert aggregate(values, mask, LossAggregation.token_mean, aggregation_count(mask, LossAggregation.token_mean)).item() == 1.0
+
+
+def test_a_nan_metric_is_said_on_the_console(tmp_path, capsys):
+    from ntp_rl.tracking import Tracker
+
+    class OneProcess:
+        is_main_process = True
+
+    with Tracker(OneProcess(), tmp_path, "disabled", stage="rl", run_name="r", group=None, tags=[], cfg=None,
+                 resume_step=None, wandb_id=None, logger_cfg=None) as tracker:
+        tracker.log({"policy_loss": float("nan"), "reward": 0.5}, step=3)
+        tracker.log({"policy_loss": 1.0}, step=4)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "step 3" in err and "policy_loss=nan" in err
+    assert read_metrics(tmp_path)[0] == {"step": 3, "policy_loss": None, "reward": 0.5}
+
+
 # ---------------------------------------------------------------------------
 # Dynamic sampling
 
@@ -174,6 +202,43 @@ def test_dynamic_sampling_respects_the_cap_and_fills_with_equal_reward_groups():
     assert calls == [0, 1]
     assert [g.informative for g in got.groups] == [True, True, False, False]
     assert (got.rounds, got.dropped, got.filled) == (2, 4, 2)
+
+
+def test_filler_groups_get_no_loss_and_do_not_dilute_the_token_mean():
+    """When max_sampling_rounds runs out, the update must be the one the informative groups alone
+    would give: the fillers' tokens count neither in the loss nor in its denominator."""
+    sample_round, _ = _rounds([SIGNAL, FLAT, FLAT, FLAT], [FLAT, FLAT, SIGNAL, FLAT])
+    got = collect_groups(sample_round, target=4, dynamic=True, max_rounds=2)
+    assert got.trained(dynamic=True) == [True, True, False, False] and got.filled == 2
+    groups = [Group("p", [1, 2], [[3, 4, 5], [6]], [1.0, 0.0], [True, False], [False, False]),
+              Group("q", [1], [[7, 8], [9, 9, 9, 9]], [0.0, 0.0], [False, False], [False, False])]
+    advantages = torch.tensor([[1.0, -1.0], [0.0, 0.0]])
+    batch = build_batch(groups, advantages, pad_id=0, mask_truncated=False, trained=[True, False])
+    alone = build_batch(groups[:1], advantages[:1], pad_id=0, mask_truncated=False)
+    assert batch.response_mask[2:].sum() == 0, "a filler group has no token with a loss"
+    values = torch.rand(batch.response_mask.shape)
+    for mode in LossAggregation:
+        count = aggregation_count(batch.response_mask, mode)
+        assert count == aggregation_count(alone.response_mask, mode)
+        width = alone.response_mask.shape[1]
+        assert aggregate(values, batch.response_mask, mode, count).item() == pytest.approx(
+            aggregate(values[:2, :width], alone.response_mask, mode, count).item())
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2, 4])
+def test_each_update_holds_the_same_groups_whatever_the_number_of_processes(mini_batches):
+    groups, per_update = 8, 8 // mini_batches
+
+    def updates(world):
+        shares = [deal_groups(groups, mini_batches, world, rank) for rank in range(world)]
+        assert sorted(i for share in shares for i in share) == list(range(groups)), "every group exactly once"
+        step = per_update // world
+        return [[i for share in shares for i in share[m * step:(m + 1) * step]] for m in range(mini_batches)]
+
+    worlds = [w for w in (1, 2, 4) if per_update % w == 0]
+    assert all(updates(w) == updates(1) for w in worlds)
+    # Groups kept first (the informative ones) are spread over the updates, the fillers over their ends.
+    assert [sorted(u)[0] for u in updates(1)] == list(range(mini_batches))
 
 
 def test_without_dynamic_sampling_one_round_is_trained_as_is():
@@ -245,7 +310,8 @@ def test_token_logprobs_match_an_unpadded_forward():
 
 # Difficulty 1 and a format bonus: the small policy's groups then mostly hold different rewards.
 RL_TINY = [
-    "task.difficulty=1", "task.format_reward=0.5", "rl.max_steps=4", "rl.prompts_per_step=4", "rl.num_generations=4",
+    "task.difficulty=1", "task.format_reward=0.5", "rl.max_steps=4", "rl.prompts_per_step=4", "rl.num_mini_batches=2",
+    "rl.num_generations=4",
     "rl.micro_batch_size=8", "rl.sampling.max_new_tokens=24", "rl.sampling.batch_size=8", "rl.train_problems=64",
     "rl.eval_problems=8", "rl.eval_samples=4", "rl.eval_ks=[1,4]", "rl.eval_every=2", "rl.save_every=2",
     "rl.eval_sampling.max_new_tokens=24", "optim.lr=1e-3", "logger.wandb.mode=disabled", "logger.progress_bar=false",
@@ -318,7 +384,10 @@ def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
         zero_std = round(row["frac_reward_zero_std"] * generated)
         assert row["dynamic_sampling/dropped_groups"] + row["dynamic_sampling/filled_groups"] == zero_std
         assert 0 <= row["accuracy"] <= 1 and row["entropy"] > 0 and row["grad_norm"] > 0
-        assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == 0, "one on-policy update: ratio 1"
+        assert 0 <= row["clip_ratio/low_mean"] <= 1 and 0 <= row["clip_ratio/high_mean"] <= 1
+    filled = [row["dynamic_sampling/filled_groups"] for row in steps.values()]
+    assert saved["dynamic_sampling"] == {"short_steps": sum(f > 0 for f in filled), "filled_groups": sum(filled),
+                                         "groups_per_step": 4}
     assert sorted(eval_rows(run_dir)) == [0, 2, 4]
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000002", "step_00000004"]
 
@@ -330,15 +399,95 @@ def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
     assert out.stdout.split()[1] == "False"
 
 
-def test_several_updates_per_step_with_kl_and_sequence_mean(rl_args):
+def test_the_defaults_take_several_updates_per_rollout_batch(tmp_path):
+    """With one update per rollout batch the ratio is exactly 1 and clip-higher never acts."""
+    (tmp_path / "config.json").write_text("{}")
+    rl = compose("rl", [f"init_from={tmp_path}"]).rl
+    assert rl.num_mini_batches * rl.num_iterations > 1
+    for processes in (1, 2, 4, 8):  # and the default batch splits over the usual process counts
+        assert rl.prompts_per_step % (rl.num_mini_batches * processes) == 0
+
+
+def test_one_update_per_rollout_batch_never_clips(rl_args):
+    results = rl_run([*rl_args, "rl.max_steps=2", "rl.num_mini_batches=1", "rl.eval_every=10"])
+    for row in step_rows(Path(results["checkpoint"]).parents[1]).values():
+        assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == 0, "one on-policy update: ratio 1"
+
+
+def test_several_updates_per_step_with_kl_and_sequence_mean(rl_args, capsys):
+    # One sampling round: some groups of a step have equal rewards, and the step trains without them.
     results = rl_run([*rl_args, "rl.max_steps=2", "rl.num_iterations=2", "rl.num_mini_batches=2", "rl.kl_coef=0.05",
                       "rl.loss_aggregation=seq_mean", "rl.mask_truncated=true", "optim.lr=1e-2", "rl.save_every=10",
-                      "rl.eval_every=10"])
+                      "rl.eval_every=10", "rl.max_sampling_rounds=1"])
     run_dir = Path(results["checkpoint"]).parents[1]
     steps = step_rows(run_dir)
+    filled = [steps[s]["dynamic_sampling/filled_groups"] for s in (1, 2)]
+    assert results["dynamic_sampling"]["short_steps"] == sum(f > 0 for f in filled) > 0
+    assert "the step trains on those alone" in capsys.readouterr().out
     # Later updates of a step see a policy that has moved: ratios leave 1 and the KL grows.
     assert all(steps[s]["kl"] > 0 for s in (1, 2))
     assert any(steps[s]["clip_ratio/low_mean"] + steps[s]["clip_ratio/high_mean"] > 0 for s in (1, 2))
+
+
+def test_a_step_with_no_token_to_train_on_takes_no_update_and_says_so(rl_args, policy, tmp_path, capsys):
+    """Every response cut at max_new_tokens under rl.mask_truncated: nothing to learn from, so no
+    update (not a NaN loss, not a step on a zero gradient), counted and said."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "masked"
+    results = rl_run([*rl_args, "rl.mask_truncated=true", "rl.sampling.max_new_tokens=2", "rl.dynamic_sampling=false",
+                      "rl.max_steps=2", "rl.num_mini_batches=2", "rl.eval_every=10", f"run_dir={run_dir}"])
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    steps = step_rows(run_dir)
+    for row in steps.values():
+        assert row["completions/clipped_ratio"] == 1.0, "the case under test: every response truncated"
+        assert all(value is not None for value in row.values()), row
+        assert row["empty_mini_batches"] == 2
+        assert "policy_loss" not in row and "grad_norm" not in row, "no update, so no loss to report"
+    assert results["empty_mini_batches"] == 4
+    assert "had no response token with a loss" in capsys.readouterr().out
+    before = load_file(latest_checkpoint(policy / "checkpoints") / "model.safetensors")
+    after = load_file(Path(results["checkpoint"]) / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before), "the weights must not move"
+
+
+def _poison_update(monkeypatch, bad_calls):
+    """The policy loss turns NaN on the given calls (one call per mini-batch update here)."""
+    from ntp_rl.rl import policy_loss
+
+    clean, calls = policy_loss.POLICY_LOSSES["ppo_clip"], {"n": 0}
+
+    def poisoned(inputs, rl):
+        out = clean(inputs, rl)
+        calls["n"] += 1
+        return out if calls["n"] not in bad_calls else type(out)(out.loss * float("nan"), out.low_clipped, out.high_clipped)
+
+    monkeypatch.setitem(policy_loss.POLICY_LOSSES, "ppo_clip", poisoned)
+
+
+def test_a_non_finite_update_stops_the_run_by_default(rl_args, tmp_path, monkeypatch):
+    from ntp_rl.errors import TrainingDiverged
+
+    _poison_update(monkeypatch, {3})  # 2 updates a step, one micro-batch each: step 2 goes bad
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 2"):
+        rl_run([*rl_args, "rl.save_every=1", f"run_dir={run_dir}"])
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "diverged" and "step_00000001" in info["error"]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000001"]
+
+
+def test_non_finite_updates_can_be_skipped_and_counted(rl_args, tmp_path, monkeypatch, capsys):
+    _poison_update(monkeypatch, {3})
+    results = rl_run([*rl_args, "rl.on_nonfinite=skip", "rl.eval_every=10", "rl.max_steps=3"])
+    steps = step_rows(Path(results["checkpoint"]).parents[1])
+    assert [steps[s]["nonfinite_skips"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert all(value is not None for row in steps.values() for value in row.values()), "the bad update is not averaged in"
+    assert results["nonfinite_skips"] == 1 and "mini-batch update skipped" in capsys.readouterr().out
+
+    _poison_update(monkeypatch, {1, 2})
+    with pytest.raises(Exception, match="diverged at step 1"):
+        rl_run([*rl_args, "rl.on_nonfinite=skip", "rl.max_nonfinite_skips=1", f"run_dir={tmp_path / 'two'}"])
 
 
 def test_resume_after_sigkill_reproduces_the_run(rl_args, tmp_path):
@@ -370,7 +519,9 @@ def test_resume_after_sigkill_reproduces_the_run(rl_args, tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
     # Two generate calls per round (2 prompts each), so each process makes exactly the calls
     # the single process makes for its half of the prompts.
-    common = [*rl_args, "rl.max_steps=3", "rl.save_every=3", "rl.eval_every=3", "rl.sampling.batch_size=8"]
+    # The held-out checks: 4 chunks of 2 problems, dealt 2 to each process.
+    common = [*rl_args, "rl.max_steps=3", "rl.save_every=3", "rl.eval_every=3", "rl.sampling.batch_size=8",
+              "rl.eval_sampling.batch_size=8"]
     one = tmp_path / "one"
     rl_run([*common, f"run_dir={one}"])
     two = tmp_path / "two"
@@ -388,6 +539,8 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
         for key in ("policy_loss", "entropy"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
+    assert eval_rows(two)[0] == eval_rows(one)[0], "the held-out check of the same model gives the same numbers"
+    assert eval_rows(two)[3] == pytest.approx(eval_rows(one)[3])
 
 
 @pytest.mark.parametrize(
@@ -405,6 +558,8 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
         (["rl.sampling.temperature=0"], ["rl.sampling.temperature"]),
         (["rl.eval_ks=[1,16]"], ["rl.eval_ks"]),
         (["rl.kl_coef=-1"], ["rl.kl_coef"]),
+        (["rl.on_nonfinite=ignore"], ["rl.on_nonfinite", "stop", "skip"]),
+        (["rl.max_nonfinite_skips=-1"], ["rl.max_nonfinite_skips"]),
         (["task=nope"], ["task=nope", "chain_sum", "gsm8k"]),
         (["rl.num_generation=4"], ["rl.num_generation", "num_generations"]),
     ],
@@ -468,3 +623,6 @@ def test_the_default_run_raises_held_out_accuracy(tmp_path):
     before, after = results["eval_before"]["avg@8"], results["eval_after"]["avg@8"]
     assert after > before + 0.02, (before, after)
     assert results["train_last_step"]["entropy"] < results["train_first_step"]["entropy"]
+    steps = step_rows(rl_dir).values()
+    assert any(row["clip_ratio/high_mean"] > 0 for row in steps) and any(row["clip_ratio/low_mean"] > 0 for row in steps), \
+        "the default run's later updates move the policy far enough for both clip bounds to act"

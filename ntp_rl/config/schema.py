@@ -263,7 +263,10 @@ class GRPOConfig:
     prompts_per_step: int = 32  # groups per step over all processes (paper: 128); each rank takes its share
     num_generations: int = 8  # G, samples per prompt (paper: 16)
     num_iterations: int = 1  # mu: passes over each rollout batch (1 = strictly on-policy)
-    num_mini_batches: int = 1  # optimizer updates per pass; the rollout batch is split this many ways
+    # Optimizer updates per pass; the rollout batch is split this many ways. Several updates per
+    # rollout, as DAPO's recipe takes (16), are what makes the clip matter: the first update is
+    # on-policy (ratio 1), the later ones see a policy that has moved. 1 makes clipping inert.
+    num_mini_batches: int = 4
     micro_batch_size: int = 64  # sequences per forward/backward on one process (memory, not maths)
     advantage: str = "grpo"  # a key of ntp_rl.rl.advantages.ADVANTAGES
     scale_rewards: bool = True  # divide by the group's std; false: only subtract the group mean (Dr. GRPO)
@@ -276,6 +279,8 @@ class GRPOConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal and sample more prompts
     max_sampling_rounds: int = 3  # rounds of sampling per step at most (1 = no resampling)
     mask_truncated: bool = False  # responses cut off at max_new_tokens get no loss
+    on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop  # a non-finite gradient: stop, or skip that update
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: stop after this many skipped updates
     sampling: SamplingConfig = field(default_factory=_rollout_sampling)
     train_problems: int = 4096  # size of the prompt pool from the task's train split (reshuffled each pass)
     precision: Precision = Precision.auto

@@ -234,6 +234,8 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
         raise ConfigError("rl.advantage_eps", "must be >= 0", rl.advantage_eps)
     if rl.kl_coef < 0:
         raise ConfigError("rl.kl_coef", "must be >= 0 (0 = no KL term)", rl.kl_coef)
+    if rl.max_nonfinite_skips < 0:
+        raise ConfigError("rl.max_nonfinite_skips", "must be >= 0", rl.max_nonfinite_skips)
     if rl.advantage not in ADVANTAGES:
         raise ConfigError("rl.advantage", f"unknown estimator; choose one of: {', '.join(sorted(ADVANTAGES))}", rl.advantage)
     if rl.policy_loss not in POLICY_LOSSES:

@@ -88,10 +88,11 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: LossAggregation, c
     """Sum of this batch's share of the average: token_mean sums tokens, seq_mean sums per-response means.
 
     Divided by `count` (from aggregation_count, over the whole global batch), so summing the
-    result over micro-batches and processes gives the global average.
+    result over micro-batches and processes gives the global average. A batch with nothing to
+    average over (count 0: every response masked) sums to 0, not 0 / 0.
     """
-    mask = mask.to(values.dtype)
-    total = values * mask
+    total = torch.where(mask, values, torch.zeros_like(values))  # a masked-out NaN must not leak in
+    count = torch.as_tensor(count, dtype=values.dtype, device=values.device).clamp_min(1)
     if mode is LossAggregation.token_mean:
         return total.sum() / count
     return (total.sum(-1) / mask.sum(-1).clamp_min(1)).sum() / count

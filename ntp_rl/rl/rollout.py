@@ -85,11 +85,15 @@ def sample_groups(generator: Generator, task: Task, tokenizer: Any, problems: Se
 
 @dataclass
 class CollectedGroups:
-    groups: list[Group]  # the step's training groups, in global order
+    groups: list[Group]  # the step's batch, in global order: the groups trained on first, then any filler
     generated: list[Group]  # every group sampled in this step
     rounds: int
     dropped: int  # groups with equal rewards left out of the batch
-    filled: int  # groups with equal rewards trained on anyway because max_rounds ran out
+    filled: int  # equal-reward groups holding a place in the batch because max_rounds ran out; never trained on
+
+    def trained(self, dynamic: bool) -> list[bool]:
+        """Which of `groups` get a loss: with dynamic sampling only those whose rewards differ."""
+        return [g.informative or not dynamic for g in self.groups]
 
 
 def collect_groups(sample_round: Callable[[int], list[Group]], target: int, dynamic: bool, max_rounds: int) -> CollectedGroups:
@@ -97,8 +101,12 @@ def collect_groups(sample_round: Callable[[int], list[Group]], target: int, dyna
 
     `sample_round(r)` returns round r's groups of all processes in global order, so every
     process takes the same decisions. When max_rounds runs out first, the batch is topped
-    up with the first equal-reward groups (zero advantage, as in plain GRPO) so that every
-    process still trains on the same number of sequences.
+    up with equal-reward groups so that every process still holds the same number of
+    sequences, but these fillers get no loss (`trained`): the update is the token mean over
+    the groups whose rewards differ, as if the batch had only them (verl's DAPO trains on
+    the informative groups alone). Had the fillers' tokens counted in the mean, every update
+    would shrink by their share, and that share depends on the pre-trained prior, the very
+    variable a comparison of priors studies.
     """
     generated: list[Group] = []
     kept: list[Group] = []
@@ -151,19 +159,34 @@ class RolloutBatch:
                             move(self.advantages), move(self.old_logp), move(self.ref_logp))
 
 
-def build_batch(groups: Sequence[Group], advantages: torch.Tensor, pad_id: int, mask_truncated: bool) -> RolloutBatch:
-    """One row per sample, group after group; `advantages` is [groups, G]."""
-    rows = [(g.prompt_ids, response, bool(g.truncated[j]))
-            for g in groups for j, response in enumerate(g.responses)]
+def deal_groups(num_groups: int, num_mini_batches: int, world: int, rank: int) -> list[int]:
+    """Which of a step's groups (in collected order) this process trains on, mini-batch after mini-batch.
+
+    Group i goes to mini-batch i mod M, so groups trained on (collected first) are spread
+    evenly over the updates and filler groups over their ends; each mini-batch is then split
+    between the processes in order. A global mini-batch therefore holds the same groups
+    whatever the number of processes, and so does each update.
+    """
+    per_rank = num_groups // num_mini_batches // world
+    return [position * num_mini_batches + m for m in range(num_mini_batches)
+            for position in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
+def build_batch(groups: Sequence[Group], advantages: torch.Tensor, pad_id: int, mask_truncated: bool,
+                trained: Optional[Sequence[bool]] = None) -> RolloutBatch:
+    """One row per sample, group after group; `advantages` is [groups, G]; groups not `trained` get no loss."""
+    trained = [True] * len(groups) if trained is None else trained
+    rows = [(g.prompt_ids, response, bool(g.truncated[j]) and mask_truncated or not keep)
+            for g, keep in zip(groups, trained) for j, response in enumerate(g.responses)]
     length = max(len(p) + len(r) for p, r, _ in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     response_mask = torch.zeros((len(rows), length - 1), dtype=torch.bool)
-    for i, (prompt, response, truncated) in enumerate(rows):
+    for i, (prompt, response, masked) in enumerate(rows):
         n = len(prompt) + len(response)
         input_ids[i, :n] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[i, :n] = 1
-        if not (mask_truncated and truncated):
+        if not masked:
             # label position t predicts token t+1: the response's labels start at len(prompt) - 1
             response_mask[i, len(prompt) - 1:n - 1] = True
     return RolloutBatch(input_ids, attention_mask, response_mask, advantages.reshape(-1).float())

@@ -28,7 +28,7 @@ from ntp_rl.data.packing import PretrainData
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.diagnostics import TextDiagnostics
 from ntp_rl.errors import ConfigError, DataError
-from ntp_rl.evaluation import ProblemResult, sample_and_score, summarize
+from ntp_rl.evaluation import ProblemResult, deal_chunks, sample_and_score_chunks, summarize
 from ntp_rl.generation import HFGenerator, Sampling
 from ntp_rl.io import write_csv_atomic
 from ntp_rl.models import count_parameters, load_pretrained
@@ -133,23 +133,15 @@ def announce(cfg: Any, session: StageSession, subject: Subject, problems: list[T
 def sample_problems(cfg: Any, session: StageSession, subject: Subject, task: Task, problems: list[TaskProblem],
                     sampling: Sampling) -> list[ProblemResult]:
     """This process's chunks of problems, sampled and scored, then everyone's results in problem order."""
-    from accelerate.utils import gather_object
-
     n, ks = cfg.eval.n, sorted(set(cfg.eval.ks))
     generator = HFGenerator(subject.lm, subject.tokenizer, task.stop_strings, batch_size=cfg.sampling.batch_size)
     per_call = max(1, cfg.sampling.batch_size // n)
-    chunks = [range(s, min(s + per_call, len(problems))) for s in range(0, len(problems), per_call)]
-    mine = range(session.rank, len(chunks), session.world)
-    bar = session.progress(total=sum(len(chunks[c]) for c in mine), desc="eval: sampling", unit="problem")
-    scored: list[tuple[int, ProblemResult]] = []
-    for c in mine:
-        batch = [problems[i] for i in chunks[c]]
-        out = sample_and_score(generator, task, batch, n, sampling, ks, seed=eval_chunk_seed(cfg.seed, c),
-                               keep_samples=cfg.eval.keep_samples)
-        scored += zip(chunks[c], out)
-        bar.update(len(batch))
+    mine = deal_chunks(len(problems), per_call, session.rank, session.world)
+    bar = session.progress(total=sum(len(c) for c in mine), desc="eval: sampling", unit="problem")
+    results = sample_and_score_chunks(generator, task, problems, n, sampling, ks, lambda c: eval_chunk_seed(cfg.seed, c),
+                                      session.rank, session.world, per_call, cfg.eval.keep_samples, on_chunk=bar.update)
     bar.close()
-    return [r for _, r in sorted(gather_object(scored), key=lambda pair: pair[0])]
+    return results
 
 
 @torch.no_grad()

@@ -18,7 +18,9 @@ saved in each checkpoint, so `resume=auto` reproduces the run from its last chec
 from __future__ import annotations
 
 import functools
+import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ntp_rl import checkpoint as ckpt
+from ntp_rl.config.schema import NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
-from ntp_rl.evaluation import sample_and_score, summarize
+from ntp_rl.evaluation import sample_and_score_chunks, summarize
 from ntp_rl.faults import kill_point
 from ntp_rl.generation import HFGenerator, Sampling
 from ntp_rl.metrics import Sums
@@ -38,7 +41,7 @@ from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.rl.advantages import AdvantageInputs, compute_advantages
 from ntp_rl.rl.policy_loss import POLICY_LOSSES, PolicyLossInputs, aggregate, aggregation_count, k3_kl
 from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, RolloutBatch, build_batch, collect_groups,
-                               sample_groups, token_logprobs)
+                               deal_groups, sample_groups, token_logprobs)
 from ntp_rl.runtime import peak_flops, peak_memory_gib
 from ntp_rl.seeding import rl_eval_seed, rollout_seed, seed_everything
 from ntp_rl.stages.session import StageSession
@@ -80,11 +83,11 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             train_start = time.perf_counter()
             sums = Sums(STEP_SUMS, device=session.device)
             old_logprobs(state, batch, sums)
-            update(state, batch, sums, bar)
+            counts = update(state, batch, sums, bar)
             bar.update(1)
             kill_point("step", state.step)
             timing = {"gen": gen_time, "train": time.perf_counter() - train_start, "step_start": step_start}
-            last_step_metrics = log(state, collected, batch, sums, timing, bar)
+            last_step_metrics = log(state, collected, batch, sums, counts, timing, bar)
             if state.step % cfg.rl.eval_every == 0 or state.step == cfg.rl.max_steps:
                 eval_after = evaluate_held_out(state, state.step)
             if state.step % cfg.rl.save_every == 0 or state.step == cfg.rl.max_steps:
@@ -118,6 +121,10 @@ class RLState:
     prompt_position: int = 0  # prompts taken from the stream so far, over all processes
     eval_before: Optional[dict] = None
     first_step_metrics: Optional[dict] = None
+    empty_mini_batches: int = 0  # over the run: updates skipped because no response token had a loss
+    nonfinite_skips: int = 0  # over the run: updates dropped for a non-finite gradient (rl.on_nonfinite=skip)
+    short_steps: int = 0  # over the run: steps whose sampling rounds ran out before the batch was full
+    filled_groups: int = 0  # over the run: batch places those steps left without a group to train on
 
     @property
     def updates_per_step(self) -> int:
@@ -172,6 +179,9 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         scheduler.load_state_dict(saved["scheduler"])
         state.step, state.prompt_position = int(saved["step"]), int(saved["prompt_position"])
         state.eval_before, state.first_step_metrics = saved.get("eval_before"), saved.get("train_first_step")
+        state.empty_mini_batches = int(saved.get("empty_mini_batches", 0))
+        state.nonfinite_skips = int(saved.get("nonfinite_skips", 0))
+        state.short_steps, state.filled_groups = int(saved.get("short_steps", 0)), int(saved.get("filled_groups", 0))
     return state
 
 
@@ -219,12 +229,29 @@ def sample_round(state: RLState, round_: int) -> list[Group]:
 
 
 def score(state: RLState, collected: CollectedGroups) -> RolloutBatch:
-    """This process's share of the kept groups: advantages within each group, one training row per sample."""
-    rank, per_rank = state.session.rank, state.per_rank
-    mine = collected.groups[rank * per_rank:(rank + 1) * per_rank]
+    """This process's share of the step's groups: advantages within each group, one training row per sample."""
+    rl, session = state.cfg.rl, state.session
+    report_filled(state, collected)
+    share = deal_groups(len(collected.groups), rl.num_mini_batches, session.world, session.rank)
+    mine = [collected.groups[i] for i in share]
+    trained = collected.trained(rl.dynamic_sampling)
     rewards = torch.tensor([g.rewards for g in mine], dtype=torch.float32)
-    advantages = compute_advantages(AdvantageInputs(rewards), state.cfg.rl)
-    return build_batch(mine, advantages, state.tokenizer.pad_token_id, state.cfg.rl.mask_truncated).to(state.session.device)
+    advantages = compute_advantages(AdvantageInputs(rewards), rl)
+    return build_batch(mine, advantages, state.tokenizer.pad_token_id, rl.mask_truncated,
+                       trained=[trained[i] for i in share]).to(session.device)
+
+
+def report_filled(state: RLState, collected: CollectedGroups) -> None:
+    """Count the steps that ran out of sampling rounds; say so the first time."""
+    if not collected.filled:
+        return
+    if not state.short_steps:
+        rl = state.cfg.rl
+        state.session.say(f"  step {state.step}: {rl.max_sampling_rounds} sampling round(s) gave only "
+                          f"{len(collected.groups) - collected.filled} of {rl.prompts_per_step} groups with different "
+                          "rewards; the step trains on those alone (dynamic_sampling/filled_groups counts the rest)")
+    state.short_steps += 1
+    state.filled_groups += collected.filled
 
 
 @torch.no_grad()
@@ -247,28 +274,73 @@ def old_logprobs(state: RLState, batch: RolloutBatch, sums: Sums) -> None:
     batch.ref_logp = torch.cat(ref) if ref else None
 
 
-def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> None:
+@dataclass
+class UpdateCounts:
+    """What became of a step's mini-batch updates (the same on every process)."""
+
+    applied: int = 0
+    empty: int = 0  # no response token of the global mini-batch had a loss: nothing to learn, no update
+    nonfinite: int = 0  # a non-finite gradient, skipped under rl.on_nonfinite=skip
+
+
+def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> UpdateCounts:
     """mu passes over the batch, one optimizer update per mini-batch; then the schedule's step."""
     rl = state.cfg.rl
     rows_per_update = state.per_rank // rl.num_mini_batches * rl.num_generations
+    counts = UpdateCounts()
     for _ in range(rl.num_iterations):
         for first in range(0, len(batch), rows_per_update):
-            update_minibatch(state, batch.rows(first, first + rows_per_update), sums)
+            minibatch_sums = Sums(STEP_SUMS, device=state.session.device)
+            if not update_minibatch(state, batch.rows(first, first + rows_per_update), minibatch_sums):
+                # An optimizer step on a zero gradient would still move the weights (Adam's
+                # momentum, weight decay), so an empty mini-batch takes no step at all.
+                counts.empty += 1
+                continue
             grad_norm = state.session.accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.optim.grad_clip)
-            if not torch.isfinite(grad_norm):
-                state.session.stop_diverged(state.step, sums["loss"], grad_norm, bar)
-            sums.add(grad_norm=grad_norm.detach() / state.updates_per_step)
-            state.optimizer.step()
+            # The norm is of the gradient averaged over processes, so every process decides alike.
+            if torch.isfinite(grad_norm):
+                minibatch_sums.add(grad_norm=grad_norm.detach())
+                sums.values += minibatch_sums.values
+                state.optimizer.step()
+                counts.applied += 1
+            else:
+                skip_nonfinite(state, minibatch_sums["loss"], grad_norm, bar)
+                counts.nonfinite += 1
             state.optimizer.zero_grad(set_to_none=True)
-    state.scheduler.step()
+    with warnings.catch_warnings():  # torch warns when no update preceded: true of an empty step, and meant
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        state.scheduler.step()
+    report_empty(state, counts)
+    return counts
 
 
-def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> None:
-    """Gradients of one mini-batch's clipped surrogate, micro-batch by micro-batch."""
+def skip_nonfinite(state: RLState, loss: torch.Tensor, grad_norm: torch.Tensor, bar: Any) -> None:
+    """A non-finite gradient stops the run (rl.on_nonfinite=stop), or its update is dropped and counted."""
+    rl = state.cfg.rl
+    state.nonfinite_skips += 1
+    if rl.on_nonfinite is NonFinitePolicy.stop or state.nonfinite_skips > rl.max_nonfinite_skips:
+        state.session.stop_diverged(state.step, loss, grad_norm, bar)
+    state.session.say(f"  step {state.step}: non-finite loss or gradient, mini-batch update skipped "
+                      f"({state.nonfinite_skips} so far, at most rl.max_nonfinite_skips={rl.max_nonfinite_skips})")
+
+
+def report_empty(state: RLState, counts: UpdateCounts) -> None:
+    """Say the first time a step had nothing to train on; the metric and results.json count every time."""
+    if counts.empty and not state.empty_mini_batches:
+        state.session.say(f"  step {state.step}: {counts.empty} of {counts.empty + counts.applied} mini-batch "
+                          "update(s) had no response token with a loss (all truncated under rl.mask_truncated=true, "
+                          "or only equal-reward groups) and were skipped; counted in empty_mini_batches")
+    state.empty_mini_batches += counts.empty
+
+
+def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> bool:
+    """Gradients of one mini-batch's clipped surrogate, micro-batch by micro-batch; False if it has no token to train on."""
     rl, accelerator, world = state.cfg.rl, state.session.accelerator, state.session.world
     policy_loss = POLICY_LOSSES[rl.policy_loss]
     # Normalise by the whole global mini-batch: each process's loss is its share of the global average.
     count = accelerator.reduce(aggregation_count(minibatch.response_mask, rl.loss_aggregation), "sum")
+    if count.item() == 0:  # every process sees the same global count, so all skip together
+        return False
     micros = minibatch.split(rl.micro_batch_size)
     for i, micro in enumerate(micros):
         # Gradients are averaged over processes only on the last micro-batch.
@@ -286,15 +358,16 @@ def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> Non
             # global average, so undo the division.
             accelerator.backward(loss * world)
         mask = micro.response_mask
-        sums.add(loss=loss.detach() / state.updates_per_step, clip_low=(out.low_clipped & mask).sum(),
+        sums.add(loss=loss.detach(), clip_low=(out.low_clipped & mask).sum(),
                  clip_high=(out.high_clipped & mask).sum(), clip_tokens=mask.sum(),
                  kl=(kl.detach() * mask).sum() if state.reference is not None else 0.0)
         if entropy is not None:
             sums.add(entropy=(entropy * mask).sum(), tokens=mask.sum())
+    return True
 
 
-def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: Sums, timing: dict[str, float],
-        bar: Any) -> dict:
+def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: Sums, counts: UpdateCounts,
+        timing: dict[str, float], bar: Any) -> dict:
     """The step's metrics (TRL's names where it has them), logged every rl.log_every steps."""
     rl, session = state.cfg.rl, state.session
     sums.add(seq_tokens=batch.attention_mask.sum())
@@ -302,11 +375,8 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
     metrics = rollout_metrics(collected)
     generated_tokens = metrics.pop("_gen_tokens")
     metrics |= {
-        "entropy": totals["entropy"] / max(totals["tokens"], 1),
-        "clip_ratio/low_mean": totals["clip_low"] / max(totals["clip_tokens"], 1),
-        "clip_ratio/high_mean": totals["clip_high"] / max(totals["clip_tokens"], 1),
-        "policy_loss": totals["loss"],
-        "grad_norm": totals["grad_norm"] / session.world,  # every process holds the same (global) norm
+        "empty_mini_batches": counts.empty,
+        "nonfinite_skips": state.nonfinite_skips,
         "lr": state.scheduler.get_last_lr()[0],
         "perf/gen_tokens_per_sec": generated_tokens / max(timing["gen"], 1e-9),
         "perf/gen_time_s": timing["gen"],
@@ -315,15 +385,32 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
         "perf/peak_mem_gib": peak_memory_gib(session.device),
     }
     metrics |= throughput_metrics(state, totals["seq_tokens"], generated_tokens, timing["train"], metrics["perf/step_time_s"])
-    if state.reference is not None:
-        metrics["kl"] = totals["kl"] / max(totals["clip_tokens"], 1)
+    metrics |= update_metrics(state, totals, counts)
     state.first_step_metrics = state.first_step_metrics or metrics
     if state.step % rl.log_every == 0 or state.step == rl.max_steps:
         session.tracker.log(metrics, step=state.step)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                        ent=f"{metrics['entropy']:.3f}", len=f"{metrics['completions/mean_length']:.1f}",
+                        ent=f"{metrics.get('entropy', math.nan):.3f}", len=f"{metrics['completions/mean_length']:.1f}",
                         drop=metrics["dynamic_sampling/dropped_groups"],
                         **({"mfu": f"{metrics['perf/mfu']:.1%}"} if "perf/mfu" in metrics else {}))
+    return metrics
+
+
+def update_metrics(state: RLState, totals: dict[str, float], counts: UpdateCounts) -> dict[str, float]:
+    """Means over the tokens trained on and the updates taken; a step without any has none to report
+    (a 0 would read as a measurement)."""
+    metrics = {}
+    if totals["tokens"]:
+        metrics["entropy"] = totals["entropy"] / totals["tokens"]
+    if totals["clip_tokens"]:
+        metrics["clip_ratio/low_mean"] = totals["clip_low"] / totals["clip_tokens"]
+        metrics["clip_ratio/high_mean"] = totals["clip_high"] / totals["clip_tokens"]
+        if state.reference is not None:
+            metrics["kl"] = totals["kl"] / totals["clip_tokens"]
+    if counts.applied:
+        metrics["policy_loss"] = totals["loss"] / counts.applied
+        # every process holds the same (global) norm
+        metrics["grad_norm"] = totals["grad_norm"] / state.session.world / counts.applied
     return metrics
 
 
@@ -379,17 +466,17 @@ def _pad_to(tokens: torch.Tensor, width: int) -> torch.Tensor:
 def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
     """Avg@n, Cons@n and pass@k on the task's test problems, logged at `step`.
 
-    Each process scores a slice of the problems with the same seed at every evaluation, so
-    changes between evaluations come from the model, not the dice.
+    The problems are sampled in chunks of one generate call, each with a seed of its own that
+    is the same at every evaluation: changes between evaluations come from the model, not the
+    dice, and the numbers are the same for any number of processes (as in `ntp-rl eval`).
     """
-    from accelerate.utils import gather_object
-
-    rl, session = state.cfg.rl, state.session
-    mine = state.eval_problems[session.rank::session.world]
+    rl, session, seed = state.cfg.rl, state.session, state.cfg.seed
     evaluator = HFGenerator(state.lm, state.tokenizer, state.task.stop_strings, batch_size=rl.eval_sampling.batch_size)
-    results = sample_and_score(evaluator, state.task, mine, rl.eval_samples, state.eval_sampling, list(rl.eval_ks),
-                               seed=rl_eval_seed(state.cfg.seed))
-    summary = summarize(gather_object(results), list(rl.eval_ks))
+    per_call = max(1, rl.eval_sampling.batch_size // rl.eval_samples)
+    results = sample_and_score_chunks(evaluator, state.task, state.eval_problems, rl.eval_samples, state.eval_sampling,
+                                      list(rl.eval_ks), lambda chunk: rl_eval_seed(seed, chunk), session.rank,
+                                      session.world, per_call)
+    summary = summarize(results, list(rl.eval_ks))
     session.tracker.log({f"eval/{k}": v for k, v in summary.items() if k not in ("problems", "n")}, step=step)
     shown = " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith(("avg@", "pass@", "cons@")))
     session.say(f"  eval @ {step}: {shown} | mean length {summary['mean_length']:.1f}")
@@ -400,7 +487,10 @@ def save(state: RLState) -> Path:
     session = state.session
     trainer_state = {"step": state.step, "prompt_position": state.prompt_position,
                      "scheduler": state.scheduler.state_dict(), "world_size": session.world,
-                     "eval_before": state.eval_before, "train_first_step": state.first_step_metrics}
+                     "eval_before": state.eval_before, "train_first_step": state.first_step_metrics,
+                     "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
+                     "short_steps": state.short_steps,
+                     "filled_groups": state.filled_groups}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m,
                                 state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
 
@@ -412,10 +502,18 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
     results = {"stage": "rl", "step": step, "checkpoint": str(final), "init_from": str(init_dir),
                "task": state.task.name, "eval_before": state.eval_before, "eval_after": eval_after,
                "train_first_step": state.first_step_metrics, "train_last_step": last_step_metrics,
-               "train_wall_time_s": wall, "num_processes": session.world}
+               "train_wall_time_s": wall, "num_processes": session.world,
+               "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
+               "dynamic_sampling": {"short_steps": state.short_steps, "filled_groups": state.filled_groups,
+                                    "groups_per_step": state.cfg.rl.prompts_per_step}}
     session.tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
     session.finish(results, step=step, checkpoint=str(final))
     before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
     session.say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"
                 f" | mean length {eval_after['mean_length']:.1f}\n  model: {final}")
+    if state.short_steps:
+        session.say(f"  {state.short_steps} of {step} steps ran out of sampling rounds and trained on fewer groups "
+                    f"({state.filled_groups} places of {step * state.cfg.rl.prompts_per_step} left empty)")
+    if state.empty_mini_batches:
+        session.say(f"  {state.empty_mini_batches} mini-batch update(s) had no response token with a loss and were skipped")
     return results
