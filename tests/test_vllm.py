@@ -80,12 +80,19 @@ def task():
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint, tokenizer, task):
-    from ntp_rl.vllm_engine import VLLMConfig, VLLMGenerator, shutdown_engine
+def engine_teardown():
+    yield
+    from ntp_rl.vllm_engine import shutdown_engine
 
-    generator = VLLMGenerator(checkpoint, tokenizer, task.stop_strings, VLLMConfig(**CONFIG))
-    yield generator
     shutdown_engine()
+
+
+@pytest.fixture
+def engine(checkpoint, tokenizer, task, engine_teardown):
+    """The process's engine on the checkpoint: started once, restarted only after a test replaced it."""
+    from ntp_rl.vllm_engine import VLLMConfig, VLLMGenerator
+
+    return VLLMGenerator(checkpoint, tokenizer, task.stop_strings, VLLMConfig(**CONFIG))
 
 
 def prompts(task, n: int) -> list[str]:
@@ -266,16 +273,19 @@ def test_without_a_working_vllm_the_error_is_one_line_saying_how_to_install(monk
 
 
 @needs_vllm
-def test_a_head_size_the_cpu_backend_lacks_is_named_before_the_engine_starts(engine, tmp_path):
-    from transformers import Qwen3Config
+def test_a_head_size_the_cpu_attention_lacks_is_a_config_error(tokenizer, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from ntp_rl.vllm_engine import VLLMGenerator
+    from ntp_rl.vllm_engine import VLLMConfig, VLLMGenerator
 
-    Qwen3Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                head_dim=16, intermediate_size=32).save_pretrained(tmp_path)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, intermediate_size=32, eos_token_id=tokenizer.eos_token_id)
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="model.head_dim=16"):
-        VLLMGenerator(tmp_path, tokenizer=None)
-    assert engine.generate(["Question: 1"], 1, Sampling(0.0, 1.0, 2), 0), "the running engine is left alone"
+        VLLMGenerator(tmp_path, tokenizer, (), VLLMConfig(**CONFIG))
+    with pytest.raises(UserError, match="vLLM could not start on /no/such/checkpoint"):
+        VLLMGenerator("/no/such/checkpoint", tokenizer, (), VLLMConfig(**CONFIG))
 
 
 @needs_vllm
