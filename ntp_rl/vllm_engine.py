@@ -22,6 +22,7 @@ GPU they force a per-request loop in the sampler.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import socket
@@ -47,7 +48,7 @@ class VLLMConfig:
     dtype: str = "auto"  # auto (the checkpoint's dtype) | float32 | bfloat16 | float16; float32 matches an fp32 trainer to ~1e-6 in log-probs
     enforce_eager: bool = False  # true: no CUDA graphs / torch.compile: starts in seconds, decodes slower
     enable_sleep_mode: bool = False  # GPU only: `sleep()` frees the engine's GPU memory while the trainer updates; ignored on CPU
-    tensor_parallel_size: int = 1  # GPUs per engine; each group of that many consecutive processes shares one engine (must divide the process count)
+    tensor_parallel_size: int = 1  # processes (GPUs) per engine: each group of that many consecutive processes pools its prompts into one engine; must divide the process count
     max_num_seqs: int = 256  # sequences decoded together; more is faster until the KV cache runs out
     max_num_batched_tokens: Optional[int] = None  # tokens per engine step (prefill chunking); null: vLLM's default
     enable_prefix_caching: bool = True  # the n samples of a prompt share its prefill
@@ -297,6 +298,28 @@ class VLLMGenerator:
         return self.engine.llm
 
     def generate(self, prompts: Sequence[str], n: int, sampling: Sampling, seed: int) -> list[list[Completion]]:
+        if self.config.tensor_parallel_size == 1:
+            return self._generate(prompts, n, sampling, seed)
+        # The processes of a tensor-parallel group drive one engine together: each must submit
+        # the same requests, so they pool their prompts, sample all, and each keeps its own.
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group
+
+        group = get_tp_group()
+        calls: list[Any] = [None] * group.world_size
+        dist.all_gather_object(calls, (list(prompts), n, sampling, seed), group=group.cpu_group)
+        if any(call[1:3] != (n, sampling) for call in calls):
+            raise ValueError("the processes of a tensor-parallel group asked for different n or sampling")
+        pooled = [p for call in calls for p in call[0]]
+        results = self._generate(pooled, n, sampling, calls[0][3])
+        start = sum(len(call[0]) for call in calls[:group.rank_in_group])
+        mine = results[start:start + len(prompts)]
+        for i, completions in enumerate(mine):
+            for c in completions:
+                c.prompt_index = i
+        return mine
+
+    def _generate(self, prompts: Sequence[str], n: int, sampling: Sampling, seed: int) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         self.wake_up()
@@ -305,7 +328,7 @@ class VLLMGenerator:
         eos = self.tokenizer.eos_token_id
         greedy = sampling.temperature <= 0
         params = SamplingParams(
-            n=n,
+            n=1 if greedy else n,  # vLLM refuses n > 1 with greedy decoding: the copies are made below
             temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p,
             top_k=0,  # off, whatever the checkpoint says (transformers' generate would default to 50)
@@ -320,8 +343,13 @@ class VLLMGenerator:
             # changes how the work is batched and so which random draw each request gets.
             self.llm.reset_prefix_cache()
             outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        return [[self._completion(i, c, sampling.max_new_tokens) for c in sorted(out.outputs, key=lambda c: c.index)]
-                for i, out in enumerate(outputs)]
+        results = [[self._completion(i, c, sampling.max_new_tokens) for c in sorted(out.outputs, key=lambda c: c.index)]
+                   for i, out in enumerate(outputs)]
+        if greedy:
+            results = [[dataclasses.replace(c, token_ids=list(c.token_ids),
+                                            logprobs=None if c.logprobs is None else list(c.logprobs)) for _ in range(n)]
+                       for (c,) in results]
+        return results
 
     def _completion(self, prompt_index: int, output: Any, max_new: int) -> Completion:
         ids = list(output.token_ids)

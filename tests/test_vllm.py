@@ -135,8 +135,8 @@ def test_greedy_completions_equal_transformers(engine, model, tokenizer, task, s
     vllm = VLLMGenerator(engine.engine.model_path, tokenizer, stops, engine.config)
     hf = HFGenerator(model, tokenizer, stops, batch_size=64)
     greedy = Sampling(temperature=0.0, max_new_tokens=max_new)
-    ours, theirs = vllm.generate(prompts(task, 24), 1, greedy, 0), hf.generate(prompts(task, 24), 1, greedy, 0)
-    assert fields(ours) == fields(theirs)
+    ours, theirs = vllm.generate(prompts(task, 24), 2, greedy, 0), hf.generate(prompts(task, 24), 2, greedy, 0)
+    assert fields(ours) == fields(theirs)  # n > 1 included, which vLLM itself refuses with greedy decoding
     texts = [cs[0].text for cs in ours]
     if stops != task.stop_strings:  # the stop strings really cut the completions
         assert all(not any(s in t for s in stops) for t in texts)
@@ -300,21 +300,27 @@ def test_a_prompt_and_response_longer_than_the_engine_takes_is_a_config_error(en
 
 @needs_vllm
 @pytest.mark.slow
-def test_each_accelerate_process_runs_its_own_engine(engine, checkpoint, task, tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo): each starts its own engine inside the process
-    group Accelerate made, samples its own prompts, and gets exactly what one process gets for the
-    same call; the trainer's process group still works afterwards."""
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_accelerate_processes_sample_their_own_prompts(engine, checkpoint, task, tmp_path, tensor_parallel_size):
+    """`accelerate launch` with 2 CPU processes (gloo). With tensor_parallel_size=1 each process
+    starts its own engine inside the process group Accelerate made and gets exactly what one
+    process gets for the same call; with 2 they drive one engine together, which samples their
+    pooled prompts with the first process's seed. The trainer's process group works afterwards."""
     out = tmp_path / "ranks.json"
+    config = {**CONFIG, "tensor_parallel_size": tensor_parallel_size}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "vllm_two_processes.py"),
-           str(checkpoint), json.dumps(CONFIG), str(out)]
+           str(checkpoint), json.dumps(config), str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = json.loads(out.read_text())
     assert ranks["all_reduce"] == 3.0
-    batch = prompts(task, 8)
+    batch, sampling = prompts(task, 8), Sampling(temperature=1.0, max_new_tokens=24)
+    if tensor_parallel_size == 1:
+        expected = [engine.generate(batch[r * 4:(r + 1) * 4], 2, sampling, seed=100 + r) for r in (0, 1)]
+    else:
+        pooled = engine.generate(batch, 2, sampling, seed=100)
+        expected = [pooled[:4], pooled[4:]]
     for rank, got in enumerate(ranks["completions"]):
-        mine = batch[rank * 4:(rank + 1) * 4]
-        expected = engine.generate(mine, 2, Sampling(temperature=1.0, max_new_tokens=24), seed=100 + rank)
-        assert got == [[[c.token_ids, c.text] for c in cs] for cs in expected], rank
+        assert got == [[[c.token_ids, c.text] for c in cs] for cs in expected[rank]], rank

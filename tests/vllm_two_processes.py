@@ -1,6 +1,7 @@
-"""Run by test_vllm under `accelerate launch --num_processes 2`: each process starts its own vLLM
-engine inside Accelerate's process group and samples its half of 8 prompts; rank 0 writes what
-every rank got, and the result of an all-reduce made after the engines started."""
+"""Run by test_vllm under `accelerate launch --num_processes 2`: each process starts a vLLM engine
+inside Accelerate's process group (its own, or with tensor_parallel_size=2 one shared by both)
+and samples its half of 8 prompts; rank 0 writes what every rank got, and the result of an
+all-reduce made after the engines started."""
 
 import json
 import sys
