@@ -6,8 +6,9 @@ samples its own share of the prompts, and the trainer's weights reach it with
 `load_weights`, without a checkpoint on disk. vLLM keeps process-global state (its
 parallel groups), so there is one engine per process, shared by every `VLLMGenerator`.
 
-Sampling is exactly what `Sampling` says: the checkpoint's generation_config.json is not
-read (vLLM would otherwise take its temperature, top-k, ...), top-k and penalties are off.
+Sampling is exactly what `Sampling` says, with top-k and penalties off: every request carries
+explicit SamplingParams, and the checkpoint's generation_config.json is not read at all (it
+would otherwise set vLLM's defaults, e.g. a Qwen3 checkpoint's top_k=20).
 Each completion also carries the engine's log-probs of its tokens under the distribution it
 was sampled from (after temperature and top-p), for measuring the train/rollout mismatch.
 
