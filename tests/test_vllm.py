@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from ntp_rl.config import compose
+from ntp_rl.config.compose import compose
 from ntp_rl.errors import ConfigError, UserError
 from ntp_rl.evaluation import score_problem
 from ntp_rl.generation import HFGenerator, Sampling
@@ -324,3 +324,130 @@ def test_accelerate_processes_sample_their_own_prompts(engine, checkpoint, task,
         expected = [pooled[:4], pooled[4:]]
     for rank, got in enumerate(ranks["completions"]):
         assert got == [[[c.token_ids, c.text] for c in cs] for cs in expected[rank]], rank
+
+
+# ---------------------------------------------------------------------------
+# The stages with generator=vllm
+
+# The engine settings of CONFIG as overrides: the stages then reuse this module's engine.
+ENGINE_OVERRIDES = ["generator=vllm", *(f"generator.vllm.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                         for k, v in CONFIG.items())]
+RL_ARGS = [*TASK, "rl.max_steps=3", "rl.prompts_per_step=4", "rl.num_mini_batches=2", "rl.num_generations=4",
+           "rl.micro_batch_size=8", "rl.sampling.max_new_tokens=24", "rl.sampling.batch_size=16", "rl.train_problems=64",
+           "rl.eval_problems=8", "rl.eval_samples=4", "rl.eval_ks=[1,4]", "rl.eval_every=3", "rl.save_every=3",
+           "rl.eval_sampling.max_new_tokens=24", "optim.lr=1e-3", "logger.wandb.mode=disabled",
+           "logger.progress_bar=false", *ENGINE_OVERRIDES]
+
+
+@needs_vllm
+def test_rl_samples_with_the_policys_current_weights(engine, checkpoint, model, tokenizer, task, tmp_path):
+    """After a few RL steps the engine's log-probs of fixed completions are the trained policy's, not the
+    initial ones: the weights reach the engine at every step (TRL once shipped a stale-weights bug)."""
+    from transformers import AutoModelForCausalLM
+
+    from ntp_rl.tracking import read_metrics
+
+    batch = prompts(task, 6)
+    responses = [cs[0].token_ids for cs in engine.generate(batch, 1, Sampling(temperature=1.0, max_new_tokens=24), 11)]
+    args = [f"init_from={checkpoint}", f"out_dir={tmp_path}", *RL_ARGS]
+    try:
+        result = run_stage("rl", compose("rl", args), overrides=args)
+        trained = AutoModelForCausalLM.from_pretrained(result["checkpoint"], dtype=torch.float32).eval()
+        # The run's engine is this module's engine (same checkpoint and settings); its final held-out
+        # check made it take the weights of the last update.
+        now = torch.tensor([x for row in engine.score(batch, responses) for x in row])
+        expected = torch.cat([reference_logprobs(trained, tokenizer, p, r) for p, r in zip(batch, responses)])
+        initial = torch.cat([reference_logprobs(model, tokenizer, p, r) for p, r in zip(batch, responses)])
+        assert (now - expected).abs().max() < 1e-4
+        assert (expected - initial).abs().max() > 1e-3, "three steps must move the policy for the check to mean anything"
+    finally:
+        engine.load_weights(model.named_parameters())  # the other tests expect the checkpoint's weights
+    steps = [row for row in read_metrics(Path(result["checkpoint"]).parents[1]) if "reward" in row]
+    assert len(steps) == 3
+    # fp32 on both sides: the engine's log-probs of its samples are the trainer's, at every step
+    assert all(row["sampling/sampling_logp_difference/max"] < 1e-4 for row in steps)
+
+
+@needs_vllm
+def test_truncated_importance_sampling_weights_each_tokens_loss(engine, checkpoint, model, tmp_path):
+    args = [f"init_from={checkpoint}", f"out_dir={tmp_path}", *RL_ARGS, "rl.max_steps=1", "rl.tis_cap=2.0",
+            "rl.eval_every=100"]
+    try:
+        run_stage("rl", compose("rl", args), overrides=args)
+    finally:
+        engine.load_weights(model.named_parameters())
+    from ntp_rl.tracking import read_metrics
+
+    (run_dir,) = [p.parent for p in tmp_path.rglob("run.json")]
+    (row,) = [r for r in read_metrics(run_dir) if "reward" in r]
+    # engine and trainer agree in fp32: every weight is ~1, none reaches the cap
+    assert row["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-3)
+    assert row["sampling/importance_sampling_ratio/clipped_frac"] == 0.0
+
+
+@needs_vllm
+def test_eval_with_vllm_gives_what_eval_with_transformers_gives_greedily(checkpoint, engine, tmp_path, shared_cache):
+    common = [f"model={checkpoint}", *TASK, "sampling.temperature=0", "eval.n=2", "eval.ks=[1,2]", "eval.num_problems=12",
+              "sampling.max_new_tokens=24", "diagnostics.enabled=false", "logger.wandb.mode=disabled",
+              "logger.progress_bar=false"]
+    from ntp_rl.cli import expand_model_paths
+
+    records = {}
+    for name, extra in (("hf", []), ("vllm", ENGINE_OVERRIDES)):
+        args = expand_model_paths([*common, f"out_dir={tmp_path / name}", *extra])
+        records[name] = run_stage("eval", compose("eval", args), overrides=args)
+    assert records["vllm"]["summary"] == records["hf"]["summary"]
+    rows = {name: (tmp_path / name).rglob("problems.csv").__next__().read_text() for name in records}
+    assert rows["vllm"] == rows["hf"]
+
+
+def test_importance_weights_are_the_probability_ratio_capped():
+    from ntp_rl.metrics import Sums
+    from ntp_rl.rl.rollout import RolloutBatch
+    from ntp_rl.stages.rl import STEP_MAXIMA, STEP_SUMS, truncated_importance_weights
+
+    old = torch.tensor([[0.0, -1.0, -2.0, -0.5]])
+    engine_logp = torch.tensor([[0.0, -2.0, -1.0, -3.0]])  # ratios 1, e, 1/e, e^2.5 (masked out below)
+    mask = torch.tensor([[True, True, True, False]])
+    micro = RolloutBatch(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), mask, torch.ones(1),
+                         rollout_logp=engine_logp)
+    sums = Sums(STEP_SUMS, maxima=STEP_MAXIMA)
+    weights = truncated_importance_weights(sums, old, micro, cap=2.0)
+    assert weights[0].tolist() == pytest.approx([1.0, 2.0, math.exp(-1), 2.0])
+    assert sums["is_clipped"].item() == 1  # e > 2, among the three tokens that count
+    assert sums["is_ratio"].item() == pytest.approx(1.0 + 2.0 + math.exp(-1))
+    assert sums.maxima[STEP_MAXIMA.index("is_ratio_max")].item() == pytest.approx(math.e)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_rl_on_two_processes_with_an_engine_each_matches_one_process(engine, checkpoint, model, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m ntp_rl rl generator=vllm` on CPU: each process
+    samples its share with its own engine; with the same samples, the update is the one-process update."""
+    # Two generate calls per round (2 prompts x 4 samples each), so each process makes exactly the calls
+    # the single process makes for its half of the prompts; the held-out checks likewise.
+    common = [f"init_from={checkpoint}", *RL_ARGS, "rl.sampling.batch_size=8", "rl.eval_sampling.batch_size=8"]
+    one = tmp_path / "one"
+    try:
+        run_stage("rl", compose("rl", [*common, f"run_dir={one}"]), overrides=common)
+    finally:
+        engine.load_weights(model.named_parameters())
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "rl", *common, f"run_dir={two}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    from ntp_rl.tracking import read_metrics
+
+    def steps(run_dir):
+        return {r["step"]: r for r in read_metrics(run_dir) if "reward" in r}
+
+    a, b = steps(one), steps(two)
+    assert set(a) == set(b) == {1, 2, 3}
+    for step in a:
+        for key in ("reward", "accuracy", "completions/mean_length"):
+            assert b[step][key] == a[step][key], (step, key)  # the same rollouts
+        assert b[step]["policy_loss"] == pytest.approx(a[step]["policy_loss"], rel=1e-4, abs=1e-6), step
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from transformers import AutoTokenizer
 
-from ntp_rl.config import compose
+from ntp_rl.config.compose import compose
 from ntp_rl.generation import Sampling
 from ntp_rl.tasks import build_task
 from ntp_rl.vllm_engine import VLLMConfig, VLLMGenerator

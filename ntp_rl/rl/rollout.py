@@ -53,6 +53,8 @@ class Group:
     rewards: list[float]
     correct: list[bool]
     truncated: list[bool]
+    # The engine's log-prob of each sampled token (vLLM), for the train/rollout mismatch; None when it gives none.
+    logprobs: Optional[list[list[float]]] = None
 
     @property
     def informative(self) -> bool:
@@ -79,6 +81,7 @@ def sample_groups(generator: Generator, task: Task, tokenizer: Any, problems: Se
                 rewards=[r for r, _ in scores],
                 correct=[c for _, c in scores],
                 truncated=[c.truncated for c in completions],
+                logprobs=None if any(c.logprobs is None for c in completions) else [c.logprobs for c in completions],
             ))
     return groups
 
@@ -137,6 +140,7 @@ class RolloutBatch:
     advantages: torch.Tensor  # [N]
     old_logp: Optional[torch.Tensor] = None  # [N, L-1] log-probs under the rollout policy
     ref_logp: Optional[torch.Tensor] = None  # [N, L-1] log-probs under the reference model
+    rollout_logp: Optional[torch.Tensor] = None  # [N, L-1] the sampling engine's own log-probs (vLLM), zero off the response
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -148,7 +152,8 @@ class RolloutBatch:
         return RolloutBatch(input_ids=self.input_ids[start:stop, :length],
                             attention_mask=self.attention_mask[start:stop, :length],
                             response_mask=tokens(self.response_mask), advantages=self.advantages[start:stop],
-                            old_logp=tokens(self.old_logp), ref_logp=tokens(self.ref_logp))
+                            old_logp=tokens(self.old_logp), ref_logp=tokens(self.ref_logp),
+                            rollout_logp=tokens(self.rollout_logp))
 
     def split(self, size: int) -> list["RolloutBatch"]:
         return [self.rows(i, min(i + size, len(self))) for i in range(0, len(self), size)]
@@ -156,7 +161,7 @@ class RolloutBatch:
     def to(self, device: torch.device) -> "RolloutBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return RolloutBatch(move(self.input_ids), move(self.attention_mask), move(self.response_mask),
-                            move(self.advantages), move(self.old_logp), move(self.ref_logp))
+                            move(self.advantages), move(self.old_logp), move(self.ref_logp), move(self.rollout_logp))
 
 
 def deal_groups(num_groups: int, num_mini_batches: int, world: int, rank: int) -> list[int]:
@@ -189,7 +194,13 @@ def build_batch(groups: Sequence[Group], advantages: torch.Tensor, pad_id: int, 
         if not masked:
             # label position t predicts token t+1: the response's labels start at len(prompt) - 1
             response_mask[i, len(prompt) - 1:n - 1] = True
-    return RolloutBatch(input_ids, attention_mask, response_mask, advantages.reshape(-1).float())
+    batch = RolloutBatch(input_ids, attention_mask, response_mask, advantages.reshape(-1).float())
+    if groups and all(g.logprobs is not None for g in groups):
+        batch.rollout_logp = torch.zeros((len(rows), length - 1), dtype=torch.float32)
+        engine_logprobs = [lp for g in groups for lp in g.logprobs]
+        for i, ((prompt, response, _), logprobs) in enumerate(zip(rows, engine_logprobs)):
+            batch.rollout_logp[i, len(prompt) - 1:len(prompt) - 1 + len(response)] = torch.tensor(logprobs)
+    return batch
 
 
 def token_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float,

@@ -29,7 +29,7 @@ from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.diagnostics import TextDiagnostics
 from ntp_rl.errors import ConfigError, DataError
 from ntp_rl.evaluation import ProblemResult, deal_chunks, sample_and_score_chunks, summarize
-from ntp_rl.generation import HFGenerator, Sampling
+from ntp_rl.generation import Sampling, make_generator
 from ntp_rl.io import write_csv_atomic
 from ntp_rl.models import count_parameters, load_pretrained
 from ntp_rl.plots import plot_histogram, plot_pass_at_k
@@ -134,7 +134,8 @@ def sample_problems(cfg: Any, session: StageSession, subject: Subject, task: Tas
                     sampling: Sampling) -> list[ProblemResult]:
     """This process's chunks of problems, sampled and scored, then everyone's results in problem order."""
     n, ks = cfg.eval.n, sorted(set(cfg.eval.ks))
-    generator = HFGenerator(subject.lm, subject.tokenizer, task.stop_strings, batch_size=cfg.sampling.batch_size)
+    generator = make_generator(cfg.generator, subject.lm, subject.tokenizer, task.stop_strings, cfg.sampling.batch_size,
+                               subject.path)
     per_call = max(1, cfg.sampling.batch_size // n)
     mine = deal_chunks(len(problems), per_call, session.rank, session.world)
     bar = session.progress(total=sum(len(c) for c in mine), desc="eval: sampling", unit="problem")

@@ -60,9 +60,9 @@ def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: S
                                                                "tags": [*cfg.logger.wandb.tags, *tags]}})}
     sections = {
         "pretrain": {"model": cfg.model, "data": cfg.data, "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train},
-        "rl": {"task": cfg.task, "rl": cfg.rl, "optim": cfg.rl_optim},
+        "rl": {"task": cfg.task, "rl": cfg.rl, "optim": cfg.rl_optim, "generator": cfg.generator},
         "eval": {"task": cfg.task, "eval": cfg.eval, "sampling": cfg.sampling, "diagnostics": cfg.diagnostics,
-                 "data": cfg.data},
+                 "data": cfg.data, "generator": cfg.generator},
     }[stage]
     for key, value in {**shared, **sections}.items():
         stage_cfg[key] = value

@@ -24,7 +24,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.evaluation import sample_and_score_chunks, summarize
 from ntp_rl.faults import kill_point
-from ntp_rl.generation import HFGenerator, Sampling
+from ntp_rl.generation import Generator, Sampling, make_generator
 from ntp_rl.metrics import Sums
 from ntp_rl.models import check_vocab, count_parameters, load_pretrained
 from ntp_rl.optim import build_adamw, lr_lambda
@@ -47,8 +47,10 @@ from ntp_rl.seeding import rl_eval_seed, rollout_seed, seed_everything
 from ntp_rl.stages.session import StageSession
 from ntp_rl.tasks import Task, TaskProblem, build_task
 
-# Per-step sums over micro-batches, reduced over processes in one call.
-STEP_SUMS = ("loss", "entropy", "tokens", "clip_low", "clip_high", "clip_tokens", "kl", "grad_norm", "seq_tokens")
+# Per-step sums (and maxima) over micro-batches, reduced over processes in one call.
+STEP_SUMS = ("loss", "entropy", "tokens", "clip_low", "clip_high", "clip_tokens", "kl", "grad_norm", "seq_tokens",
+             "logp_diff", "logp_diff_tokens", "is_ratio", "is_clipped")
+STEP_MAXIMA = ("logp_diff_max", "is_ratio_max")
 
 
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
@@ -64,10 +66,10 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     session.choose_run_dir()
     if (done := session.finished_results(cfg.rl.max_steps)) is not None:
         return done
-    policy, tokenizer, reference = load_models(cfg, session, init_dir)
+    policy, tokenizer, reference, model_dir = load_models(cfg, session, init_dir)
 
     with session.open(resume_step=session.resume_step()):
-        state = setup(cfg, session, task, policy, tokenizer, reference, train_pool, eval_problems)
+        state = setup(cfg, session, task, policy, tokenizer, reference, train_pool, eval_problems, model_dir)
         announce(state, init_dir)
         eval_after = None
         if state.step == 0:
@@ -81,7 +83,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             collected, gen_time = sample(state)
             batch = score(state, collected)
             train_start = time.perf_counter()
-            sums = Sums(STEP_SUMS, device=session.device)
+            sums = Sums(STEP_SUMS, device=session.device, maxima=STEP_MAXIMA)
             old_logprobs(state, batch, sums)
             counts = update(state, batch, sums, bar)
             bar.update(1)
@@ -113,10 +115,11 @@ class RLState:
     reference: Optional[torch.nn.Module]  # frozen init_from weights for the KL term, or None
     stream: PromptStream  # the train prompts, in a reshuffled order that depends on position only
     eval_problems: list[TaskProblem]
-    rollouts: HFGenerator
+    rollouts: Generator  # rl's sampling engine (`generator`), for rollouts and held-out checks
     sampling: Sampling
     eval_sampling: Sampling
     per_rank: int  # prompts (= groups) each process samples and trains on per step
+    model_dir: str  # the checkpoint (or hub name) the policy was loaded from: where a vLLM engine starts
     step: int = 0
     prompt_position: int = 0  # prompts taken from the stream so far, over all processes
     eval_before: Optional[dict] = None
@@ -125,6 +128,7 @@ class RLState:
     nonfinite_skips: int = 0  # over the run: updates dropped for a non-finite gradient (rl.on_nonfinite=skip)
     short_steps: int = 0  # over the run: steps whose sampling rounds ran out before the batch was full
     filled_groups: int = 0  # over the run: batch places those steps left without a group to train on
+    engine_stale: bool = False  # the policy has changed since the sampling engine last took its weights
 
     @property
     def updates_per_step(self) -> int:
@@ -146,8 +150,9 @@ def resolve_init_from(init_from: str) -> Any:
     return ckpt.resolve_model_dir(init_from, key="init_from") if Path(init_from).exists() else init_from
 
 
-def load_models(cfg: Any, session: StageSession, init_dir: Any) -> tuple[torch.nn.Module, Any, Optional[torch.nn.Module]]:
-    """The policy (from the checkpoint being resumed, else init_from), its tokenizer, and the KL reference."""
+def load_models(cfg: Any, session: StageSession, init_dir: Any) -> tuple[torch.nn.Module, Any, Optional[torch.nn.Module], str]:
+    """The policy (from the checkpoint being resumed, else init_from), its tokenizer, the KL reference,
+    and the directory (or hub name) the policy came from."""
     resume_from = session.resume_from
     model_dir = str(resume_from or init_dir)
     policy = load_pretrained(model_dir, key="resume" if resume_from else "init_from")
@@ -156,11 +161,12 @@ def load_models(cfg: Any, session: StageSession, init_dir: Any) -> tuple[torch.n
     reference = None
     if cfg.rl.kl_coef > 0:  # frozen init_from weights, for the KL penalty
         reference = load_pretrained(str(init_dir), key="init_from").to(session.device).eval().requires_grad_(False)
-    return policy, tokenizer, reference
+    return policy, tokenizer, reference, model_dir
 
 
 def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, tokenizer: Any,
-          reference: Optional[torch.nn.Module], train_pool: list[TaskProblem], eval_problems: list[TaskProblem]) -> RLState:
+          reference: Optional[torch.nn.Module], train_pool: list[TaskProblem], eval_problems: list[TaskProblem],
+          model_dir: str) -> RLState:
     rl = cfg.rl
     optimizer = build_adamw(policy, cfg.optim, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
@@ -169,10 +175,11 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
     state = RLState(
         cfg=cfg, session=session, task=task, tokenizer=tokenizer, model=model, lm=lm, optimizer=optimizer,
         scheduler=scheduler, reference=reference, stream=PromptStream(train_pool, cfg.seed), eval_problems=eval_problems,
-        rollouts=HFGenerator(lm, tokenizer, task.stop_strings, batch_size=rl.sampling.batch_size),
+        # A vLLM engine starts from the policy's own checkpoint, so it holds the policy's weights until the first update.
+        rollouts=make_generator(cfg.generator, lm, tokenizer, task.stop_strings, rl.sampling.batch_size, model_dir),
         sampling=Sampling(rl.sampling.temperature, rl.sampling.top_p, rl.sampling.max_new_tokens),
         eval_sampling=Sampling(rl.eval_sampling.temperature, rl.eval_sampling.top_p, rl.eval_sampling.max_new_tokens),
-        per_rank=rl.prompts_per_step // session.world,
+        per_rank=rl.prompts_per_step // session.world, model_dir=model_dir,
     )
     if session.resume_from is not None:
         saved = ckpt.load_training_state(session.resume_from, session.accelerator, model, optimizer)
@@ -207,9 +214,40 @@ def sample(state: RLState) -> tuple[CollectedGroups, float]:
     """The step's training groups (dynamic sampling over rounds), and the seconds it took."""
     rl = state.cfg.rl
     started = time.perf_counter()
+    sync_engine(state)
     collected = collect_groups(functools.partial(sample_round, state), rl.prompts_per_step, rl.dynamic_sampling,
                                rl.max_sampling_rounds)
+    state.rollouts.release_memory()  # vLLM's sleep mode on GPU: the trainer gets the memory back
     return collected, time.perf_counter() - started
+
+
+def sync_engine(state: RLState) -> None:
+    """The sampling engine takes the policy's current weights, if it has changed since the engine last did.
+
+    With `generator=hf` the engine is the policy itself; a vLLM engine gets a copy (TRL once
+    shipped a version that sampled from stale weights: tests/test_rl_vllm.py checks this one).
+    """
+    if state.engine_stale:
+        state.rollouts.sync_weights(functools.partial(policy_weights, state.session.accelerator, state.model))
+        state.engine_stale = False
+
+
+def policy_weights(accelerator: Any, model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """The policy's full weights under their Hugging Face names, on every process (each has an engine).
+
+    Under FSDP each process gathers the full parameters for the copy (this path has not run on
+    GPUs yet); otherwise every process already holds them.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
+            return list(model.state_dict().items())
+    return accelerator.unwrap_model(model).named_parameters()
 
 
 def sample_round(state: RLState, round_: int) -> list[Group]:
@@ -266,6 +304,7 @@ def old_logprobs(state: RLState, batch: RolloutBatch, sums: Sums) -> None:
             logp, entropy = token_logprobs(state.model, micro, state.sampling.temperature, with_entropy=True)
             old.append(_pad_to(logp, width))
             sums.add(entropy=(entropy * micro.response_mask).sum(), tokens=micro.response_mask.sum())
+            measure_mismatch(sums, logp, micro)
         if state.reference is not None:
             with state.session.accelerator.autocast():  # the reference is not prepared, so not autocast by Accelerate
                 ref_logp = token_logprobs(state.reference, micro, state.sampling.temperature)[0]
@@ -290,7 +329,7 @@ def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> UpdateC
     counts = UpdateCounts()
     for _ in range(rl.num_iterations):
         for first in range(0, len(batch), rows_per_update):
-            minibatch_sums = Sums(STEP_SUMS, device=state.session.device)
+            minibatch_sums = Sums(STEP_SUMS, device=state.session.device, maxima=STEP_MAXIMA)
             if not update_minibatch(state, batch.rows(first, first + rows_per_update), minibatch_sums):
                 # An optimizer step on a zero gradient would still move the weights (Adam's
                 # momentum, weight decay), so an empty mini-batch takes no step at all.
@@ -300,8 +339,9 @@ def update(state: RLState, batch: RolloutBatch, sums: Sums, bar: Any) -> UpdateC
             # The norm is of the gradient averaged over processes, so every process decides alike.
             if torch.isfinite(grad_norm):
                 minibatch_sums.add(grad_norm=grad_norm.detach())
-                sums.values += minibatch_sums.values
+                sums.merge(minibatch_sums)
                 state.optimizer.step()
+                state.engine_stale = True
                 counts.applied += 1
             else:
                 skip_nonfinite(state, minibatch_sums["loss"], grad_norm, bar)
@@ -348,8 +388,12 @@ def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> boo
             logp, entropy = token_logprobs(state.model, micro, state.sampling.temperature,
                                            with_entropy=not state.separate_old_pass)
             old_logp = micro.old_logp if state.separate_old_pass else logp.detach()
+            if not state.separate_old_pass:  # this single update's pass is the step's only look at the rollout policy
+                measure_mismatch(sums, old_logp, micro)
             out = policy_loss(PolicyLossInputs(logp, old_logp, micro.advantages), rl)
             per_token = out.loss
+            if rl.tis_cap is not None and micro.rollout_logp is not None:
+                per_token = per_token * truncated_importance_weights(sums, old_logp, micro, rl.tis_cap)
             if state.reference is not None:
                 kl = k3_kl(logp, micro.ref_logp)
                 per_token = per_token + rl.kl_coef * kl
@@ -364,6 +408,30 @@ def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> boo
         if entropy is not None:
             sums.add(entropy=(entropy * mask).sum(), tokens=mask.sum())
     return True
+
+
+def measure_mismatch(sums: Sums, trainer_logp: torch.Tensor, micro: RolloutBatch) -> None:
+    """How far the sampling engine's log-probs of the sampled tokens are from the trainer's, under the
+    same weights (bf16 kernels, batching and top-p renormalisation make them differ); vLLM only."""
+    if micro.rollout_logp is None:
+        return
+    mask = micro.response_mask
+    diff = (trainer_logp.detach() - micro.rollout_logp).abs()[mask]
+    if diff.numel():
+        sums.add(logp_diff=diff.sum(), logp_diff_tokens=diff.numel())
+        sums.maximum(logp_diff_max=diff.max())
+
+
+def truncated_importance_weights(sums: Sums, old_logp: torch.Tensor, micro: RolloutBatch, cap: float) -> torch.Tensor:
+    """min(pi_trainer / pi_engine, cap) per token (truncated importance sampling, as verl's and TRL's):
+    the samples came from the engine's distribution, the loss assumes the trainer's."""
+    log_ratio = (old_logp.detach() - micro.rollout_logp).clamp(max=20.0)  # exp() of more overflows and is capped anyway
+    ratio = log_ratio.exp()
+    mask = micro.response_mask
+    if mask.any():
+        sums.add(is_ratio=ratio.clamp(max=cap)[mask].sum(), is_clipped=(ratio[mask] > cap).sum())
+        sums.maximum(is_ratio_max=ratio[mask].max())
+    return ratio.clamp(max=cap)
 
 
 def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: Sums, counts: UpdateCounts,
@@ -407,6 +475,13 @@ def update_metrics(state: RLState, totals: dict[str, float], counts: UpdateCount
         metrics["clip_ratio/high_mean"] = totals["clip_high"] / totals["clip_tokens"]
         if state.reference is not None:
             metrics["kl"] = totals["kl"] / totals["clip_tokens"]
+    if totals["logp_diff_tokens"]:  # TRL's names for the train/rollout mismatch
+        metrics["sampling/sampling_logp_difference/mean"] = totals["logp_diff"] / totals["logp_diff_tokens"]
+        metrics["sampling/sampling_logp_difference/max"] = totals["logp_diff_max"]
+        if state.cfg.rl.tis_cap is not None and totals["clip_tokens"]:
+            metrics["sampling/importance_sampling_ratio/mean"] = totals["is_ratio"] / totals["clip_tokens"]
+            metrics["sampling/importance_sampling_ratio/max"] = totals["is_ratio_max"]
+            metrics["sampling/importance_sampling_ratio/clipped_frac"] = totals["is_clipped"] / totals["clip_tokens"]
     if counts.applied:
         metrics["policy_loss"] = totals["loss"] / counts.applied
         # every process holds the same (global) norm
@@ -471,7 +546,9 @@ def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
     dice, and the numbers are the same for any number of processes (as in `ntp-rl eval`).
     """
     rl, session, seed = state.cfg.rl, state.session, state.cfg.seed
-    evaluator = HFGenerator(state.lm, state.tokenizer, state.task.stop_strings, batch_size=rl.eval_sampling.batch_size)
+    sync_engine(state)
+    evaluator = make_generator(state.cfg.generator, state.lm, state.tokenizer, state.task.stop_strings,
+                               rl.eval_sampling.batch_size, state.model_dir)  # vLLM: the same engine
     per_call = max(1, rl.eval_sampling.batch_size // rl.eval_samples)
     results = sample_and_score_chunks(evaluator, state.task, state.eval_problems, rl.eval_samples, state.eval_sampling,
                                       list(rl.eval_ks), lambda chunk: rl_eval_seed(seed, chunk), session.rank,
