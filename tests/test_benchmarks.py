@@ -41,10 +41,12 @@ def test_bench_train_compares_the_stage_with_a_plain_loop():
     rows = {label.strip(): (float(rate), float(ratio))
             for label, rate, ratio in re.findall(r"^(.+?)\s+(\d+) tokens/s\s+([\d.]+)x plain", out, re.M)}
     assert set(rows) == {"plain transformers + F.cross_entropy", "ntp-rl pretrain loss=ce", "ntp-rl pretrain loss=precision"}
-    # Each ratio is that variant's rate over the plain loop's, as printed (rates are rounded to whole tokens/s).
+    # Each ratio is that variant's rate over the plain loop's. Both are printed rounded (rates to whole
+    # tokens/s, ratios to 0.01), so the ratio must lie within what the rounded rates allow.
     plain = rows["plain transformers + F.cross_entropy"][0]
     for label, (rate, ratio) in rows.items():
-        assert rate > 0 and ratio == pytest.approx(rate / plain, abs=0.006), label
+        lowest, highest = (rate - 0.5) / (plain + 0.5), (rate + 0.5) / (plain - 0.5)
+        assert rate > 0 and lowest - 0.005 <= ratio <= highest + 0.005, (label, rate, plain, ratio)
 
 
 def test_bench_rollout_compares_the_generators_with_plain_generate():
