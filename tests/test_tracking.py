@@ -25,7 +25,7 @@ def test_a_lineage_logs_to_wandb_offline_with_group_job_type_and_tags(tmp_path, 
         (run_file,) = run_files(lineage / stage)
         run = read_run(run_file)
         assert run["group"] == lineage.name == "pipeline-loss=precision"
-        assert run["job_type"] == job_type and "loss=precision" in run["tags"]
+        assert run["job_type"] == job_type and run["tags"] == ["loss=precision"]
         assert run["name"] == f"pipeline-loss=precision/{stage}"
         logged = history_by_step(run_file)
         local = {row["step"]: row for row in read_metrics(lineage / stage)}

@@ -106,7 +106,8 @@ class StageSession:
                 rundir.create(run, cfg, self.stage, self.overrides, self.world)
             self.accelerator.wait_for_everyone()
             run.info = rundir.read_run_info(run.path)  # the other ranks learn the W&B id here
-            tags = [*rundir.setting_overrides(self.overrides), *cfg.logger.wandb.tags]
+            # A pipeline stage's overrides and its configured tags both carry the lineage's settings.
+            tags = list(dict.fromkeys([*rundir.setting_overrides(self.overrides), *cfg.logger.wandb.tags]))
             with Tracker(self.accelerator, run.path, self.wandb_mode, stage=self.stage, run_name=run.name,
                          group=cfg.logger.wandb.group, tags=tags, cfg=cfg, resume_step=resume_step,
                          wandb_id=run.info.get("wandb_id"), logger_cfg=cfg.logger) as tracker:
