@@ -1,7 +1,7 @@
 """Sampling completions: the one place `rl` rollouts and `eval` samples come from.
 
-`Generator` is the interface the stages use, and `make_generator` picks one from the config
-(`generator=hf|vllm`): `HFGenerator` samples with transformers' `generate` (KV cache, left
+`Generator` is the interface the stages use, and `ntp_rl.engines.make_generator` picks one from the
+config (`generator=hf|vllm`): `HFGenerator` samples with transformers' `generate` (KV cache, left
 padding, EOS and stop strings) on the trained model itself; `VLLMGenerator`
 (ntp_rl/vllm_engine.py) with a vLLM engine in the same process, which `sync_weights` keeps
 on the trainer's current weights.
@@ -47,24 +47,6 @@ class Generator(Protocol):
     def release_memory(self) -> None:
         """Free what the engine holds while the trainer updates (vLLM's sleep mode on GPU); a no-op otherwise."""
         ...
-
-
-def make_generator(generator_cfg: Any, model: Any, tokenizer: Any, stop_strings: Sequence[str], batch_size: int,
-                   model_path: str) -> "Generator":
-    """The configured engine: `model` itself (hf, `batch_size` sequences per generate call), or a vLLM
-    engine started from the checkpoint in `model_path` (vllm, which batches by itself)."""
-    from ntp_rl.config.schema import GeneratorKind
-
-    if generator_cfg.name is GeneratorKind.vllm:
-        from omegaconf import OmegaConf
-
-        from ntp_rl.vllm_engine import VLLMGenerator
-
-        settings = generator_cfg.vllm
-        if OmegaConf.is_config(settings):
-            settings = OmegaConf.to_object(settings)
-        return VLLMGenerator(model_path, tokenizer, stop_strings, settings)
-    return HFGenerator(model, tokenizer, stop_strings, batch_size=batch_size)
 
 
 class HFGenerator:

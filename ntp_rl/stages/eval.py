@@ -27,9 +27,10 @@ from ntp_rl.config.validate import check_seq_len
 from ntp_rl.data.packing import PretrainData
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.diagnostics import TextDiagnostics
+from ntp_rl.engines import make_generator
 from ntp_rl.errors import ConfigError, DataError
 from ntp_rl.evaluation import ProblemResult, deal_chunks, sample_and_score_chunks, summarize
-from ntp_rl.generation import Sampling, make_generator
+from ntp_rl.generation import Sampling
 from ntp_rl.io import write_csv_atomic
 from ntp_rl.models import count_parameters, load_pretrained
 from ntp_rl.plots import plot_histogram, plot_pass_at_k

@@ -32,9 +32,10 @@ from ntp_rl import checkpoint as ckpt
 from ntp_rl.config.schema import NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
+from ntp_rl.engines import make_generator
 from ntp_rl.evaluation import sample_and_score_chunks, summarize
 from ntp_rl.faults import kill_point
-from ntp_rl.generation import Generator, Sampling, make_generator
+from ntp_rl.generation import Generator, Sampling
 from ntp_rl.metrics import Sums
 from ntp_rl.models import check_vocab, count_parameters, load_pretrained
 from ntp_rl.optim import build_adamw, lr_lambda
