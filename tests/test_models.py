@@ -9,7 +9,7 @@ from ntp_rl.models import ShapedLossLM, build_model, count_parameters
 
 SMALL_MOE = ["model=moe_5b_a0p3b", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
              "model.num_kv_heads=2", "model.head_dim=8", "model.num_experts=4", "model.num_experts_per_tok=2",
-             "model.moe_intermediate_size=16"]
+             "model.moe_intermediate_size=16", "model.moe_balancing=aux_loss"]
 
 
 @pytest.mark.parametrize("preset, layers, hidden, ffn, heads, kv", [

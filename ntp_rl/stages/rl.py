@@ -62,7 +62,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     task = build_task(cfg.task)
     train_pool = task.problems("train", cfg.rl.train_problems)
     eval_problems = task.problems("test", cfg.rl.eval_problems)
-    init_dir = resolve_init_from(cfg.init_from)
+    init_dir = ckpt.resolve_init_from(cfg.init_from)
     session.choose_run_dir()
     if (done := session.finished_results(cfg.rl.max_steps)) is not None:
         return done
@@ -143,11 +143,6 @@ class RLState:
 
 # ---------------------------------------------------------------------------
 # Setup
-
-
-def resolve_init_from(init_from: str) -> Any:
-    """A run directory or checkpoint -> its latest model directory; a hub name stays a name (validation vetted it)."""
-    return ckpt.resolve_model_dir(init_from, key="init_from") if Path(init_from).exists() else init_from
 
 
 def load_models(cfg: Any, session: StageSession, init_dir: Any) -> tuple[torch.nn.Module, Any, Optional[torch.nn.Module], str]:
