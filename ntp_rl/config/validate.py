@@ -28,6 +28,8 @@ def validate_pretrain(cfg: Any) -> None:
 
 
 def validate_midtrain(cfg: Any) -> None:
+    if OmegaConf.is_missing(cfg, "init_from"):  # before anything reads model.name_or_path, which points to it
+        raise ConfigError("init_from", "is required (set it on the command line): a pretrain run, a checkpoint or an HF model")
     if cfg.model.arch is not ModelArch.hf:
         raise ConfigError("model", "midtrain continues init_from's model; architecture presets do not apply "
                           "(set model.rope_theta, model.max_position_embeddings, model.moe_balancing instead)")

@@ -72,15 +72,15 @@ def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: S
         "pretrain": {"model": cfg.model, "data": cfg.data, "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train},
         # The pre-training's settings, but for what mid-training changes (PipelineConfig.midtrain).
         "midtrain": {"data": OmegaConf.merge(cfg.data, {"seq_len": cfg.midtrain.seq_len}), "loss": cfg.loss,
-                     "optim": cfg.midtrain_optim, "train": OmegaConf.merge(cfg.train, {"max_steps": cfg.midtrain.max_steps}),
-                     "model": OmegaConf.merge(stage_cfg.model, {"name_or_path": upstream, "rope_theta": cfg.midtrain.rope_theta,
-                                                                "max_position_embeddings": cfg.midtrain.seq_len})},
+                     "optim": cfg.midtrain_optim, "train": OmegaConf.merge(cfg.train, {"max_steps": cfg.midtrain.max_steps})},
         "rl": {"task": cfg.task, "rl": cfg.rl, "optim": cfg.rl_optim, "generator": cfg.generator},
         "eval": {"task": cfg.task, "eval": cfg.eval, "sampling": cfg.sampling, "diagnostics": cfg.diagnostics,
                  "data": cfg.data, "generator": cfg.generator},
     }[stage]
     for key, value in {**shared, **sections}.items():
         stage_cfg[key] = value
+    if stage == "midtrain":  # the model is the pre-trained one (init_from), with the new positions
+        stage_cfg.model.rope_theta = cfg.midtrain.rope_theta
     if stage == "eval":  # the held-out text follows the task's difficulty, as in `ntp-rl eval`
         stage_cfg.data.difficulty = cfg.task.difficulty
     return stage_cfg
