@@ -73,10 +73,12 @@ def _balanced_router_class() -> type:
                 if self.norm_topk_prob:
                     router_scores = router_scores / router_scores.sum(dim=-1, keepdim=True)
                 router_scores = router_scores.to(router_logits.dtype)
-            if self.training:
+            if torch.is_grad_enabled():
+                # The tokens trained on: validation, sampling and RL's old log-probs run without gradients.
                 # Gradient checkpointing runs this twice per step: every count doubles, the balance does not change.
                 with torch.no_grad():
-                    self.expert_load += torch.bincount(router_indices.reshape(-1), minlength=self.num_experts)
+                    load = torch.bincount(router_indices.reshape(-1), minlength=self.num_experts).float()
+                    self.expert_load = load if self.expert_load is None else self.expert_load + load
             return router_logits, router_scores, router_indices
 
     return BalancedRouter
@@ -91,7 +93,8 @@ def install(lm: nn.Module, balancing: MoeBalancing, rate: float = 0.0) -> None:
     for router in found:
         device = router.weight.device
         router.__class__ = balanced_cls
-        router.register_buffer("expert_load", torch.zeros(router.num_experts, device=device), persistent=False)
+        # A plain attribute, not a buffer: DDP would overwrite every process's counts with the first one's.
+        router.expert_load = None
         if balancing is MoeBalancing.bias and getattr(router, BIAS, None) is None:
             router.register_buffer(BIAS, torch.zeros(router.num_experts, device=device), persistent=True)
         elif balancing is not MoeBalancing.bias and BIAS in router._buffers:
@@ -170,15 +173,19 @@ def after_step(lm: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor], st
     found = routers(lm)
     if not found:
         return {}
-    loads = reduce(torch.stack([router.expert_load for router in found]))
+    device = found[0].weight.device
+    loads = reduce(torch.stack([torch.zeros(router.num_experts, device=device) if router.expert_load is None
+                                else router.expert_load.to(device) for router in found]))
+    if not loads.sum() > 0:  # nothing was routed with gradients: no measurement, and no update
+        return {}
     mean = loads.mean(dim=-1, keepdim=True)
-    imbalance = (loads.max(dim=-1).values / mean.squeeze(-1).clamp_min(1e-9)).mean()
+    imbalance = (loads.max(dim=-1).values / mean.squeeze(-1)).mean()
     rate = float(getattr(lm.config, RATE_ATTR, 0.0))
     for router, load, layer_mean in zip(found, loads, mean):
         bias = getattr(router, BIAS, None)
-        if bias is not None and stepped and layer_mean.item() > 0:
+        if bias is not None and stepped:
             bias += rate * torch.sign(layer_mean - load)
-        router.expert_load.zero_()
+        router.expert_load = None
     metrics = {"moe/load_imbalance": imbalance.item()}
     biases = [router.expert_bias for router in found if getattr(router, BIAS, None) is not None]
     if biases:

@@ -28,8 +28,7 @@ def skewed(lm, ids):
     """Router logits tilted towards experts 0 and 1 along the tokens' mean direction: an unbalanced router."""
     inputs = []
     hooks = [r.register_forward_hook(lambda module, args, out: inputs.append(args[0])) for r in moe.routers(lm)]
-    lm.eval()  # no load is counted
-    with torch.no_grad():
+    with torch.no_grad():  # no load is counted
         lm(ids)
     for hook in hooks:
         hook.remove()
@@ -42,11 +41,9 @@ def skewed(lm, ids):
 
 
 def imbalance_over_steps(lm, ids, steps):
-    lm.train()
     history = []
     for _ in range(steps):
-        with torch.no_grad():
-            lm(ids)
+        lm(ids)  # a forward with gradients is one the load is counted on
         history.append(moe.after_step(lm, lambda t: t, stepped=True)["moe/load_imbalance"])
     return history
 
@@ -89,12 +86,14 @@ def test_the_bias_gets_no_gradient_and_moves_only_by_the_update_rule():
     moe.after_step(lm, lambda t: t, stepped=True)
     for bias, old, load in zip(biases, before, loads):
         torch.testing.assert_close(bias - old, 0.01 * torch.sign(load.mean() - load))
-    assert all(router.expert_load.sum() == 0 for router in moe.routers(lm)), "counts start again each step"
+    assert all(router.expert_load is None for router in moe.routers(lm)), "counts start again each step"
 
 
 def test_a_skipped_step_leaves_the_bias_and_aux_loss_mode_has_none():
     lm, _ = tiny_moe()
-    lm.train()
+    with torch.no_grad():  # validation and sampling: nothing counted, nothing to measure
+        lm(torch.randint(0, 100, (2, 8)))
+    assert moe.after_step(lm, lambda t: t, stepped=True) == {}
     lm(torch.randint(0, 100, (2, 8)))
     before = [r.expert_bias.clone() for r in moe.routers(lm)]
     metrics = moe.after_step(lm, lambda t: t, stepped=False)
@@ -146,3 +145,19 @@ def test_pretrain_with_the_aux_loss_logs_load_and_saves_no_bias(moe_run):
         assert not [k for k in saved.keys() if "expert_bias" in k]
     reloaded = load_pretrained(str(ckpt))
     assert reloaded.config.output_router_logits and not [n for n, _ in reloaded.named_buffers() if "expert_bias" in n]
+
+
+def test_rl_keeps_the_pretrained_biases_and_logs_the_load(moe_run, tmp_path):
+    from test_rl import RL_TINY
+
+    _, ckpt = moe_run("model.moe_bias_rate=0.01")
+    args = [*RL_TINY, "rl.max_steps=2", "rl.eval_every=2", "init_from=x", f"out_dir={tmp_path / 'rl'}"]
+    cfg = compose("rl", args)
+    cfg.init_from = str(ckpt)  # its run's name holds "=", which an override cannot
+    results = run_stage("rl", cfg, overrides=args)
+    rows = [r for r in read_metrics(Path(results["checkpoint"]).parents[1]) if "policy_loss" in r]
+    assert rows and all(r["moe/load_imbalance"] >= 1.0 for r in rows)
+    before, after = load_pretrained(str(ckpt)), load_pretrained(results["checkpoint"])
+    for (name, a), (_, b) in zip(before.named_buffers(), after.named_buffers()):
+        if name.endswith("expert_bias"):
+            assert a.abs().max() > 0 and torch.equal(a, b), name

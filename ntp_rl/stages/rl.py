@@ -29,6 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from ntp_rl import checkpoint as ckpt
+from ntp_rl import moe
 from ntp_rl.config.schema import NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
@@ -449,6 +450,8 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
     }
     metrics |= throughput_metrics(state, totals["seq_tokens"], generated_tokens, timing["train"], metrics["perf/step_time_s"])
     metrics |= update_metrics(state, totals, counts)
+    # An MoE policy's expert load over the step; its router biases stay as pre-training left them.
+    metrics |= moe.after_step(state.lm, lambda t: session.accelerator.reduce(t, reduction="sum"), stepped=False)
     state.first_step_metrics = state.first_step_metrics or metrics
     if state.step % rl.log_every == 0 or state.step == rl.max_steps:
         session.tracker.log(metrics, step=state.step)
