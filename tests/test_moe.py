@@ -161,3 +161,23 @@ def test_rl_keeps_the_pretrained_biases_and_logs_the_load(moe_run, tmp_path):
     for (name, a), (_, b) in zip(before.named_buffers(), after.named_buffers()):
         if name.endswith("expert_bias"):
             assert a.abs().max() > 0 and torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_a_resumed_moe_run_continues_its_biases_exactly(tiny, tmp_path):
+    from conftest import run_cli
+
+    common = [*tiny, *TINY_MOE, "model.moe_bias_rate=0.01", "train.max_steps=6", "train.save_every=3",
+              "train.log_every=1"]
+    straight = run_stage("pretrain", compose("pretrain", [*common, f"run_dir={tmp_path / 'straight'}"]))
+    args = ["pretrain", *common, f"run_dir={tmp_path / 'killed'}"]
+    assert run_cli(*args, env={"NTP_RL_KILL_AT": "step:5"}).returncode == -9
+    resumed = run_cli(*args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = [r for r in read_metrics(tmp_path / "straight") if "train/loss" in r]
+    b = [r for r in read_metrics(tmp_path / "killed") if "train/loss" in r]
+    assert [(r["train/loss"], r["moe/load_imbalance"]) for r in a] == [(r["train/loss"], r["moe/load_imbalance"]) for r in b]
+    with safe_open(str(Path(straight["checkpoint"]) / "model.safetensors"), framework="pt") as x, \
+            safe_open(str(tmp_path / "killed" / "checkpoints" / "step_00000006" / "model.safetensors"), framework="pt") as y:
+        for key in [k for k in x.keys() if k.endswith("expert_bias")]:
+            assert torch.equal(x.get_tensor(key), y.get_tensor(key)), key
