@@ -62,6 +62,11 @@ def resolve_model_dir(path: str, key: str) -> Path:
     raise DataError(f"{key}={path}: no model there (neither a run directory with checkpoints nor a model directory)")
 
 
+def resolve_init_from(init_from: str) -> Any:
+    """A run directory or checkpoint -> its latest model directory; a hub name stays a name (validation vetted it)."""
+    return resolve_model_dir(init_from, key="init_from") if Path(init_from).exists() else init_from
+
+
 def save_checkpoint(
     root: Path,
     step: int,

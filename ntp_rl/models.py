@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ntp_rl.config.schema import LossImpl, ModelArch
+from ntp_rl import moe
+from ntp_rl.config.schema import LossImpl, ModelArch, MoeBalancing
 from ntp_rl.errors import ConfigError, DataError, first_line
 from ntp_rl.losses import LossOutput, RewardShaping, shaped_ntp_loss, shaped_ntp_loss_fused, shaped_ntp_loss_reference
 
@@ -24,7 +25,10 @@ def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_t
 
     arch = model_cfg.arch
     if arch is ModelArch.hf:
-        return load_pretrained(model_cfg.name_or_path, key="model.name_or_path", attn_implementation=model_cfg.attn_implementation)
+        lm = load_pretrained(model_cfg.name_or_path, key="model.name_or_path", attn_implementation=model_cfg.attn_implementation,
+                             rope_theta=model_cfg.rope_theta, max_position_embeddings=model_cfg.max_position_embeddings)
+        set_balancing(lm, model_cfg)
+        return lm
 
     common = dict(
         vocab_size=model_cfg.vocab_size or vocab_size,
@@ -48,7 +52,6 @@ def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_t
             moe_intermediate_size=model_cfg.moe_intermediate_size,
             num_experts=model_cfg.num_experts,
             num_experts_per_tok=model_cfg.num_experts_per_tok,
-            output_router_logits=True,  # train with the load-balancing loss, as HF's own forward does
             **common,
         )
         model_cls = Qwen3MoeForCausalLM
@@ -56,12 +59,43 @@ def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_t
         config = Qwen3Config(intermediate_size=model_cfg.intermediate_size, **common)
         model_cls = Qwen3ForCausalLM
     config._attn_implementation = model_cfg.attn_implementation
-    return model_cls(config)
+    lm = model_cls(config)
+    moe.install(lm, model_cfg.moe_balancing or MoeBalancing.bias, model_cfg.moe_bias_rate)
+    return lm
 
 
-def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: str = "sdpa", dtype: Any = None) -> nn.Module:
-    """Load an HF causal LM; a missing or unreadable directory is a one-line DataError."""
-    from transformers import AutoModelForCausalLM
+def set_balancing(lm: nn.Module, model_cfg: Any) -> None:
+    """model.moe_balancing on a loaded MoE model; null keeps the balancing its checkpoint was trained with."""
+    if model_cfg.moe_balancing is not None:
+        moe.install(lm, model_cfg.moe_balancing, model_cfg.moe_bias_rate)
+
+
+def rope_theta_of(config: Any) -> Optional[float]:
+    """The RoPE base of an HF config: transformers 5 keeps it in rope_parameters, 4.x as rope_theta."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    theta = getattr(config, "rope_theta", None)
+    return None if theta is None else float(theta)
+
+
+def set_positions(config: Any, rope_theta: Optional[float], max_position_embeddings: Optional[int]) -> None:
+    """A new RoPE base and position limit (mid-training); RoPE has no learned positions, so the weights load as they are."""
+    if rope_theta is not None:
+        params = getattr(config, "rope_parameters", None)
+        if isinstance(params, dict):
+            config.rope_parameters = {**params, "rope_theta": float(rope_theta)}
+        if hasattr(config, "rope_theta") or not isinstance(params, dict):
+            config.rope_theta = float(rope_theta)
+    if max_position_embeddings is not None:
+        config.max_position_embeddings = int(max_position_embeddings)
+
+
+def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: str = "sdpa", dtype: Any = None,
+                    rope_theta: Optional[float] = None, max_position_embeddings: Optional[int] = None) -> nn.Module:
+    """Load an HF causal LM, with its MoE balancing as saved and, if given, a new RoPE base and position limit;
+    a missing or unreadable directory is a one-line DataError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(name_or_path)
     looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists() or len(path.parts) > 2
@@ -70,11 +104,16 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
     from safetensors import SafetensorError
 
     try:
+        config = AutoConfig.from_pretrained(name_or_path)
+        set_positions(config, rope_theta, max_position_embeddings)
         # use_safetensors: weights never come through pickle, whatever else lies in the directory.
-        return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
-                                                    dtype=dtype or torch.float32, use_safetensors=True)
+        with moe.quiet_bias_report():
+            lm = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, attn_implementation=attn_implementation,
+                                                      dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line(exc)})") from exc
+    moe.reinstall_from(lm, name_or_path)
+    return lm
 
 
 # model config key -> the HF config attribute it sets

@@ -69,6 +69,16 @@ CASES = [
     ("pretrain model.hidden_size=48 run_dir={run} resume=auto train.max_steps=4", "does not match the checkpoint"),
     ("pretrain resume=/no/such/checkpoint", "resume"),
     ("pretrain run_dir={run}", "run_dir"),  # holds checkpoints already: never overwritten
+    # MoE balancing and mid-training
+    ("pretrain model=tiny_moe model.moe_balancing=loss", "model.moe_balancing"),
+    ("pretrain model=tiny_moe model.moe_bias_rate=-1", "model.moe_bias_rate"),
+    ("midtrain", "init_from"),
+    ("midtrain init_from=/no/such/run", "init_from"),
+    ("midtrain init_from={run} model=tiny", "model"),
+    ("midtrain init_from={run} model.rope_theta=0", "model.rope_theta"),
+    ("midtrain init_from={run} data.seq_len=64 model.max_position_embeddings=32", "data.seq_len"),
+    ("pipeline stages=[midtrain,pretrain]", "stages"),
+    ("pipeline stages=[pretrain,midtrain] midtrain.seq_len=0", "midtrain.seq_len"),
     # rl
     ("rl init_from=/no/such/run", "init_from"),
     ("rl init_from={run} rl.num_generations=1", "rl.num_generations"),

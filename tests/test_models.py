@@ -9,7 +9,7 @@ from ntp_rl.models import ShapedLossLM, build_model, count_parameters
 
 SMALL_MOE = ["model=moe_5b_a0p3b", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
              "model.num_kv_heads=2", "model.head_dim=8", "model.num_experts=4", "model.num_experts_per_tok=2",
-             "model.moe_intermediate_size=16"]
+             "model.moe_intermediate_size=16", "model.moe_balancing=aux_loss"]
 
 
 @pytest.mark.parametrize("preset, layers, hidden, ffn, heads, kv", [
@@ -32,19 +32,22 @@ def test_moe_preset_has_the_papers_shape_and_size():
     assert 4e9 < total < 6e9, total
 
 
-@pytest.mark.parametrize("overrides", [[], SMALL_MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("overrides", [[], SMALL_MOE, [*SMALL_MOE[:-1], "model.moe_balancing=bias"]],
+                         ids=["dense", "moe_aux_loss", "moe_bias"])
 def test_every_loss_path_gives_hf_cross_entropy(overrides):
     cfg = compose("pretrain", ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
                                "model.num_kv_heads=1", *overrides])
+    aux_loss = "model.moe_balancing=aux_loss" in overrides  # the bias adds no loss term
     torch.manual_seed(0)
     lm = build_model(cfg.model, vocab_size=100, pad_token_id=0, eos_token_id=1)
     ids = torch.randint(0, 100, (2, 9))
-    hf = lm(ids, labels=ids)  # HF shifts internally and adds the router loss for MoE
-    coef = getattr(lm.config, "router_aux_loss_coef", 0.0) if overrides else 0.0
-    hf_ce = hf.loss.item() - coef * (hf.aux_loss.item() if overrides else 0.0)
+    hf = lm(ids, labels=ids)  # HF shifts internally and adds the router loss for MoE with aux_loss
+    coef = lm.config.router_aux_loss_coef if aux_loss else 0.0
+    hf_ce = hf.loss.item() - coef * (hf.aux_loss.item() if aux_loss else 0.0)
     for impl in ("fused", "chunked", "reference"):
         out = ShapedLossLM(lm, OmegaConf.merge(cfg.loss, {"impl": impl}))(ids[:, :-1], ids[:, 1:])
-        aux = out.stats["router_aux_loss"].item() if overrides else 0.0
+        assert ("router_aux_loss" in out.stats) == aux_loss
+        aux = out.stats["router_aux_loss"].item() if aux_loss else 0.0
         assert out.loss.item() - coef * aux == pytest.approx(hf_ce, abs=1e-5), impl
-        if overrides:  # the router sees the inputs, which exclude the last token
+        if aux_loss:  # the router sees the inputs, which exclude the last token
             assert aux == pytest.approx(lm(ids[:, :-1]).aux_loss.item(), abs=1e-6)

@@ -34,6 +34,14 @@ class ModelArch(Enum):
     hf = "hf"  # any causal LM from the hub or a local directory (continued pre-training)
 
 
+class MoeBalancing(Enum):
+    """How a mixture-of-experts model keeps its experts in use (ntp_rl/moe.py)."""
+
+    bias = "bias"  # the paper's: a per-expert bias on the router's choice, moved towards even load each step
+    aux_loss = "aux_loss"  # HF's load-balancing loss, router_aux_loss_coef x Switch-Transformer loss
+    none = "none"  # neither (load is still logged)
+
+
 class DataSource(Enum):
     embedded = "embedded"  # the procedural reasoning corpus generated locally
     hf = "hf"  # any `datasets` source with a text field
@@ -108,8 +116,10 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: Optional[int] = None  # null: hidden_size // num_heads
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 4096
+    # RoPE base and position limit; with arch=hf (and midtrain) they replace the checkpoint's own, and null
+    # keeps them.
+    rope_theta: Optional[float] = 10000.0
+    max_position_embeddings: Optional[int] = 4096
     tie_word_embeddings: bool = True
     rms_norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -117,6 +127,9 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
+    # bias (the paper's), aux_loss (HF's) or none; null: a loaded checkpoint keeps how it was trained
+    moe_balancing: Optional[MoeBalancing] = MoeBalancing.bias
+    moe_bias_rate: float = 1e-3  # moe_balancing=bias: how far each bias moves per step (DeepSeek-V3's gamma)
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
 
@@ -275,6 +288,15 @@ class PretrainConfig(RunConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class MidtrainConfig(PretrainConfig):
+    """Pre-training continued from init_from's weights with a new RoPE base (model.rope_theta), sequence
+    length (data.seq_len) and schedule (optim); the model's architecture is init_from's own."""
+
+    stage: str = "midtrain"
+    init_from: str = MISSING  # a pretrain/midtrain run directory, a checkpoint, or an HF model directory / hub name
+
+
 def _rollout_sampling() -> SamplingConfig:
     return SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=48, batch_size=128)
 
@@ -379,19 +401,32 @@ class EvalConfig(RunConfig):
 
 
 # A pipeline lineage's stages, in order: each runs one of the stages in the stage table
-# (eval_base and eval_rl are `eval` runs, before and after RL).
-LINEAGE_STAGES = ("pretrain", "eval_base", "rl", "eval_rl")
+# (eval_base and eval_rl are `eval` runs, before and after RL). midtrain is there when asked for.
+LINEAGE_STAGES = ("pretrain", "midtrain", "eval_base", "rl", "eval_rl")
+DEFAULT_LINEAGE = [stage for stage in LINEAGE_STAGES if stage != "midtrain"]
+
+
+@dataclass
+class MidtrainSettings:
+    """A pipeline's midtrain stage: what changes from pre-training (the rest is the pre-training's)."""
+
+    rope_theta: float = 1.0e6  # the paper: 1e4 -> 1e6
+    seq_len: int = 512  # the paper: 4096 -> 16384; here twice the tiny pre-training's
+    max_steps: int = 100
 
 
 @dataclass
 class PipelineConfig(PretrainConfig):
-    """pretrain -> eval (base) -> rl -> eval (after RL). The pre-training keys sit at the top
+    """pretrain [-> midtrain] -> eval (base) -> rl -> eval (after RL). The pre-training keys sit at the top
     level as in `ntp-rl pretrain` (loss=..., train.max_steps=...); the RL and eval keys are
     those of `ntp-rl rl` and `ntp-rl eval` (rl.*, eval.*, sampling.*), with RL's optimizer
     under rl_optim."""
 
     stage: str = "pipeline"
-    stages: list[str] = field(default_factory=lambda: list(LINEAGE_STAGES))  # a subset, in this order
+    # A subset of LINEAGE_STAGES, in that order; add midtrain: [pretrain,midtrain,eval_base,rl,eval_rl]
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_LINEAGE))
+    midtrain: MidtrainSettings = field(default_factory=MidtrainSettings)
+    midtrain_optim: OptimConfig = field(default_factory=OptimConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rl: GRPOConfig = field(default_factory=GRPOConfig)
     rl_optim: OptimConfig = field(default_factory=OptimConfig)

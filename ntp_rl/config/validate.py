@@ -27,6 +27,16 @@ def validate_pretrain(cfg: Any) -> None:
     _check_train(cfg.train)
 
 
+def validate_midtrain(cfg: Any) -> None:
+    if OmegaConf.is_missing(cfg, "init_from"):  # before anything reads model.name_or_path, which points to it
+        raise ConfigError("init_from", "is required (set it on the command line): a pretrain run, a checkpoint or an HF model")
+    if cfg.model.arch is not ModelArch.hf:
+        raise ConfigError("model", "midtrain continues init_from's model; architecture presets do not apply "
+                          "(set model.rope_theta, model.max_position_embeddings, model.moe_balancing instead)")
+    _check_init_from(cfg.init_from)
+    validate_pretrain(cfg)
+
+
 def validate_rl(cfg: Any) -> None:
     _check_required(cfg)
     _check_resume(cfg)
@@ -65,6 +75,10 @@ def validate_pipeline(cfg: Any) -> None:
     _check_data(cfg.data)
     _check_optim(cfg.optim)
     _check_train(cfg.train)
+    if "midtrain" in cfg.stages:
+        for key in ("rope_theta", "seq_len", "max_steps"):
+            _positive(cfg.midtrain[key], f"midtrain.{key}")
+        _check_optim(cfg.midtrain_optim, "midtrain_optim")
     _check_grpo(cfg.rl, cfg.rl_optim, cfg.task, optim_key="rl_optim")
     _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
     _check_generator(cfg.generator, cfg.rl)
@@ -108,11 +122,17 @@ def check_loss(loss: Any, vocab_size: Optional[int] = None) -> None:
 
 
 def _check_model(model: Any) -> None:
+    for key in ("rope_theta", "max_position_embeddings"):
+        if model[key] is not None or model.arch is not ModelArch.hf:
+            _positive(model[key], f"model.{key}")
+    _finite(model.moe_bias_rate, "model.moe_bias_rate")
+    if model.moe_bias_rate < 0:
+        raise ConfigError("model.moe_bias_rate", "must be >= 0", model.moe_bias_rate)
     if model.arch is ModelArch.hf:
         if not model.name_or_path:
             raise ConfigError("model.name_or_path", "is required with model.arch=hf (a hub name or a local directory)")
         return
-    for key in ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "max_position_embeddings"):
+    for key in ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads"):
         _positive(model[key], f"model.{key}")
     if model.num_heads % model.num_kv_heads:
         raise ConfigError("model.num_kv_heads", f"must divide model.num_heads={model.num_heads}", model.num_kv_heads)

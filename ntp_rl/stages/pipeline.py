@@ -1,4 +1,4 @@
-"""`ntp-rl pipeline`: pretrain -> eval (base) -> rl -> eval (after RL), as one lineage.
+"""`ntp-rl pipeline`: pretrain [-> midtrain] -> eval (base) -> rl -> eval (after RL), as one lineage.
 
 The lineage directory is a pure function of the settings (outputs/pipeline/<name>), so
 running the same command again skips the stages that finished and resumes the one that
@@ -31,9 +31,19 @@ from ntp_rl.rundir import (RESULTS_FILE, RunDir, dir_name, mark_stopped, read_re
 
 # The stage (of the stage table) each stage of a lineage runs, and the lineage stage whose
 # checkpoint it starts from.
-RUNS = {"pretrain": "pretrain", "eval_base": "eval", "rl": "rl", "eval_rl": "eval"}
-UPSTREAM = {"eval_base": "pretrain", "rl": "pretrain", "eval_rl": "rl"}
+# "base" is the lineage's base model: the mid-trained one when the lineage has a midtrain stage.
+RUNS = {"pretrain": "pretrain", "midtrain": "midtrain", "eval_base": "eval", "rl": "rl", "eval_rl": "eval"}
+UPSTREAM = {"midtrain": "pretrain", "eval_base": "base", "rl": "base", "eval_rl": "rl"}
 assert tuple(RUNS) == LINEAGE_STAGES
+
+
+def upstream_dir(lineage_stage: str, cfg: Any, lineage: Path) -> Path:
+    """The directory of the stage whose checkpoint `lineage_stage` starts from."""
+    upstream = UPSTREAM.get(lineage_stage, "")
+    if upstream == "base":
+        # A midtrain run left by an earlier command counts too: `stages=[rl]` then starts where eval_base did.
+        upstream = "midtrain" if "midtrain" in cfg.stages or (lineage / "midtrain").exists() else "pretrain"
+    return lineage / upstream
 
 
 def lineage_dir(cfg: Any, overrides: Sequence[str]) -> Path:
@@ -49,10 +59,10 @@ def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: S
     stage = RUNS[lineage_stage]
     stage_cfg = compose(stage, ["model=hf"] if stage == "eval" else [])
     # Paths are set on the composed config, not as overrides: lineage names hold "=".
-    upstream = str(lineage / UPSTREAM.get(lineage_stage, ""))
+    upstream = str(upstream_dir(lineage_stage, cfg, lineage))
     if stage == "eval":
         stage_cfg.model.name_or_path = upstream
-    elif stage == "rl":
+    elif stage in ("rl", "midtrain"):
         stage_cfg.init_from = upstream
     shared = {"seed": cfg.seed, "out_dir": cfg.out_dir, "run_dir": str(lineage / lineage_stage), "resume": None,
               "logger": OmegaConf.merge(cfg.logger, {"wandb": {"group": cfg.logger.wandb.group or name,
@@ -60,12 +70,17 @@ def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: S
                                                                "tags": [*cfg.logger.wandb.tags, *tags]}})}
     sections = {
         "pretrain": {"model": cfg.model, "data": cfg.data, "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train},
+        # The pre-training's settings, but for what mid-training changes (PipelineConfig.midtrain).
+        "midtrain": {"data": OmegaConf.merge(cfg.data, {"seq_len": cfg.midtrain.seq_len}), "loss": cfg.loss,
+                     "optim": cfg.midtrain_optim, "train": OmegaConf.merge(cfg.train, {"max_steps": cfg.midtrain.max_steps})},
         "rl": {"task": cfg.task, "rl": cfg.rl, "optim": cfg.rl_optim, "generator": cfg.generator},
         "eval": {"task": cfg.task, "eval": cfg.eval, "sampling": cfg.sampling, "diagnostics": cfg.diagnostics,
                  "data": cfg.data, "generator": cfg.generator},
     }[stage]
     for key, value in {**shared, **sections}.items():
         stage_cfg[key] = value
+    if stage == "midtrain":  # the model is the pre-trained one (init_from), with the new positions
+        stage_cfg.model.rope_theta = cfg.midtrain.rope_theta
     if stage == "eval":  # the held-out text follows the task's difficulty, as in `ntp-rl eval`
         stage_cfg.data.difficulty = cfg.task.difficulty
     return stage_cfg
@@ -145,12 +160,11 @@ def open_lineage(cfg: Any, overrides: Sequence[str], lineage: Path, name: str, i
 
 
 def lineage_summary(results: dict[str, Any]) -> dict[str, float]:
-    """The lineage's headline numbers: pre-training NLL and entropy, and each eval's avg@n, cons@n, pass@1, pass@n."""
+    """The lineage's headline numbers: pre- (and mid-)training NLL and entropy, and each eval's avg@n, cons@n, pass@1, pass@n."""
     summary: dict[str, float] = {}
-    val = (results.get("pretrain") or {}).get("val", {})
-    for key in ("nll", "entropy"):
-        if key in val:
-            summary[f"pretrain_{key}"] = val[key]
+    for stage in ("pretrain", "midtrain"):
+        val = (results.get(stage) or {}).get("val", {})
+        summary |= {f"{stage}_{key}": val[key] for key in ("nll", "entropy") if key in val}
     for lineage_stage, prefix in (("eval_base", "base"), ("eval_rl", "rl")):
         scores = (results.get(lineage_stage) or {}).get("summary") or {}
         ks = sorted(int(key[5:]) for key in scores if key.startswith("pass@"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -20,13 +20,14 @@ import torch
 from omegaconf import OmegaConf
 
 from ntp_rl import checkpoint as ckpt
+from ntp_rl import moe
 from ntp_rl.config.schema import ModelArch, NonFinitePolicy
 from ntp_rl.config.validate import check_loss, check_seq_len, micro_batches
 from ntp_rl.data.packing import PretrainData
 from ntp_rl.faults import kill_point
 from ntp_rl.losses import STAT_NAMES
 from ntp_rl.models import (ShapedLossLM, build_model, check_same_architecture, check_vocab, count_parameters,
-                           load_pretrained)
+                           load_pretrained, rope_theta_of, set_balancing)
 from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.runtime import flops_per_token, peak_flops, peak_memory_gib
 from ntp_rl.seeding import seed_everything
@@ -35,7 +36,10 @@ from ntp_rl.tracking import Tracker
 
 
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
-    session = StageSession("pretrain", cfg, overrides, precision=cfg.train.precision)
+    """`pretrain`, and `midtrain`: the same loop from init_from's weights, with the model's new RoPE base."""
+    if cfg.stage == "midtrain":  # the model is init_from's latest checkpoint (or hub model), recorded as such
+        cfg.model.name_or_path = str(ckpt.resolve_init_from(cfg.init_from))
+    session = StageSession(cfg.stage, cfg, overrides, precision=cfg.train.precision)
     batching = micro_batches(cfg.train.batch_size, cfg.train.micro_batch_size, session.world)
     seed_everything(cfg.seed)
 
@@ -70,6 +74,7 @@ class Training:
     grad_accum: int
     step: int = 0
     nonfinite_skips: int = 0
+    moe_metrics: dict = field(default_factory=dict)  # the last step's expert load (MoE models)
 
 
 # ---------------------------------------------------------------------------
@@ -92,6 +97,7 @@ def build_lm(cfg: Any, data: PretrainData, resume_from: Optional[Path]) -> torch
     if resume_from is not None:
         lm = load_pretrained(str(resume_from), key="resume")
         check_same_architecture(lm, cfg.model, str(resume_from))
+        set_balancing(lm, cfg.model)
     else:
         lm = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     check_vocab(lm, tokenizer)
@@ -125,12 +131,15 @@ def restore(training: Training, resume_from: Optional[Path], data: PretrainData,
 
 def announce(cfg: Any, session: StageSession, data: PretrainData, training: Training) -> None:
     loss = cfg.loss
-    session.say(f"ntp-rl pretrain -> {session.run_dir.path}")
+    session.say(f"ntp-rl {cfg.stage} -> {session.run_dir.path}")
     session.say(f"  data:  {data.description}; unigram baseline NLL {data.unigram_nll:.3f}")
     session.say(f"  model: {cfg.model.name} ({count_parameters(training.lm) / 1e6:.2f}M params) | loss: {loss.name} "
                 f"(beta={loss.beta}, lambda_top={loss.lambda_top}, lambda_tail={loss.lambda_tail}, k={loss.k}, "
                 f"{loss.positive_form.value}) | {session.world} process(es), grad accum {training.grad_accum}, "
                 f"{session.device.type}")
+    if cfg.stage == "midtrain":
+        session.say(f"  from {cfg.model.name_or_path}: RoPE base {rope_theta_of(training.lm.config):g}, "
+                    f"sequence length {cfg.data.seq_len}")
     if training.step:
         session.say(f"  resumed from {session.resume_from} at step {training.step}")
 
@@ -198,6 +207,7 @@ def train_step(cfg: Any, session: StageSession, data: PretrainData, training: Tr
             session.stop_diverged(training.step, loss_sum / training.grad_accum, grad_norm, bar)
         session.say(f"  step {training.step}: non-finite loss or gradient, update skipped "
                     f"({training.nonfinite_skips} so far)")
+    training.moe_metrics = moe.after_step(training.lm, lambda t: accelerator.reduce(t, reduction="sum"), all_finite)
     training.optimizer.zero_grad(set_to_none=True)
     training.scheduler.step()
     return loss_sum, stat_sums, grad_norm
@@ -225,7 +235,7 @@ def step_metrics(session: StageSession, training: Training, loss_sum: torch.Tens
                 "train/nonfinite_skips": training.nonfinite_skips,
                 "perf/tokens_per_sec": speed.tokens_per_step / elapsed, "perf/step_time_s": elapsed,
                 "perf/peak_mem_gib": peak_memory_gib(session.device),
-                "perf/tokens_seen": training.step * speed.tokens_per_step}
+                "perf/tokens_seen": training.step * speed.tokens_per_step, **training.moe_metrics}
     if speed.peak:
         metrics["perf/mfu"] = speed.flops_per_token * speed.tokens_per_step / elapsed / (speed.peak * speed.world)
     return metrics
@@ -285,7 +295,7 @@ def finish(cfg: Any, session: StageSession, data: PretrainData, training: Traini
            wall: float) -> dict:
     step, tokens_per_step = training.step, cfg.train.batch_size * cfg.data.seq_len
     final = ckpt.latest_checkpoint(session.run_dir.checkpoints)
-    results = {"stage": "pretrain", "step": step, "checkpoint": str(final), "unigram_nll": data.unigram_nll,
+    results = {"stage": cfg.stage, "step": step, "checkpoint": str(final), "unigram_nll": data.unigram_nll,
                "val": val_metrics, "train_wall_time_s": wall, "tokens": step * tokens_per_step,
                "num_processes": session.world, "loss": OmegaConf.to_container(cfg.loss, resolve=True, enum_to_str=True)}
     session.tracker.summary({f"final/val_{k}": v for k, v in val_metrics.items()})

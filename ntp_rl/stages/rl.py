@@ -29,6 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from ntp_rl import checkpoint as ckpt
+from ntp_rl import moe
 from ntp_rl.config.schema import NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
@@ -63,7 +64,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     task = build_task(cfg.task)
     train_pool = task.problems("train", cfg.rl.train_problems)
     eval_problems = task.problems("test", cfg.rl.eval_problems)
-    init_dir = resolve_init_from(cfg.init_from)
+    init_dir = ckpt.resolve_init_from(cfg.init_from)
     session.choose_run_dir()
     if (done := session.finished_results(cfg.rl.max_steps)) is not None:
         return done
@@ -144,11 +145,6 @@ class RLState:
 
 # ---------------------------------------------------------------------------
 # Setup
-
-
-def resolve_init_from(init_from: str) -> Any:
-    """A run directory or checkpoint -> its latest model directory; a hub name stays a name (validation vetted it)."""
-    return ckpt.resolve_model_dir(init_from, key="init_from") if Path(init_from).exists() else init_from
 
 
 def load_models(cfg: Any, session: StageSession, init_dir: Any) -> tuple[torch.nn.Module, Any, Optional[torch.nn.Module], str]:
@@ -455,6 +451,8 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
     }
     metrics |= throughput_metrics(state, totals["seq_tokens"], generated_tokens, timing["train"], metrics["perf/step_time_s"])
     metrics |= update_metrics(state, totals, counts)
+    # An MoE policy's expert load over the step; its router biases stay as pre-training left them.
+    metrics |= moe.after_step(state.lm, lambda t: session.accelerator.reduce(t, reduction="sum"), stepped=False)
     state.first_step_metrics = state.first_step_metrics or metrics
     if state.step % rl.log_every == 0 or state.step == rl.max_steps:
         session.tracker.log(metrics, step=state.step)
