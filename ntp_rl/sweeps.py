@@ -63,12 +63,12 @@ class SweepPlan:
     swept_keys: list[str] = field(default_factory=list)
     num_points: int = 0  # grid points, or trials of a search
     at_once: int = 1  # points running at the same time (the sweeper's batch)
-    tasks_per_node: int = 1
+    tasks_per_point: int = 1  # processes of each point on one machine (tasks_per_node)
     search: bool = False  # an Optuna sweeper: each job returns its objective
 
     def threads_per_task(self, cores: Optional[int] = None) -> int:
         """The machine's cores shared out between the processes of the points running at once."""
-        return max(1, (cores or os.cpu_count() or 1) // max(1, self.at_once * self.tasks_per_node))
+        return max(1, (cores or os.cpu_count() or 1) // max(1, self.at_once * self.tasks_per_point))
 
 
 def plan_from_hydra(hydra_cfg: Any, swept_keys: list[str], num_points: int) -> SweepPlan:
@@ -77,7 +77,7 @@ def plan_from_hydra(hydra_cfg: Any, swept_keys: list[str], num_points: int) -> S
     total = int(sweeper.n_trials) if search else num_points
     batch = sweeper.get("n_jobs") if search else sweeper.get("max_batch_size")
     return SweepPlan(swept_keys=swept_keys, num_points=total, at_once=min(int(batch or total), total),
-                     tasks_per_node=int(launcher.get("tasks_per_node") or 1) * int(launcher.get("nodes") or 1),
+                     tasks_per_point=int(launcher.get("tasks_per_node") or 1),
                      search=search)
 
 
@@ -109,6 +109,7 @@ def prepare_job(plan: SweepPlan, launcher_cfg: Any) -> None:
     threads = int(cpus) if cpus else (int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or plan.threads_per_task())
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+    print(f"ntp-rl: {executor} job {env.job_id}, task {env.global_rank} of {env.num_tasks}: {threads} thread(s)")
 
 
 def is_rank_zero() -> bool:
