@@ -105,9 +105,10 @@ def run_with_hydra(stage: str, hydra_args: list[str], checked: "CheckedCommand")
     import hydra
 
     from ntp_rl.config.compose import conf_dir, register_schemas
-    from ntp_rl.sweeps import finish_sweep
+    from ntp_rl.sweeps import RememberSweepDir, finish_sweep
 
     register_schemas()
+    RememberSweepDir.sweep_dir = None  # set by Hydra when this command's sweep starts
     task = _stage_task(stage, checked.plan)
     sys.argv = [f"{PROG} {stage}", *hydra_args]
     code = 0
@@ -142,48 +143,11 @@ def _stage_task(stage: str, plan: Optional["SweepPlan"]) -> Callable:
                 return run_validated(stage, cfg, overrides=overrides)  # check_command_line validated it
             except (UserError, TrainingDiverged) as exc:
                 fail(str(exc), exc.exit_code)
-        return _sweep_point(stage, cfg, overrides, plan, hydra_cfg)
+        from ntp_rl.sweeps import run_point
+
+        return run_point(stage, cfg, overrides, plan, hydra_cfg)
 
     return task
-
-
-def _sweep_point(stage: str, cfg: Any, overrides: list[str], plan: "SweepPlan", hydra_cfg: Any) -> Any:
-    """One point of a sweep: whatever goes wrong is recorded for the end of the sweep, and
-    raised to a search's sweeper only, so one point that diverges (a beta too far out) does not
-    cost the others."""
-    import traceback
-    from pathlib import Path
-
-    from ntp_rl.rundir import run_name
-    from ntp_rl.stages import run_validated
-    from ntp_rl.sweeps import objective_value, prepare_job, record_point
-
-    prepare_job(plan, hydra_cfg.launcher)
-    # A sweep's runs sit side by side in the sweep directory, named by what they swept. (Not a
-    # pipeline's: its lineage directory is named by its settings, so that a re-run finds the
-    # stages that already finished.)
-    if cfg.run_dir is None and stage != "pipeline":
-        cfg.run_dir = hydra_cfg.runtime.output_dir
-    if cfg.logger.wandb.name is None:
-        swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in plan.swept_keys]
-        cfg.logger.wandb.name = run_name(stage, swept)
-    sweep_dir, num = Path(str(hydra_cfg.sweep.dir)), int(hydra_cfg.job.num)
-    try:
-        result = run_validated(stage, cfg, overrides=overrides)  # check_command_line validated it
-    except Exception as exc:  # noqa: BLE001 -- a bug in one point is reported with the others at the end
-        known = isinstance(exc, (UserError, TrainingDiverged))
-        if not known:
-            traceback.print_exc()  # a bug: its traceback goes to the job's log
-        code = exc.exit_code if known else 1
-        print(f"{PROG}: error: {' '.join(overrides)}: {first_line(exc)}", file=sys.stderr)
-        record_point(sweep_dir, num, overrides, status="failed", error=first_line(exc), exit_code=code)
-        if plan.search:
-            raise  # Optuna marks the trial failed and goes on (hydra/sweeper=search: max_failure_rate)
-        return None
-    value = objective_value(stage, cfg, result) if plan.search else None
-    where = result.get("lineage") if isinstance(result, dict) else None  # a pipeline's; other stages' run_dir
-    record_point(sweep_dir, num, overrides, status="finished", run_dir=where or str(cfg.run_dir), objective=value)
-    return value if plan.search else result
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +171,7 @@ def check_command_line(stage: str, hydra_args: list[str]) -> CheckedCommand:
     """
     from hydra._internal.utils import get_args_parser
 
-    from ntp_rl.sweeps import plan_from_hydra, sweep_points
+    from ntp_rl.sweeps import check_search, plan_from_hydra, require_search_extra, sweep_points
 
     try:
         args = get_args_parser().parse_args(hydra_args)
@@ -225,7 +189,7 @@ def check_command_line(stage: str, hydra_args: list[str]) -> CheckedCommand:
         fixed = [o.input_line for o in parser.parse_overrides(args.overrides) if not o.is_sweep_override()]
     except Exception as exc:  # Hydra's grammar errors
         raise UserError(first_line(exc)) from None
-    _check_search_extra(fixed)
+    require_search_extra(fixed)
     hydra_cfg = _composed(stage, fixed, hydra=True).hydra  # the sweeper, its params and the launcher
     given = {o.split("=", 1)[0] for o in overrides}
     params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items() if k not in given]
@@ -237,32 +201,8 @@ def check_command_line(stage: str, hydra_args: list[str]) -> CheckedCommand:
         first = first or cfg
     swept = [o.key_or_group for o in parser.parse_overrides([*params, *overrides]) if o.is_sweep_override()]
     plan = plan_from_hydra(hydra_cfg, swept, len(jobs))
-    _check_search(stage, plan, hydra_cfg, first)
+    check_search(stage, plan, hydra_cfg, first)
     return CheckedCommand(plan=plan, first=first, overrides=overrides)
-
-
-def _check_search_extra(overrides: list[str]) -> None:
-    import importlib.util
-
-    sweeper = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/sweeper=")), "basic")
-    if sweeper in ("search", "optuna") and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
-        raise UserError(f"hydra/sweeper={sweeper} needs the [search] extra: pip install -e \".[search]\"")
-
-
-def _check_search(stage: str, plan: "SweepPlan", hydra_cfg: Any, cfg: Any) -> None:
-    """A search optimises a pipeline's `objective`, all of which are better higher except the NLL."""
-    if not plan.search:
-        return
-    from ntp_rl.config.validate import check_objective
-
-    if stage != "pipeline":
-        raise UserError(f"hydra/sweeper: a search optimises a lineage's `objective`; run it with `{PROG} pipeline`")
-    check_objective(cfg)
-    wanted = "minimize" if cfg.objective.endswith("_nll") else "maximize"
-    direction = str(getattr(hydra_cfg.sweeper.direction, "name", hydra_cfg.sweeper.direction)).lower()
-    if direction != wanted:
-        raise UserError(f"hydra.sweeper.direction: {direction} would search for the worst {cfg.objective}; "
-                        f"set hydra.sweeper.direction={wanted} (hydra/sweeper=search does)")
 
 
 def _composed(stage: str, overrides: list[str], hydra: bool = False) -> Any:

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 
-from ntp_rl.errors import UserError, first_line
+from ntp_rl.errors import TrainingDiverged, UserError, first_line
 from ntp_rl.io import write_json_atomic
 
 POINTS_DIR = "points"  # in the sweep directory: one <job number>.json per point that ran
@@ -81,6 +81,31 @@ def plan_from_hydra(hydra_cfg: Any, swept_keys: list[str], num_points: int) -> S
                      search=search)
 
 
+def require_search_extra(overrides: list[str]) -> None:
+    """Without the extra, Hydra would only say that it cannot find the sweeper's config."""
+    import importlib.util
+
+    sweeper = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/sweeper=")), "basic")
+    if sweeper in ("search", "optuna") and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        raise UserError(f"hydra/sweeper={sweeper} needs the [search] extra: pip install -e \".[search]\"")
+
+
+def check_search(stage: str, plan: SweepPlan, hydra_cfg: Any, cfg: Any) -> None:
+    """A search optimises a pipeline's `objective`, all of which are better higher except the NLL."""
+    if not plan.search:
+        return
+    from ntp_rl.config.validate import check_objective
+
+    if stage != "pipeline":
+        raise UserError("hydra/sweeper: a search optimises a lineage's `objective`; run it with `ntp-rl pipeline`")
+    check_objective(cfg)
+    wanted = "minimize" if cfg.objective.endswith("_nll") else "maximize"
+    direction = str(getattr(hydra_cfg.sweeper.direction, "name", hydra_cfg.sweeper.direction)).lower()
+    if direction != wanted:
+        raise UserError(f"hydra.sweeper.direction: {direction} would search for the worst {cfg.objective}; "
+                        f"set hydra.sweeper.direction={wanted} (hydra/sweeper=search does)")
+
+
 # ---------------------------------------------------------------------------
 # In each job
 
@@ -128,6 +153,43 @@ def objective_value(stage: str, cfg: Any, result: Any) -> float:
     pipelines only, and check_objective made sure the summary holds it)."""
     assert stage == "pipeline"
     return float(result["summary"][cfg.objective])
+
+
+def run_point(stage: str, cfg: Any, overrides: list[str], plan: SweepPlan, hydra_cfg: Any) -> Any:
+    """One point of a sweep: whatever goes wrong is recorded for the end of the sweep, and
+    raised to a search's sweeper only, so one point that diverges (a beta too far out) does not
+    cost the others."""
+    import traceback
+
+    from ntp_rl.rundir import run_name
+    from ntp_rl.stages import run_validated
+
+    prepare_job(plan, hydra_cfg.launcher)
+    # A sweep's runs sit side by side in the sweep directory, named by what they swept. (Not a
+    # pipeline's: its lineage directory is named by its settings, so that a re-run finds the
+    # stages that already finished.)
+    if cfg.run_dir is None and stage != "pipeline":
+        cfg.run_dir = hydra_cfg.runtime.output_dir
+    if cfg.logger.wandb.name is None:
+        swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in plan.swept_keys]
+        cfg.logger.wandb.name = run_name(stage, swept)
+    sweep_dir, num = Path(str(hydra_cfg.sweep.dir)), int(hydra_cfg.job.num)
+    try:
+        result = run_validated(stage, cfg, overrides=overrides)  # check_command_line validated it
+    except Exception as exc:  # noqa: BLE001 -- a bug in one point is reported with the others at the end
+        known = isinstance(exc, (UserError, TrainingDiverged))
+        if not known:
+            traceback.print_exc()  # a bug: its traceback goes to the job's log
+        code = exc.exit_code if known else 1
+        print(f"ntp-rl: error: {' '.join(overrides)}: {first_line(exc)}", file=sys.stderr)
+        record_point(sweep_dir, num, overrides, status="failed", error=first_line(exc), exit_code=code)
+        if plan.search:
+            raise  # Optuna marks the trial failed and goes on (hydra/sweeper=search: max_failure_rate)
+        return None
+    value = objective_value(stage, cfg, result) if plan.search else None
+    where = result.get("lineage") if isinstance(result, dict) else None  # a pipeline's; other stages' run_dir
+    record_point(sweep_dir, num, overrides, status="finished", run_dir=where or str(cfg.run_dir), objective=value)
+    return value if plan.search else result
 
 
 # ---------------------------------------------------------------------------

@@ -196,6 +196,7 @@ def test_a_search_of_three_trials_makes_three_lineages(pipe, tmp_path):
     assert (sweep_dir(outputs, "pipeline") / "compare" / "compare.md").exists()
 
 
+@pytest.mark.slow
 def test_a_pipeline_job_of_two_tasks_is_one_process_group(tiny, tmp_path):
     """The pipeline makes Accelerate's state before its stages do: on CPUs, as a gloo group too."""
     result = run_cli("pipeline", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "stages=[pretrain]",
