@@ -204,3 +204,14 @@ def test_a_pipeline_job_of_two_tasks_is_one_process_group(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (lineage,) = (tmp_path / "outputs" / "pipeline").iterdir()
     assert json.loads((lineage / "pretrain" / "run.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.search
+def test_a_search_can_keep_its_study_in_a_database(tmp_path):
+    """hydra.sweeper.storage=sqlite:///...: optuna 2.x (all the sweeper takes) needs SQLAlchemy 1.x for it."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.tell(study.ask(), 0.25)
+    assert optuna.load_study(storage=storage, study_name="s").best_value == 0.25
