@@ -8,11 +8,16 @@ even in the middle of a sweep.
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ntp_rl.errors import TrainingDiverged, UserError, first_line
 from ntp_rl.stages import STAGES
+
+if TYPE_CHECKING:
+    from ntp_rl.sweeps import SweepPlan
 
 PROG = "ntp-rl"
 
@@ -58,7 +63,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     stage, rest = argv[0], argv[1:]
     if stage.startswith("experiment="):  # `ntp-rl experiment=paper_small`: an experiment is a pipeline sweep
-        stage, rest = "pipeline", argv
+        asked = {"-m", "--multirun", "-c", "--cfg", *HYDRA_INFO_FLAGS}.intersection(argv)  # else it runs the sweep
+        stage, rest = "pipeline", argv if asked else ["-m", *argv]
     if stage not in STAGES:
         fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
     if STAGES[stage].schema is None:  # compare: plain arguments, no config to compose
@@ -67,13 +73,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         except UserError as exc:
             fail(str(exc), exc.exit_code)
     rest = expand_model_paths(rest)
-    swept: list[str] = []
+    checked = CheckedCommand()
     try:
         if not HYDRA_INFO_FLAGS.intersection(rest):
-            swept = check_command_line(stage, rest)
+            checked = check_command_line(stage, rest)
     except UserError as exc:
         fail(str(exc), exc.exit_code)
-    run_with_hydra(stage, rest, swept)
+    run_with_hydra(stage, rest, checked)
 
 
 def expand_model_paths(args: list[str]) -> list[str]:
@@ -95,48 +101,51 @@ def expand_model_paths(args: list[str]) -> list[str]:
     return expanded
 
 
-def run_with_hydra(stage: str, hydra_args: list[str], swept_keys: list[str]) -> None:
+def run_with_hydra(stage: str, hydra_args: list[str], checked: "CheckedCommand") -> None:
     import hydra
 
     from ntp_rl.config.compose import conf_dir, register_schemas
+    from ntp_rl.sweeps import RememberSweepDir, finish_sweep
 
     register_schemas()
-    failed_points: list[tuple[str, int]] = []
-    task = _stage_task(stage, swept_keys, failed_points)
+    RememberSweepDir.sweep_dir = None  # set by Hydra when this command's sweep starts
+    task = _stage_task(stage, checked.plan)
     sys.argv = [f"{PROG} {stage}", *hydra_args]
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(task)()
-    if failed_points:
-        fail(f"{len(failed_points)} sweep point(s) failed: {'; '.join(point for point, _ in failed_points)}",
-             max(code for _, code in failed_points))
+    code = 0
+    if checked.plan is not None:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises what stops a sweep, and it is said here in one line
+    try:
+        hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(task)()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # noqa: BLE001 -- a sweep's launcher (no srun, sbatch refused, a job killed)
+        if checked.plan is None:
+            raise
+        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
+        code = 1
+    if checked.plan is not None:
+        code = finish_sweep(stage, checked.plan, checked.first, checked.overrides) or code
+    if code:
+        raise SystemExit(code)
 
 
-def _stage_task(stage: str, swept_keys: list[str], failed_points: list[tuple[str, int]]) -> Callable:
-    def task(cfg):  # Hydra calls this once per job (once per sweep point with -m)
+def _stage_task(stage: str, plan: Optional["SweepPlan"]) -> Callable:
+    def task(cfg):  # Hydra calls this once per job (once per sweep point with -m), in the job's process
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from ntp_rl.rundir import run_name
         from ntp_rl.stages import run_validated
 
         hydra_cfg = HydraConfig.get()
         overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            # A sweep's runs sit side by side in the sweep directory, named by what they swept.
-            # (Not a pipeline's: its lineage directory is named by its settings, so that a
-            # re-run finds the stages that already finished.)
-            if cfg.run_dir is None and stage != "pipeline":
-                cfg.run_dir = hydra_cfg.runtime.output_dir
-            if cfg.logger.wandb.name is None:
-                swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept_keys]
-                cfg.logger.wandb.name = run_name(stage, swept)
-        try:
-            return run_validated(stage, cfg, overrides=overrides)  # check_command_line validated it
-        except (UserError, TrainingDiverged) as exc:
-            if hydra_cfg.mode != RunMode.MULTIRUN:
+        if hydra_cfg.mode != RunMode.MULTIRUN or plan is None:
+            try:
+                return run_validated(stage, cfg, overrides=overrides)  # check_command_line validated it
+            except (UserError, TrainingDiverged) as exc:
                 fail(str(exc), exc.exit_code)
-            # One point that diverges (a beta too far out) must not cost the rest of the sweep.
-            print(f"{PROG}: error: {' '.join(overrides)}: {exc}", file=sys.stderr)
-            failed_points.append((" ".join(overrides), exc.exit_code))
+        from ntp_rl.sweeps import run_point
+
+        return run_point(stage, cfg, overrides, plan, hydra_cfg)
 
     return task
 
@@ -145,42 +154,62 @@ def _stage_task(stage: str, swept_keys: list[str], failed_points: list[tuple[str
 # Checking a command line before Hydra runs it
 
 
-def check_command_line(stage: str, hydra_args: list[str]) -> list[str]:
-    """Compose and validate every job of the command (each sweep point, each lineage of an
-    experiment) before the first one runs, so a bad value costs one line; return the swept keys.
+@dataclass
+class CheckedCommand:
+    plan: Optional["SweepPlan"] = None  # set for a sweep (-m)
+    first: Any = None  # the first job's config
+    overrides: list[str] = field(default_factory=list)
+
+
+def check_command_line(stage: str, hydra_args: list[str]) -> CheckedCommand:
+    """Compose and validate every job of the command (each point of a sweep, the two ends of a
+    search's ranges) before the first one runs or is submitted, so a bad value costs one line.
 
     This is the one validation of a command-line run: Hydra's jobs then run without another.
+    The points are the command line's sweeps together with the config's `hydra.sweeper.params`
+    (an experiment's), as Hydra's sweepers combine them: the command line wins.
     """
     from hydra._internal.utils import get_args_parser
 
-    from ntp_rl.launch import sweep_points
+    from ntp_rl.sweeps import check_search, plan_from_hydra, require_search_extra, sweep_points
 
     try:
         args = get_args_parser().parse_args(hydra_args)
     except SystemExit:
         raise UserError(f"cannot parse the command line: {' '.join(hydra_args)}") from None
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
-    jobs = sweep_points(overrides) if args.multirun else [overrides]
-    for job in jobs:
-        cfg = _composed(stage, list(job))
-        STAGES[stage].validate(cfg)
-        if stage == "pipeline" and cfg.sweep:  # an experiment: each lineage it will launch, checked now
-            from ntp_rl.stages.pipeline import sweep_lineage_points
-
-            for point in sweep_lineage_points(cfg, list(job))[1]:
-                STAGES[stage].validate(_composed(stage, point))
     if not args.multirun:
-        return []
+        cfg = _composed(stage, overrides)
+        STAGES[stage].validate(cfg)
+        return CheckedCommand(first=cfg, overrides=overrides)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
+    parser = OverridesParser.create()
+    try:
+        fixed = [o.input_line for o in parser.parse_overrides(args.overrides) if not o.is_sweep_override()]
+    except Exception as exc:  # Hydra's grammar errors
+        raise UserError(first_line(exc)) from None
+    require_search_extra(fixed)
+    hydra_cfg = _composed(stage, fixed, hydra=True).hydra  # the sweeper, its params and the launcher
+    given = {o.split("=", 1)[0] for o in overrides}
+    params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items() if k not in given]
+    jobs = sweep_points([*params, *overrides])
+    first = None
+    for job in jobs:
+        cfg = _composed(stage, job)
+        STAGES[stage].validate(cfg)
+        first = first or cfg
+    swept = [o.key_or_group for o in parser.parse_overrides([*params, *overrides]) if o.is_sweep_override()]
+    plan = plan_from_hydra(hydra_cfg, swept, len(jobs))
+    check_search(stage, plan, hydra_cfg, first)
+    return CheckedCommand(plan=plan, first=first, overrides=overrides)
 
 
-def _composed(stage: str, overrides: list[str]) -> Any:
+def _composed(stage: str, overrides: list[str], hydra: bool = False) -> Any:
     from ntp_rl.config.compose import compose
 
     try:
-        return compose(stage, overrides)
+        return compose(stage, overrides, hydra=hydra)
     except Exception as exc:
         raise UserError(explain_compose_error(exc, stage)) from None
 

@@ -55,7 +55,7 @@ def run_name(stage: str, overrides: Sequence[str], explicit: Optional[str] = Non
 # Keys that say where or how a run is recorded, not what it computes.
 BOOKKEEPING_KEYS = {"run_dir", "resume", "out_dir", "data.cache_dir", "logger.wandb.mode", "logger.wandb.project",
                     "logger.wandb.entity", "logger.wandb.group", "logger.wandb.name", "logger.wandb.tags",
-                    "logger.progress_bar", "jobs"}
+                    "logger.progress_bar", "objective"}
 
 
 def setting_overrides(overrides: Sequence[str]) -> list[str]:

@@ -27,6 +27,18 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_state() -> Any:
+    """Accelerate's view of this launch, before any Accelerator exists (the pipeline's stages share it).
+
+    cpu=True on machines without a GPU is what makes several launched processes form a gloo
+    process group (Accelerate's MULTI_CPU) instead of each training alone; the state is made
+    once per process, so this must be how it is first made.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def make_accelerator(precision: Precision, wandb_mode_resolved: str) -> Any:
     from accelerate import Accelerator
 
@@ -35,8 +47,7 @@ def make_accelerator(precision: Precision, wandb_mode_resolved: str) -> Any:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log_with = None if wandb_mode_resolved == "disabled" else "wandb"
-    # cpu=True on machines without a GPU is what makes several launched processes form a
-    # gloo process group (Accelerate's MULTI_CPU) instead of each training alone.
+    # cpu=True on machines without a GPU: see process_state.
     return Accelerator(mixed_precision=mixed, log_with=log_with, cpu=not torch.cuda.is_available(),
                        step_scheduler_with_optimizer=False)
 

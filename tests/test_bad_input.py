@@ -95,8 +95,6 @@ CASES = [
     ("eval model=tiny", "eval needs trained weights"),
     # pipeline, compare, the command itself
     ("pipeline stages=[rl,pretrain]", "stages"),
-    ("pipeline jobs=0", "jobs"),
-    ("pipeline +sweep.loss=[ce,sharp]", "loss=sharp"),  # a lineage of a sweep: refused before any runs
     ("pipeline rl_optim.lr=-1", "rl_optim.lr"),
     ("pipeline train.precision=bf16", "must be the same in a pipeline"),
     ("compare {root}/nothing", "nothing"),

@@ -28,8 +28,9 @@ def register_schemas() -> None:
             store.store(name=f"{name}_schema", node=stage.schema)
 
 
-def compose(stage: str, overrides: Sequence[str] = ()) -> Any:
-    """The config `ntp-rl <stage> <overrides>` would run, composed without Hydra's app (for tests and pipelines)."""
+def compose(stage: str, overrides: Sequence[str] = (), hydra: bool = False) -> Any:
+    """The config `ntp-rl <stage> <overrides>` would run, composed without Hydra's app (for tests and
+    pipelines); with hydra=True, Hydra's own section too (the sweeper and launcher a sweep uses)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -38,6 +39,6 @@ def compose(stage: str, overrides: Sequence[str] = ()) -> Any:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name=stage, overrides=list(overrides))
+            return hydra_compose(config_name=stage, overrides=list(overrides), return_hydra_config=hydra)
     finally:
         GlobalHydra.instance().clear()

@@ -434,8 +434,8 @@ class PipelineConfig(PretrainConfig):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the evals' sampling
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # rl's and the evals' sampling engine
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    # An experiment: key -> values, one lineage per combination, each its own process.
-    sweep: dict[str, list[Any]] = field(default_factory=dict)
-    jobs: int = 1  # lineages of a sweep run at once (CPU machines: the cores are shared out)
+    # What a search (hydra/sweeper=search) optimises: a key of the lineage's summary --
+    # rl_pass@<k>, rl_avg@<n>, rl_cons@<n> (after RL), base_* (before RL), pretrain_nll.
+    objective: str = "rl_pass@1"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
@@ -57,6 +57,20 @@ def validate_eval(cfg: Any) -> None:
     _check_generator(cfg.generator)
 
 
+def check_objective(cfg: Any) -> None:
+    """A search's objective (cfg a validated pipeline config) must be a value the lineage's
+    summary will hold (pipeline.lineage_summary). Checked for searches only: a grid needs none."""
+    ks = sorted(cfg.eval.ks)
+    made = {"pretrain": ["pretrain_nll", "pretrain_entropy"]}
+    for stage, prefix in (("eval_base", "base"), ("eval_rl", "rl")):
+        made[stage] = [f"{prefix}_avg@{cfg.eval.n}", f"{prefix}_cons@{cfg.eval.n}",
+                       *dict.fromkeys(f"{prefix}_pass@{k}" for k in (ks[0], ks[-1]))]
+    choices = [key for stage in cfg.stages for key in made.get(stage, [])]
+    if cfg.objective not in choices:
+        raise ConfigError("objective", f"must be a value this lineage reports; choose one of: {', '.join(choices)}",
+                          cfg.objective)
+
+
 def validate_pipeline(cfg: Any) -> None:
     _check_required(cfg)
     _check_resume(cfg)
@@ -66,10 +80,6 @@ def validate_pipeline(cfg: Any) -> None:
     if unknown or not cfg.stages or list(cfg.stages) != [s for s in LINEAGE_STAGES if s in cfg.stages]:
         raise ConfigError("stages", f"must be a non-empty subset of {list(LINEAGE_STAGES)}, in that order",
                           list(cfg.stages))
-    _positive(cfg.jobs, "jobs")
-    for key, values in cfg.sweep.items():
-        if not isinstance(values, Sequence) or isinstance(values, str) or not values:
-            raise ConfigError(f"sweep.{key}", "must be a non-empty list of values")
     check_loss(cfg.loss)
     _check_model(cfg.model)
     _check_data(cfg.data)

@@ -6,14 +6,12 @@ was interrupted. Each stage is an ordinary run in its own subdirectory (pretrain
 eval_base/, rl/, eval_rl/), reads the previous stage's checkpoint, and logs to W&B as its
 own run: group = the lineage, job_type = the stage, tags = the settings.
 
-With `sweep` set (an experiment such as `experiment=paper_small`), the pipeline instead
-launches one lineage per sweep point as its own process, `jobs` at a time, and compares
-them when all are done.
+A sweep of lineages (`-m`, or an experiment such as `experiment=paper_small`) is Hydra's:
+one job per lineage, through the launcher chosen (ntp_rl/sweeps.py).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from omegaconf import OmegaConf
 from ntp_rl.checkpoint import latest_checkpoint
 from ntp_rl.config.compose import compose
 from ntp_rl.config.schema import LINEAGE_STAGES
-from ntp_rl.errors import ConfigError, UserError
+from ntp_rl.errors import ConfigError
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import (RESULTS_FILE, RunDir, dir_name, mark_stopped, read_results, read_run_info, run_name,
                            setting_overrides)
@@ -51,7 +49,7 @@ def lineage_dir(cfg: Any, overrides: Sequence[str]) -> Path:
 
 
 def lineage_name(overrides: Sequence[str]) -> str:
-    return run_name("pipeline", [o for o in setting_overrides(overrides) if not o.lstrip("+").startswith("sweep")])
+    return run_name("pipeline", setting_overrides(overrides))
 
 
 def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: Sequence[str]) -> Any:
@@ -97,20 +95,12 @@ def check_one_precision(cfg: Any) -> None:
                           f"{', '.join(f'{k}={v.value}' for k, v in precisions.items())}")
 
 
-# Set for the processes a sweep launches: each runs its one lineage, whatever `sweep` its
-# config still holds (an experiment's config names the whole sweep).
-SWEEP_POINT_ENV = "NTP_RL_SWEEP_POINT"
-
-
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     check_one_precision(cfg)
-    if cfg.sweep and not os.environ.get(SWEEP_POINT_ENV):
-        return run_sweep(cfg, overrides)
-    from accelerate import PartialState
-
+    from ntp_rl.runtime import process_state
     from ntp_rl.stages import run_stage
 
-    state = PartialState()
+    state = process_state()
     name = lineage_name(overrides)
     lineage = lineage_dir(cfg, overrides)
     record = open_lineage(cfg, overrides, lineage, name, state.is_main_process)
@@ -171,50 +161,3 @@ def lineage_summary(results: dict[str, Any]) -> dict[str, float]:
         wanted = [key for key in scores if key.startswith(("avg@", "cons@"))] + [f"pass@{k}" for k in ks[:1] + ks[-1:]]
         summary |= {f"{prefix}_{key}": scores[key] for key in dict.fromkeys(wanted)}
     return summary
-
-
-def sweep_lineage_points(cfg: Any, overrides: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """cfg.sweep's axes as Hydra sweep strings, and each lineage's command-line overrides."""
-    from ntp_rl.launch import sweep_points
-
-    # The sweep's own keys become each point's overrides; the points must not sweep again.
-    axes = [f"{key}={','.join(str(v) for v in values)}" for key, values in cfg.sweep.items()]
-    fixed = [o for o in overrides if o.split("=", 1)[0] not in cfg.sweep and not o.lstrip("+").startswith("sweep")]
-    # The points' output goes to log files, where a progress bar is only noise.
-    quiet = [] if any(o.startswith("logger.progress_bar=") for o in fixed) else ["logger.progress_bar=false"]
-    return axes, [[*fixed, *point, *quiet] for point in sweep_points(axes)]
-
-
-def run_sweep(cfg: Any, overrides: Sequence[str]) -> dict:
-    """One lineage per point of cfg.sweep, each its own process (`cfg.jobs` at a time), then compare."""
-    from ntp_rl.launch import launch_points
-    from ntp_rl.runtime import launched_processes
-    from ntp_rl.stages.compare import compare
-    from ntp_rl.study.wandb_log import WandbOptions
-
-    if launched_processes() > 1:
-        raise UserError("a sweep of lineages starts its own processes; run it without accelerate launch, or launch "
-                        "each point with: python scripts/sweep.py --launcher 'accelerate launch ...' pipeline ...")
-    axes, points = sweep_lineage_points(cfg, overrides)
-    label = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "sweep")
-    out_dir = Path(cfg.out_dir) / "experiments" / label
-    print(f"ntp-rl pipeline: {len(points)} lineages ({', '.join(axes)}), {cfg.jobs} at a time; logs in {out_dir / 'logs'}")
-    started = time.perf_counter()
-    results = launch_points("pipeline", points, jobs=cfg.jobs, log_dir=out_dir / "logs",
-                            extra_env={SWEEP_POINT_ENV: "1"})
-    for result in results:
-        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode}, see {result.log})"
-        print(f"  {' '.join(result.overrides)}: {status} in {result.seconds:.0f}s")
-    lineages = [str(Path(cfg.out_dir) / "pipeline" / dir_name(lineage_name(r.overrides))) for r in results]
-    existing = [p for p in lineages if Path(p).exists()]
-    wandb = WandbOptions(mode=getattr(cfg.logger.wandb.mode, "value", cfg.logger.wandb.mode),
-                         project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
-                         group=cfg.logger.wandb.group or label)  # the study's verdict beside its lineages
-    summary = compare(existing, str(out_dir), wandb=wandb) if existing else {"table": "", "figures": []}
-    wall = time.perf_counter() - started
-    print(summary["table"], end="")
-    print(f"{label}: {len(points)} lineages in {wall / 60:.1f} min; table and figures in {out_dir}")
-    failed = [r for r in results if r.returncode != 0]
-    if failed:
-        raise UserError(f"{len(failed)} of {len(points)} lineages failed; see {failed[0].log}")
-    return {"out_dir": str(out_dir), "wall_time_s": wall, **summary}
