@@ -12,6 +12,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from ntp_rl.errors import TrainingDiverged, UserError, first_line
+from ntp_rl.overrides import check_parsable, quote_path_values
 from ntp_rl.stages import STAGES
 
 PROG = "ntp-rl"
@@ -66,9 +67,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             return STAGES[stage].main(rest)
         except UserError as exc:
             fail(str(exc), exc.exit_code)
-    rest = expand_model_paths(rest)
+    rest = quote_path_values(expand_model_paths(rest))
     swept: list[str] = []
     try:
+        check_parsable(rest)
         if not HYDRA_INFO_FLAGS.intersection(rest):
             swept = check_command_line(stage, rest)
     except UserError as exc:
@@ -88,7 +90,8 @@ def expand_model_paths(args: list[str]) -> list[str]:
     expanded = []
     for arg in args:
         key, eq, value = arg.partition("=")
-        if key == "model" and eq and "," not in value and ("/" in value or Path(value).exists()):
+        # A run directory's name may hold commas; otherwise a comma is a sweep over presets.
+        if key == "model" and eq and (Path(value).exists() or ("," not in value and "/" in value)):
             expanded += ["model=hf", f"model.name_or_path={value}"]
         else:
             expanded.append(arg)

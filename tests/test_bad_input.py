@@ -113,3 +113,35 @@ def test_a_mistake_costs_one_line_and_exit_2(command, needle, inputs, tmp_path, 
     assert needle in err, err
     assert not list(tmp_path.rglob("run.json")), "a refused command must leave no run directory"
     assert {p: p.stat().st_mtime for p in inputs["run"].rglob("*")} == before, "existing runs are never touched"
+
+
+# (arguments, the exact line after "ntp-rl: error: "); {out} is the case's out_dir, the rest from `inputs`.
+EXACT = [
+    # values Hydra's grammar cannot read: how to quote them (issue 12, items 1 and 6)
+    (["pretrain", "logger.wandb.name=café"],
+     "logger.wandb.name: Hydra cannot read the value 'café' ($, =, commas, brackets, parentheses, quotes and "
+     "non-ASCII characters are its syntax); quote it for Hydra inside the shell's quotes: 'logger.wandb.name=\"café\"'"),
+    (["pretrain", "logger.wandb.name=$(whoami)"],
+     "logger.wandb.name: Hydra cannot read the value '$(whoami)' ($, =, commas, brackets, parentheses, quotes and "
+     "non-ASCII characters are its syntax); quote it for Hydra inside the shell's quotes: "
+     "'logger.wandb.name=\"$(whoami)\"'"),
+    (["pretrain", "logger.wandb.name=it's=1"],
+     "logger.wandb.name: Hydra cannot read the value \"it's=1\" ($, =, commas, brackets, parentheses, quotes and "
+     "non-ASCII characters are its syntax); quote it for Hydra inside the shell's quotes: "
+     "\"logger.wandb.name='it\\\\'s=1'\""),
+]
+
+
+@pytest.mark.parametrize("args, expected", EXACT, ids=[" ".join(a) for a, _ in EXACT])
+def test_a_mistake_is_refused_with_its_exact_line(args, expected, inputs, tmp_path, capsys):
+    paths = {k: str(v) for k, v in inputs.items()}
+    stage, *rest = [a.format(**paths, out=tmp_path) for a in args]
+    common = [*TINY, f"data.cache_dir={inputs['root'] / 'cache'}"] if stage == "pretrain" else []
+    if stage in ("pretrain", "rl", "eval", "pipeline"):
+        common += [f"out_dir={tmp_path}", "logger.wandb.mode=disabled"]
+    with pytest.raises(SystemExit) as exc:
+        main([stage, *common, *rest])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2, err
+    assert err == f"ntp-rl: error: {expected.format(**paths, out=tmp_path)}"
+    assert not list(tmp_path.rglob("run.json")), "a refused command must leave no run directory"

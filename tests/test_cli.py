@@ -1,5 +1,7 @@
 """The command line: stages, Hydra's flags, and one clear line for every mistake."""
 
+import json
+
 import pytest
 
 from conftest import run_cli
@@ -158,3 +160,60 @@ def test_readme_and_help_list_the_stages_of_the_stage_table(capsys):
     main(["--help"])
     shown = re.findall(r"^  (\w+)\s{2,}", capsys.readouterr().out.split("stages:")[1].split("examples:")[0], re.M)
     assert shown == list(STAGES)
+
+
+# ---------------------------------------------------------------------------
+# Paths the tool printed, given back to it unquoted (issue 12, item 1)
+
+RUN_NAME = "20261128-124035-pretrain-train.max_steps=5,loss=precision"
+
+
+@pytest.mark.parametrize("key", ["init_from", "run_dir", "resume"])
+def test_a_run_directory_with_equals_and_commas_is_one_path_value(key, tmp_path, monkeypatch):
+    """`pretrain-loss=precision,seed=1` in a directory name is not Hydra syntax to the user."""
+    from ntp_rl.overrides import check_parsable, quote_path_values
+
+    run = tmp_path / "outputs" / "pretrain" / RUN_NAME
+    (run / "checkpoints").mkdir(parents=True)
+    args = quote_path_values([f"{key}={run}", "seed=3"])
+    check_parsable(args)
+    stage = "rl" if key == "init_from" else "pretrain"
+    cfg = compose(stage, args + (["init_from=x"] if stage == "rl" and key != "init_from" else []))
+    assert cfg[key] == str(run) and cfg.seed == 3
+
+
+def test_a_model_directory_with_equals_and_commas_stands_for_the_hf_preset(tmp_path):
+    from ntp_rl.cli import expand_model_paths
+    from ntp_rl.overrides import quote_path_values
+
+    run = tmp_path / RUN_NAME
+    run.mkdir()
+    args = quote_path_values(expand_model_paths([f"model={run}"]))
+    assert compose("eval", args).model.name_or_path == str(run)
+
+
+def test_a_sweep_over_existing_run_directories_stays_a_sweep(tmp_path):
+    from ntp_rl.overrides import quote_path_values
+
+    first, second = tmp_path / "a=1", tmp_path / "b=2"
+    first.mkdir(), second.mkdir()
+    from ntp_rl.launch import sweep_points
+
+    points = sweep_points(quote_path_values([f"init_from={first},{second}"]))
+    assert [compose("rl", point).init_from for point in points] == [str(first), str(second)]
+
+
+def test_eval_of_a_run_directory_named_by_its_overrides(tmp_path, shared_cache):
+    """The issue's own command, `ntp-rl eval model=outputs/pretrain/<time>-pretrain-train.max_steps=5`, runs."""
+    from test_eval import EVAL_FAST, answering_model
+
+    from ntp_rl.data.corpus import sample_documents
+    from ntp_rl.data.tokenizer import train_embedded_tokenizer
+
+    tok = train_embedded_tokenizer(sample_documents("pretrain", 0, 2, 400), 128)
+    model = answering_model(tmp_path / "outputs" / "pretrain" / RUN_NAME, tok, "7")
+    main(["eval", f"model={model}", f"out_dir={tmp_path / 'out'}", f"data.cache_dir={shared_cache}", *EVAL_FAST,
+          "diagnostics.enabled=false"])
+    (results,) = (tmp_path / "out").rglob("results.json")
+    results = json.loads(results.read_text())
+    assert results["model_arg"] == str(model) and results["model"] == str(model)
