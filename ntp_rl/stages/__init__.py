@@ -54,5 +54,8 @@ def run_validated(name: str, cfg: Any, overrides: Sequence[str] = ()) -> Any:
     """Run a config its caller validated (the CLI validates every job of a command before the first runs)."""
     from transformers.utils import logging as hf_logging
 
+    from ntp_rl.rundir import claims_released
+
     hf_logging.disable_progress_bar()  # the stages draw their own; transformers' would interleave
-    return STAGES[name].run(cfg, overrides)
+    with claims_released():  # the run directory stays locked while the stage runs, and no longer
+        return STAGES[name].run(cfg, overrides)
