@@ -75,7 +75,22 @@ def main(argv: Optional[list[str]] = None) -> None:
             swept = check_command_line(stage, rest)
     except UserError as exc:
         fail(str(exc), exc.exit_code)
-    run_with_hydra(stage, rest, swept)
+    try:
+        run_with_hydra(stage, rest, swept)
+    except KeyboardInterrupt:
+        interrupted(stage)
+
+
+def interrupted(stage: str) -> None:
+    """Ctrl-C: the run is already marked interrupted in run.json; say so and how to go on, exit 130 (as shells do)."""
+    from ntp_rl.rundir import INTERRUPTED, shown_path
+
+    where = f"{shown_path(INTERRUPTED[-1])} is marked interrupted; " if INTERRUPTED else ""
+    how = {"pipeline": "run the same command again to resume it",
+           "eval": "eval runs are not resumed: run the command again"}.get(
+        stage, "run the same command with resume=auto to continue from its last checkpoint")
+    print(f"{PROG}: interrupted; {where}{how}", file=sys.stderr)
+    raise SystemExit(130)
 
 
 def expand_model_paths(args: list[str]) -> list[str]:

@@ -229,10 +229,23 @@ def create(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], world_si
                world_size=world_size, resumed_from=str(run.resume_from) if run.resume_from else None)
 
 
+# Runs this process marked interrupted (Ctrl-C), newest last: the CLI's one line names the last.
+INTERRUPTED: list[Path] = []
+
+
+def shown_path(path: Path) -> str:
+    """A path as the console shows it: relative to the current directory when under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def mark_stopped(run: RunDir, exc: BaseException) -> None:
     """Record in run.json why a run stopped early, so it never looks finished."""
     if isinstance(exc, KeyboardInterrupt):
         run.update(status="interrupted")
+        INTERRUPTED.append(run.path)
     else:
         run.update(status="failed", error=f"{type(exc).__name__}: {first_line(exc)}")
 

@@ -35,6 +35,10 @@ def inputs(tmp_path_factory):
         special.write_text(json.dumps({k: v for k, v in json.loads(special.read_text()).items() if k != "eos_token"}))
     (root / "empty.jsonl").write_text("")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"body": "Question: 1 + 1?"}) + "\n" for _ in range(50)))
+    (root / "few.jsonl").write_text("".join(json.dumps({"text": "Question: 1 + 1?"}) + "\n" for _ in range(3)))
+    (root / "numbers.jsonl").write_text("".join(json.dumps({"text": "Question: 1 + 1?" if i != 7 else 12}) + "\n"
+                                                for i in range(50)))
+    (root / "a_file").write_text("not a directory")
     return {"root": root, "run": root / "run", "checkpoint": checkpoint, "truncated": truncated, "no_eos": no_eos}
 
 
@@ -129,6 +133,17 @@ EXACT = [
      "logger.wandb.name: Hydra cannot read the value \"it's=1\" ($, =, commas, brackets, parentheses, quotes and "
      "non-ASCII characters are its syntax); quote it for Hydra inside the shell's quotes: "
      "\"logger.wandb.name='it\\\\'s=1'\""),
+    # tracebacks where one line is due (issue 12, item 3)
+    (["pretrain", "seed=-1"], "seed=-1: must be an integer in 0..4294967295 (0..2**32-1)"),
+    (["rl", "init_from={run}", "seed=4294967296"], "seed=4294967296: must be an integer in 0..4294967295 (0..2**32-1)"),
+    (["pretrain", "data=hf", "data.path={root}/few.jsonl", "data.tokenizer={checkpoint}", "data.val_docs=5"],
+     "data.path={root}/few.jsonl: has 3 documents, not more than data.val_docs=5 (the first data.val_docs documents "
+     "are held out for validation, the rest trained on); lower data.val_docs or add documents"),
+    (["pretrain", "data=hf", "data.path={root}/numbers.jsonl", "data.tokenizer={checkpoint}", "data.val_docs=5"],
+     "data.text_field=text: row 7 of data.path={root}/numbers.jsonl holds int 12, not text"),
+    (["pretrain", "out_dir={root}/a_file"], "out_dir={root}/a_file: is a file, not a directory"),
+    (["pretrain", "out_dir={root}/a_file/sub"], "out_dir={root}/a_file/sub: {root}/a_file is a file, not a directory"),
+    (["pretrain", "run_dir={root}/a_file"], "run_dir={root}/a_file: is a file, not a directory"),
 ]
 
 
@@ -139,9 +154,11 @@ def test_a_mistake_is_refused_with_its_exact_line(args, expected, inputs, tmp_pa
     common = [*TINY, f"data.cache_dir={inputs['root'] / 'cache'}"] if stage == "pretrain" else []
     if stage in ("pretrain", "rl", "eval", "pipeline"):
         common += [f"out_dir={tmp_path}", "logger.wandb.mode=disabled"]
+    before = {p: p.stat().st_mtime for p in inputs["run"].rglob("*")}
     with pytest.raises(SystemExit) as exc:
         main([stage, *common, *rest])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2, err
     assert err == f"ntp-rl: error: {expected.format(**paths, out=tmp_path)}"
     assert not list(tmp_path.rglob("run.json")), "a refused command must leave no run directory"
+    assert {p: p.stat().st_mtime for p in inputs["run"].rglob("*")} == before, "existing runs are never touched"

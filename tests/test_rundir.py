@@ -82,3 +82,20 @@ def test_resume_auto_racing_a_live_run_is_refused(tmp_path, shared_cache):
         live.send_signal(signal.SIGINT)
         live.communicate(timeout=120)
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow  # a real ntp-rl process: ~35 s on 2 loaded cores
+def test_ctrl_c_says_one_line_and_exits_130(tmp_path, shared_cache):
+    """SIGINT to a real `ntp-rl pretrain`: one line naming the run and how to resume it, exit code 130."""
+    common = [*TINY, "train.max_steps=100000", "train.save_every=2", f"out_dir={tmp_path}",
+              f"data.cache_dir={shared_cache}"]
+    live = start_cli("pretrain", *common)
+    wait_for(lambda: any((tmp_path / "pretrain").glob("*/checkpoints/step_*/trainer_state.pt")))
+    live.send_signal(signal.SIGINT)
+    _, err = live.communicate(timeout=120)
+    (run,) = (tmp_path / "pretrain").iterdir()
+    assert live.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"ntp-rl: interrupted; {run} is marked interrupted; run the same command "
+                                            "with resume=auto to continue from its last checkpoint")
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
