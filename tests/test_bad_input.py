@@ -144,6 +144,12 @@ EXACT = [
     (["pretrain", "out_dir={root}/a_file"], "out_dir={root}/a_file: is a file, not a directory"),
     (["pretrain", "out_dir={root}/a_file/sub"], "out_dir={root}/a_file/sub: {root}/a_file is a file, not a directory"),
     (["pretrain", "run_dir={root}/a_file"], "run_dir={root}/a_file: is a file, not a directory"),
+    # a reward function that cannot be one (issue 12, item 4): refused before any run starts, never called
+    (["rl", "init_from={run}", "task.reward_fn=os:system"],
+     "task.reward_fn=os:system: must accept (completion, problem); os.system takes (command)"),
+    (["rl", "init_from={run}", "task.reward_fn=os:sep"], "task.reward_fn=os:sep: os has no function sep"),
+    (["pipeline", "task.reward_fn=os:getcwd"],
+     "task.reward_fn=os:getcwd: must accept (completion, problem); os.getcwd takes ()"),
 ]
 
 

@@ -187,7 +187,7 @@ def test_every_task_preset_fits_the_schema():
 
 def test_a_custom_reward_function_comes_from_an_explicit_import_path(tmp_path, monkeypatch):
     from ntp_rl.config.schema import TaskConfig
-    from ntp_rl.errors import ConfigError
+    from ntp_rl.errors import ConfigError, UserError
     from ntp_rl.tasks import build_task, reward
 
     (tmp_path / "my_rewards.py").write_text(
@@ -198,6 +198,10 @@ def test_a_custom_reward_function_comes_from_an_explicit_import_path(tmp_path, m
     assert reward(task, f" #### {problem.answer}", problem) == 1.25
     assert reward(task, " #### nothing", problem) == 0.25
     assert task.extract_answer(" #### 7") == "7"  # everything else is the wrapped task's
+    (tmp_path / "bad_rewards.py").write_text("def text(completion, problem):\n    return 'yes'\n")
+    text_reward = build_task(TaskConfig(reward_fn="bad_rewards:text"))
+    with pytest.raises(UserError, match="^task.reward_fn: returned str 'yes', not a number$"):
+        reward(text_reward, " #### 7", problem)
     for spec, needle in [("my_rewards", "package.module:function"), ("no_such_module:f", "cannot import"),
                          ("my_rewards:missing", "no function missing"), ("os:system; rm", "package.module")]:
         with pytest.raises(ConfigError, match="task.reward_fn") as exc:

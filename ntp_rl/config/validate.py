@@ -236,8 +236,12 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
     from ntp_rl.rl.advantages import ADVANTAGES
     from ntp_rl.rl.policy_loss import POLICY_LOSSES
 
+    from ntp_rl.tasks import load_reward_fn
+
     _check_optim(optim, optim_key)
     _finite(task.format_reward, "task.format_reward")
+    if task.reward_fn:  # imported and its signature checked before any run starts
+        load_reward_fn(task.reward_fn)
     for key in ("max_steps", "prompts_per_step", "num_iterations", "num_mini_batches", "micro_batch_size",
                 "max_sampling_rounds", "train_problems", "log_every", "save_every", "keep_last", "eval_every",
                 "eval_problems", "eval_samples"):
