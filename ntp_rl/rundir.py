@@ -46,6 +46,14 @@ def read_results(path: Path) -> Optional[dict]:
         return None
 
 
+def source_run(given: str, used: Any) -> Optional[tuple[Path, str]]:
+    """The ntp-rl run a model came from (the directory given, or the run of the checkpoint used) and its status."""
+    for candidate in (Path(given), Path(str(used)).parent.parent):
+        if (candidate / RUN_FILE).exists():
+            return candidate, read_run_info(candidate).get("status", "unknown")
+    return None
+
+
 def run_name(stage: str, overrides: Sequence[str], explicit: Optional[str] = None) -> str:
     """`pretrain-loss=precision,loss.beta=-0.1`: the stage plus what the command changed."""
     if explicit:
@@ -115,7 +123,7 @@ def choose_run_dir(cfg: Any, stage: str, overrides: Sequence[str]) -> RunDir:
 
     resume_from: Optional[Path] = None
     if resume == "auto":
-        resume_from = latest_checkpoint(path / "checkpoints")
+        resume_from = latest_checkpoint(path / "checkpoints") if path is not None else None
     elif resume:
         resume_from = Path(resume)
         if latest_checkpoint(resume_from.parent) is None or not (resume_from / "trainer_state.pt").exists():

@@ -143,6 +143,16 @@ def test_one_file_split_by_slices_and_plain_answers(tmp_path):
     assert is_correct(task, " 8 + 8 = 16", test[0]) and not is_correct(task, " 17", test[0])
 
 
+def test_rows_whose_answer_cannot_be_read_are_counted(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    write_jsonl(path, [{"q": f"What is {i} + {i}?", "a": "see above" if i % 3 == 0 else f"#### {2 * i}"}
+                       for i in range(10)])
+    task = build_task(task_config(kind="hf_math", path=str(path), question_field="q", answer_field="a",
+                                  answer_format="gsm8k", train_split="train", test_split="train"))
+    assert len(task.problems("train", 100)) == 6
+    assert task.unread_answers == {"train": 4}
+
+
 def test_hf_math_errors_name_the_key(tmp_path, gsm8k_dir):
     with pytest.raises(DataError, match=r"^task.path=/no/such/dir: no such file or directory"):
         build_task(task_config(kind="hf_math", path="/no/such/dir"))

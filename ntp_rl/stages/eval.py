@@ -47,6 +47,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     problems = task.problems(cfg.eval.split, cfg.eval.num_problems)
     if not problems:
         raise DataError(f"task={cfg.task.name}: the {cfg.eval.split} split has no problems to evaluate")
+    session.note_unread_answers(task)
+    session.note_source_run("model", cfg.model.name_or_path, subject.path)
     text = load_held_out_text(cfg, session, subject)
     # Named after the model evaluated, e.g. eval-model=<run>_step_00000400, not after its full path.
     naming = [o for o in overrides if o.split("=", 1)[0] not in ("model", "model.name_or_path")]

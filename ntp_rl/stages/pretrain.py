@@ -42,6 +42,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     # Everything a user can get wrong is found before the run directory exists.
     data = build_data(cfg, session)
     check_loss(cfg.loss, vocab_size=len(data.tokenizer))
+    if data.skipped_rows:
+        session.notice("rows_without_text", data.skipped_rows, f"{data.skipped_rows} row(s) of data.path={cfg.data.path} "
+                       f"have no text in data.text_field={cfg.data.text_field} (null or empty) and were left out")
     session.choose_run_dir()
     if (done := session.finished_results(cfg.train.max_steps)) is not None:
         return done

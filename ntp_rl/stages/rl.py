@@ -63,6 +63,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     train_pool = task.problems("train", cfg.rl.train_problems)
     eval_problems = task.problems("test", cfg.rl.eval_problems)
     init_dir = resolve_init_from(cfg.init_from)
+    session.note_unread_answers(task)
+    session.note_source_run("init_from", cfg.init_from, init_dir)
     session.choose_run_dir()
     if (done := session.finished_results(cfg.rl.max_steps)) is not None:
         return done
@@ -127,6 +129,7 @@ class RLState:
     empty_mini_batches: int = 0  # over the run: updates skipped because no response token had a loss
     nonfinite_skips: int = 0  # over the run: updates dropped for a non-finite gradient (rl.on_nonfinite=skip)
     short_steps: int = 0  # over the run: steps whose sampling rounds ran out before the batch was full
+    equal_reward_steps: int = 0  # over the run: steps in which every group had equal rewards (nothing to learn)
     filled_groups: int = 0  # over the run: batch places those steps left without a group to train on
     engine_stale: bool = False  # the policy has changed since the sampling engine last took its weights
 
@@ -189,6 +192,7 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         state.empty_mini_batches = int(saved.get("empty_mini_batches", 0))
         state.nonfinite_skips = int(saved.get("nonfinite_skips", 0))
         state.short_steps, state.filled_groups = int(saved.get("short_steps", 0)), int(saved.get("filled_groups", 0))
+        state.equal_reward_steps = int(saved.get("equal_reward_steps", 0))
     return state
 
 
@@ -281,6 +285,8 @@ def score(state: RLState, collected: CollectedGroups) -> RolloutBatch:
 
 def report_filled(state: RLState, collected: CollectedGroups) -> None:
     """Count the steps that ran out of sampling rounds; say so the first time."""
+    if not any(g.informative for g in collected.groups):
+        state.equal_reward_steps += 1
     if not collected.filled:
         return
     if not state.short_steps:
@@ -567,7 +573,7 @@ def save(state: RLState) -> Path:
                      "eval_before": state.eval_before, "train_first_step": state.first_step_metrics,
                      "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
                      "short_steps": state.short_steps,
-                     "filled_groups": state.filled_groups}
+                     "filled_groups": state.filled_groups, "equal_reward_steps": state.equal_reward_steps}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m,
                                 state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
 
@@ -584,6 +590,10 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
                "dynamic_sampling": {"short_steps": state.short_steps, "filled_groups": state.filled_groups,
                                     "groups_per_step": state.cfg.rl.prompts_per_step}}
     session.tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
+    if state.equal_reward_steps:
+        session.notice("equal_reward_steps", state.equal_reward_steps,
+                       f"{state.equal_reward_steps} of {step} steps had equal rewards within every group: zero "
+                       "advantages, policy_loss 0, nothing learned from them")
     session.finish(results, step=step, checkpoint=str(final))
     before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
     session.say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"

@@ -47,6 +47,7 @@ class StageSession:
         self.device = self.accelerator.device
         self.run_dir: Optional[RunDir] = None
         self.tracker: Optional[Tracker] = None
+        self.notices: dict[str, Any] = {}  # what was dropped, skipped or suspicious: results.json's `notices`
 
     def say(self, message: str) -> None:
         """A console line from the main process; tqdm.write keeps a progress bar intact below it."""
@@ -54,6 +55,28 @@ class StageSession:
             from tqdm.auto import tqdm
 
             tqdm.write(message)
+
+    def notice(self, key: str, value: Any, message: str) -> None:
+        """Something dropped, skipped or suspicious: said once on the console, and kept under `key` in
+        results.json's `notices`, so that nothing degrades a run silently."""
+        if key not in self.notices:
+            self.say(f"  note: {message}")
+        self.notices[key] = value
+
+    def note_unread_answers(self, task: Any) -> None:
+        """Task rows left out because their reference answer could not be read (hf_math): counted and said."""
+        unread = getattr(task, "unread_answers", None)
+        if unread:
+            self.notice("task_rows_without_answer", dict(unread), f"task={task.name}: rows whose reference answer "
+                        f"could not be read were left out: {', '.join(f'{n} in {s}' for s, n in unread.items())}")
+
+    def note_source_run(self, key: str, given: str, used: Any) -> None:
+        """Starting from a run that is not finished (still running, failed, interrupted) is allowed, but said,
+        with the checkpoint used."""
+        source = rundir.source_run(given, used)
+        if source is not None and source[1] != "finished":
+            self.notice(f"{key}_status", source[1], f"{key}={given} is a run whose status is {source[1]}, not finished; "
+                        f"using its checkpoint {used}")
 
     def choose_run_dir(self, name_overrides: Optional[Sequence[str]] = None) -> RunDir:
         """Rank 0 decides the run directory (and the checkpoint to resume); every rank gets the same answer.
@@ -74,6 +97,9 @@ class StageSession:
         if chosen[1] is not None:
             raise chosen[1]
         self.run_dir = chosen[0]
+        if self.cfg.resume == "auto" and self.run_dir.resume_from is None:
+            self.notice("resume_auto_found_nothing", True, f"resume=auto found no unfinished run of this command to "
+                        f"resume; a new run starts in {rundir.shown_path(self.run_dir.path)}")
         return self.run_dir
 
     @property
@@ -121,6 +147,8 @@ class StageSession:
 
     def finish(self, results: dict, **info: Any) -> dict:
         """Write results.json and mark the run finished (main process), then wait for every process."""
+        if self.notices:
+            results["notices"] = dict(self.notices)
         if self.is_main:
             write_json_atomic(self.run_dir.path / RESULTS_FILE, results)
             self.run_dir.update(status="finished", **info)
