@@ -69,12 +69,21 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
         raise DataError(f"{key}={name_or_path}: no Hugging Face model there (config.json is missing)")
     from safetensors import SafetensorError
 
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would come before our one line, and say less
     try:
         # use_safetensors: weights never come through pickle, whatever else lies in the directory.
         return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
                                                     dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        if "ignore_mismatched_sizes" in str(exc):
+            raise DataError(f"{key}={name_or_path}: cannot load the model: its weights do not have the shapes its "
+                            "config.json describes (was config.json edited, or taken from another model?)") from exc
         raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line(exc)})") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # model config key -> the HF config attribute it sets

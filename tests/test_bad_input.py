@@ -39,6 +39,13 @@ def inputs(tmp_path_factory):
     (root / "numbers.jsonl").write_text("".join(json.dumps({"text": "Question: 1 + 1?" if i != 7 else 12}) + "\n"
                                                 for i in range(50)))
     (root / "a_file").write_text("not a directory")
+    bad_config = root / "bad_config"  # config.json disagrees with the weights
+    shutil.copytree(checkpoint, bad_config)
+    config = json.loads((bad_config / "config.json").read_text())
+    (bad_config / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 32}))
+    bad_tokenizer = root / "bad_tokenizer"
+    shutil.copytree(checkpoint, bad_tokenizer)
+    (bad_tokenizer / "tokenizer.json").write_text('{"version": "1.0", "trunc')
     return {"root": root, "run": root / "run", "checkpoint": checkpoint, "truncated": truncated, "no_eos": no_eos}
 
 
@@ -119,6 +126,9 @@ def test_a_mistake_costs_one_line_and_exit_2(command, needle, inputs, tmp_path, 
     assert {p: p.stat().st_mtime for p in inputs["run"].rglob("*")} == before, "existing runs are never touched"
 
 
+BAD_CONFIG = ("model.name_or_path={root}/bad_config: cannot load the model: its weights do not have the shapes its "
+              "config.json describes (was config.json edited, or taken from another model?)")
+
 # (arguments, the exact line after "ntp-rl: error: "); {out} is the case's out_dir, the rest from `inputs`.
 EXACT = [
     # values Hydra's grammar cannot read: how to quote them (issue 12, items 1 and 6)
@@ -148,6 +158,11 @@ EXACT = [
     (["rl", "init_from={run}", "task.reward_fn=os:system"],
      "task.reward_fn=os:system: must accept (completion, problem); os.system takes (command)"),
     (["rl", "init_from={run}", "task.reward_fn=os:sep"], "task.reward_fn=os:sep: os has no function sep"),
+    # messages that pointed at the wrong thing (issue 12, item 6)
+    (["eval", "model={root}/bad_tokenizer"],
+     "tokenizer '{root}/bad_tokenizer': cannot be read; its tokenizer files are corrupt or incomplete (Unterminated "
+     "string starting at: line 1 column 20 (char 19))"),
+    (["eval", "model={root}/bad_config"], BAD_CONFIG),
     (["pipeline", "task.reward_fn=os:getcwd"],
      "task.reward_fn=os:getcwd: must accept (completion, problem); os.getcwd takes ()"),
 ]
@@ -168,3 +183,12 @@ def test_a_mistake_is_refused_with_its_exact_line(args, expected, inputs, tmp_pa
     assert err == f"ntp-rl: error: {expected.format(**paths, out=tmp_path)}"
     assert not list(tmp_path.rglob("run.json")), "a refused command must leave no run directory"
     assert {p: p.stat().st_mtime for p in inputs["run"].rglob("*")} == before, "existing runs are never touched"
+
+
+def test_a_checkpoint_whose_config_disagrees_with_its_weights_costs_our_line_only(inputs, tmp_path):
+    """Not transformers' load report first: the whole of stderr is the one line."""
+    from conftest import run_cli
+
+    result = run_cli("eval", f"model={inputs['root']}/bad_config", f"out_dir={tmp_path}", "logger.wandb.mode=disabled")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ntp-rl: error: {BAD_CONFIG.format(root=inputs['root'])}"
