@@ -217,3 +217,32 @@ def test_eval_of_a_run_directory_named_by_its_overrides(tmp_path, shared_cache):
     (results,) = (tmp_path / "out").rglob("results.json")
     results = json.loads(results.read_text())
     assert results["model_arg"] == str(model) and results["model"] == str(model)
+
+
+@pytest.mark.parametrize("args, name", [
+    (["loss=ce", "loss.beta=-0.25"], "precision"),  # the case: not `ce`
+    (["loss=ce", "loss.beta=-0.1"], "custom"),
+    (["loss=precision", "loss.beta=0"], "ce"),
+    (["loss=precision", "loss.k=20"], "precision"),  # k plays no part without top/tail rewards
+    (["loss=tail_penalty", "loss.k=20"], "custom"),  # here it does
+    (["loss=precision", "loss.positive_form=multiplicative"], "custom"),
+    (["loss=ce", "loss.positive_form=multiplicative"], "ce"),  # both forms are 1/p at beta 0
+    (["loss.lambda_top=0.1", "loss.k=100"], "head_reward"),
+    (["loss.beta=-0.1", "loss.name=mine"], "mine"),  # a name of the user's own is kept
+    (["loss.beta=-0.1", "loss.name=diversity"], "custom"),  # a preset's name on other numbers is not
+])
+def test_a_loss_name_follows_its_numbers(args, name):
+    from ntp_rl.config.compose import loss_name
+
+    assert loss_name(compose("pretrain", args).loss) == name
+
+
+def test_a_run_shows_and_records_the_name_its_numbers_have(tmp_path, shared_cache, capsys):
+    from conftest import TINY
+
+    args = [*TINY, "train.max_steps=2", f"out_dir={tmp_path}", f"data.cache_dir={shared_cache}", "loss=ce",
+            "loss.beta=-0.1"]
+    main(["pretrain", *args])
+    assert "| loss: custom (beta=-0.1," in capsys.readouterr().out
+    (config,) = tmp_path.rglob("config.yaml")
+    assert "name: custom" in config.read_text()

@@ -54,8 +54,11 @@ def run_validated(name: str, cfg: Any, overrides: Sequence[str] = ()) -> Any:
     """Run a config its caller validated (the CLI validates every job of a command before the first runs)."""
     from transformers.utils import logging as hf_logging
 
+    from ntp_rl.config.compose import loss_name
     from ntp_rl.rundir import claims_released
 
+    if "loss" in cfg:  # the name shown and recorded follows the numbers, whatever preset they started from
+        cfg.loss.name = loss_name(cfg.loss)
     hf_logging.disable_progress_bar()  # the stages draw their own; transformers' would interleave
     with claims_released():  # the run directory stays locked while the stage runs, and no longer
         return STAGES[name].run(cfg, overrides)
