@@ -99,3 +99,19 @@ def test_ctrl_c_says_one_line_and_exits_130(tmp_path, shared_cache):
     assert err.strip().splitlines()[-1] == (f"ntp-rl: interrupted; {run} is marked interrupted; run the same command "
                                             "with resume=auto to continue from its last checkpoint")
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_run_json_records_what_the_numbers_depend_on(tmp_path, shared_cache):
+    import torch
+    import transformers
+
+    from ntp_rl.config.compose import compose
+    from ntp_rl.stages import run_stage
+
+    args = [*TINY, "train.max_steps=1", f"out_dir={tmp_path}", f"data.cache_dir={shared_cache}"]
+    run_stage("pretrain", compose("pretrain", args), args)
+    (run_json,) = tmp_path.rglob("run.json")
+    env = json.loads(run_json.read_text())["environment"]
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
+    assert env["ntp_rl"] == "0.1.0" and env["torch_threads"] == torch.get_num_threads() and env["device"] == "cpu"
+    assert env["python"] == ".".join(map(str, sys.version_info[:3]))

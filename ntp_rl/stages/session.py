@@ -28,7 +28,7 @@ from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
 from ntp_rl.errors import TrainingDiverged
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import RESULTS_FILE, RunDir
-from ntp_rl.runtime import make_accelerator
+from ntp_rl.runtime import environment, make_accelerator
 from ntp_rl.tracking import Tracker, wandb_mode
 
 
@@ -130,6 +130,7 @@ class StageSession:
                 if "wandb_id" not in run.info and self.wandb_mode != "disabled":
                     run.info["wandb_id"] = secrets.token_hex(6)  # kept in run.json: a resumed run logs to the same W&B run
                 rundir.create(run, cfg, self.stage, self.overrides, self.world)
+                run.update(environment=environment(self.device))
             self.accelerator.wait_for_everyone()
             run.info = rundir.read_run_info(run.path)  # the other ranks learn the W&B id here
             tags = [*rundir.setting_overrides(self.overrides), *cfg.logger.wandb.tags]
