@@ -17,6 +17,10 @@ from ntp_rl.stages import STAGES
 
 PROG = "ntp-rl"
 
+# The README shows this same line (a test checks it): --multi_gpu is how accelerate is told to
+# start several processes when it sees no GPU; on GPUs it is harmless.
+MULTI_PROCESS_EXAMPLE = "accelerate launch --multi_gpu --num_processes 2 -m ntp_rl pretrain"
+
 HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}
 
 
@@ -38,7 +42,7 @@ def usage() -> str:
         f"  {PROG} pipeline loss=precision           # pretrain -> eval -> rl -> eval",
         f"  {PROG} experiment=paper_small            # the paper's five settings x seeds, then compare",
         f"  {PROG} rl init_from=outputs/pretrain/<run> # GRPO on the embedded task; task=chain_sum|gsm8k|...",
-        "  accelerate launch --num_processes 2 -m ntp_rl pretrain",
+        f"  {MULTI_PROCESS_EXAMPLE}",
         f"  {PROG} eval model=outputs/pretrain/<run> # Avg@n, Cons@n, pass@k, entropy (eval=paper: n=128)",
     ]
     return "\n".join(lines)
@@ -62,6 +66,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         stage, rest = "pipeline", argv
     if stage not in STAGES:
         fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
+    if STAGES[stage].schema is not None and {"-h", "--help"} & set(rest):
+        from ntp_rl.stage_help import stage_help
+
+        print(stage_help(stage))
+        return
     if STAGES[stage].schema is None:  # compare: plain arguments, no config to compose
         try:
             return STAGES[stage].main(rest)
@@ -133,10 +142,12 @@ def _stage_task(stage: str, swept_keys: list[str], failed_points: list[tuple[str
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        from ntp_rl.config.compose import settle_names
         from ntp_rl.rundir import run_name
         from ntp_rl.stages import run_validated
 
         hydra_cfg = HydraConfig.get()
+        settle_names(cfg)
         overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # A sweep's runs sit side by side in the sweep directory, named by what they swept.

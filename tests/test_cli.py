@@ -31,9 +31,40 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_hydra_help_still_works():
-    result = run_cli("pretrain", "--help")
+    result = run_cli("pretrain", "--hydra-help")
     assert result.returncode == 0
-    assert "loss" in result.stdout
+    assert "Hydra" in result.stdout
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "rl", "eval", "pipeline"])
+def test_each_stage_help_names_its_own_groups_presets_and_keys(stage, capsys):
+    """Generated from the stage table and conf/<stage>.yaml: no group the stage does not read."""
+    from ntp_rl.stage_help import field_comment, stage_groups
+    from ntp_rl.stages import STAGES
+
+    main([stage, "--help"])
+    out = capsys.readouterr().out
+    assert "powered by Hydra" not in out and STAGES[stage].summary in out
+    groups = {key for key, _, _ in stage_groups(stage)}
+    for key in groups:
+        assert f"\n  {key}= " in out
+    for key in STAGES[stage].keys:
+        assert f"\n  {key} " in out and field_comment(STAGES[stage].schema, key), key
+    if stage == "pretrain":
+        assert groups == {"model", "data", "loss", "optim"}  # not task, sampling or eval
+        assert "  loss=         ce, diversity, head_reward, precision, tail_penalty" in out
+        assert "  loss.beta                    0.0          ground-truth reward factor: < 0 precision" in out
+    if stage == "rl":
+        assert "  init_from                    (required)" in out
+
+
+def test_help_and_readme_give_the_same_multi_process_command(capsys):
+    from conftest import REPO
+    from ntp_rl.cli import MULTI_PROCESS_EXAMPLE
+
+    main(["--help"])
+    assert MULTI_PROCESS_EXAMPLE in capsys.readouterr().out
+    assert MULTI_PROCESS_EXAMPLE in (REPO / "README.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,16 @@ def compose(stage: str, overrides: Sequence[str] = ()) -> Any:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name=stage, overrides=list(overrides))
+            return settle_names(hydra_compose(config_name=stage, overrides=list(overrides)))
     finally:
         GlobalHydra.instance().clear()
+
+
+def settle_names(cfg: Any) -> Any:
+    """Names derived from the numbers (the CLI calls this on each Hydra job too)."""
+    if "loss" in cfg:  # the name shown and recorded follows the numbers, whatever preset they started from
+        cfg.loss.name = loss_name(cfg.loss)
+    return cfg
 
 
 def loss_presets() -> dict[str, dict]:
