@@ -115,3 +115,24 @@ def test_run_json_records_what_the_numbers_depend_on(tmp_path, shared_cache):
     assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
     assert env["ntp_rl"] == "0.1.0" and env["torch_threads"] == torch.get_num_threads() and env["device"] == "cpu"
     assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_progress_on_a_log_file_is_plain_lines_at_the_log_interval(tmp_path, shared_cache, capsys):
+    """stdout/stderr are not terminals here (as in `ntp-rl pretrain > log`): no \\r frames, one line per log step."""
+    from ntp_rl.cli import main
+
+    args = [*TINY, "logger.progress_bar=true", "train.max_steps=6", "train.log_every=2", f"out_dir={tmp_path}",
+            f"data.cache_dir={shared_cache}"]
+    main(["pretrain", *args])
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("pretrain: ")]
+    assert [line.split(" |")[0] for line in lines] == ["pretrain: 2/6 it", "pretrain: 4/6 it", "pretrain: 6/6 it"]
+    assert all("| loss " in line for line in lines), lines
+
+
+def test_console_paths_are_relative_to_the_current_directory_when_under_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert rundir.shown_path(tmp_path / "outputs" / "pretrain" / "x") == "outputs/pretrain/x"
+    assert rundir.shown_path(Path("outputs/rl/y")) == "outputs/rl/y"
+    assert rundir.shown_path(Path("/elsewhere/z")) == "/elsewhere/z"

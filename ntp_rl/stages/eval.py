@@ -34,6 +34,7 @@ from ntp_rl.io import write_csv_atomic
 from ntp_rl.models import count_parameters, load_pretrained
 from ntp_rl.plots import plot_histogram, plot_pass_at_k
 from ntp_rl.seeding import eval_chunk_seed
+from ntp_rl.rundir import shown_path
 from ntp_rl.stages.session import StageSession
 from ntp_rl.tasks import Task, TaskProblem, build_task
 
@@ -79,7 +80,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                                           sampling)
         session.finish(record, checkpoint=subject.path)
         session.say(f"done in {perf['wall_time_s']:.0f}s ({perf['tokens_per_sec']:.0f} generated tokens/s) -> "
-                    f"{session.run_dir.path}")
+                    f"{shown_path(session.run_dir.path)}")
         session.say(_table(summary, diagnostics, cfg.eval.n, sorted(set(cfg.eval.ks))))
         return record
 
@@ -125,7 +126,7 @@ def load_held_out_text(cfg: Any, session: StageSession, subject: Subject) -> Opt
 
 def announce(cfg: Any, session: StageSession, subject: Subject, problems: list[TaskProblem], sampling: Sampling) -> None:
     step = f" (step {subject.step})" if subject.step is not None else ""
-    session.say(f"ntp-rl eval -> {session.run_dir.path}")
+    session.say(f"ntp-rl eval -> {shown_path(session.run_dir.path)}")
     session.say(f"  model: {subject.path}{step}, {count_parameters(subject.lm) / 1e6:.2f}M params | "
                 f"{session.world} process(es), {session.device.type}")
     session.say(f"  task:  {cfg.task.name} ({cfg.eval.split} split), {len(problems)} problems x n={cfg.eval.n} samples, "

@@ -27,7 +27,7 @@ from ntp_rl.config.schema import LINEAGE_STAGES
 from ntp_rl.errors import ConfigError, UserError
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import (RESULTS_FILE, RunDir, dir_name, lock, mark_stopped, read_results, read_run_info, run_name,
-                           setting_overrides)
+                           setting_overrides, shown_path)
 
 # The stage (of the stage table) each stage of a lineage runs, and the lineage stage whose
 # checkpoint it starts from.
@@ -101,7 +101,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     record = open_lineage(cfg, overrides, lineage, name, state.is_main_process)
     state.wait_for_everyone()
     say = print if state.is_main_process else (lambda message: None)
-    say(f"ntp-rl pipeline {name} -> {lineage}: {' -> '.join(cfg.stages)}")
+    say(f"ntp-rl pipeline {name} -> {shown_path(lineage)}: {' -> '.join(cfg.stages)}")
 
     results: dict[str, Any] = {}
     try:

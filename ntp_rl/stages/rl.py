@@ -44,6 +44,7 @@ from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, RolloutBatc
                                deal_groups, sample_groups, token_logprobs)
 from ntp_rl.runtime import peak_flops, peak_memory_gib
 from ntp_rl.seeding import rl_eval_seed, rollout_seed, seed_everything
+from ntp_rl.rundir import shown_path
 from ntp_rl.stages.session import StageSession
 from ntp_rl.tasks import Task, TaskProblem, build_task
 
@@ -76,7 +77,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         eval_after = None
         if state.step == 0:
             eval_after = state.eval_before = evaluate_held_out(state, 0)
-        bar = session.progress(total=cfg.rl.max_steps, initial=state.step)
+        bar = session.progress(total=cfg.rl.max_steps, initial=state.step, logs=True)
         last_step_metrics: dict = {}
         started = time.perf_counter()
         while state.step < cfg.rl.max_steps:
@@ -198,7 +199,7 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
 
 def announce(state: RLState, init_dir: Any) -> None:
     rl, session = state.cfg.rl, state.session
-    session.say(f"ntp-rl rl -> {session.run_dir.path}")
+    session.say(f"ntp-rl rl -> {shown_path(session.run_dir.path)}")
     session.say(f"  policy: {init_dir} ({count_parameters(state.lm) / 1e6:.2f}M params) | task: {state.task.name}, "
                 f"{len(state.stream.problems)} train prompts, {len(state.eval_problems)} held-out problems")
     session.say(f"  GRPO: {rl.prompts_per_step} prompts x G={rl.num_generations} per step, {state.updates_per_step} "
@@ -597,7 +598,7 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
     session.finish(results, step=step, checkpoint=str(final))
     before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
     session.say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"
-                f" | mean length {eval_after['mean_length']:.1f}\n  model: {final}")
+                f" | mean length {eval_after['mean_length']:.1f}\n  model: {shown_path(final)}")
     if state.short_steps:
         session.say(f"  {state.short_steps} of {step} steps ran out of sampling rounds and trained on fewer groups "
                     f"({state.filled_groups} places of {step * state.cfg.rl.prompts_per_step} left empty)")

@@ -17,6 +17,8 @@ closed as failed, so a half-done run never looks complete.
 from __future__ import annotations
 
 import secrets
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -117,7 +119,7 @@ class StageSession:
         finished = rundir.read_results(self.run_dir.path) if self.resume_from else None
         if finished is None or finished["step"] < max_steps:
             return None
-        self.accelerator.print(f"ntp-rl {self.stage}: {self.run_dir.path} already finished at step {finished['step']}")
+        self.accelerator.print(f"ntp-rl {self.stage}: {rundir.shown_path(self.run_dir.path)} already finished at step {finished['step']}")
         return finished
 
     @contextmanager
@@ -140,9 +142,15 @@ class StageSession:
                 self.tracker = tracker
                 yield tracker
 
-    def progress(self, total: int, initial: int = 0, desc: Optional[str] = None, unit: str = "it") -> Any:
+    def progress(self, total: int, initial: int = 0, desc: Optional[str] = None, unit: str = "it",
+                 logs: bool = False) -> Any:
+        """A progress bar on a terminal; on a log file or a pipe, plain lines (PlainProgress), not \\r frames:
+        at the stage's log interval when it `logs` (calls set_postfix), else every tenth of the way."""
         from tqdm.auto import tqdm
 
+        if not sys.stderr.isatty():
+            return PlainProgress(total, initial, desc or self.stage, unit, logs,
+                                 enabled=self.is_main and self.cfg.logger.progress_bar)
         return tqdm(total=total, initial=initial, desc=desc or self.stage, unit=unit, dynamic_ncols=True,
                     disable=not (self.is_main and self.cfg.logger.progress_bar))
 
@@ -165,3 +173,34 @@ class StageSession:
         if self.is_main:
             self.run_dir.update(status="diverged", error=message)
         raise TrainingDiverged(message)
+
+
+class PlainProgress:
+    """Progress for a console that is not a terminal (a log file, a pipe): a plain line each time the
+    stage logs (set_postfix, at its log interval), or each tenth of the way for a stage that does
+    not log; a terminal's bar would write thousands of \\r frames into the file instead."""
+
+    def __init__(self, total: int, initial: int, desc: str, unit: str, logs: bool, enabled: bool):
+        self.total, self.n, self.desc, self.unit, self.enabled = total, initial, desc, unit, enabled
+        self.started = time.perf_counter()
+        self.logs = logs  # the stage calls set_postfix: lines follow its log interval
+        self.tenth = max(1, total // 10)
+        self.next_line = initial + self.tenth
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if not self.logs and (self.n >= self.next_line or self.n == self.total):
+            self.next_line = self.n + self.tenth
+            self._line({})
+
+    def set_postfix(self, **fields: Any) -> None:
+        self._line(fields)
+
+    def close(self) -> None:
+        pass
+
+    def _line(self, fields: dict) -> None:
+        if self.enabled:
+            shown = "".join(f" | {key} {value}" for key, value in fields.items())
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit} | {time.perf_counter() - self.started:.0f}s{shown}",
+                  flush=True)
