@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ntp_rl.errors import TrainingDiverged, UserError, first_line
+from ntp_rl.overrides import check_parsable, quote_path_values
 from ntp_rl.stages import STAGES
 
 if TYPE_CHECKING:
     from ntp_rl.sweeps import SweepPlan
 
 PROG = "ntp-rl"
+
+# The README shows this same line (a test checks it): --multi_gpu is how accelerate is told to
+# start several processes when it sees no GPU; on GPUs it is harmless.
+MULTI_PROCESS_EXAMPLE = "accelerate launch --multi_gpu --num_processes 2 -m ntp_rl pretrain"
 
 HYDRA_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version"}
 
@@ -42,7 +47,7 @@ def usage() -> str:
         f"  {PROG} pipeline loss=precision           # pretrain -> eval -> rl -> eval",
         f"  {PROG} experiment=paper_small            # the paper's five settings x seeds, then compare",
         f"  {PROG} rl init_from=outputs/pretrain/<run> # GRPO on the embedded task; task=chain_sum|gsm8k|...",
-        "  accelerate launch --num_processes 2 -m ntp_rl pretrain",
+        f"  {MULTI_PROCESS_EXAMPLE}",
         f"  {PROG} eval model=outputs/pretrain/<run> # Avg@n, Cons@n, pass@k, entropy (eval=paper: n=128)",
     ]
     return "\n".join(lines)
@@ -67,19 +72,40 @@ def main(argv: Optional[list[str]] = None) -> None:
         stage, rest = "pipeline", argv if asked else ["-m", *argv]
     if stage not in STAGES:
         fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
+    if STAGES[stage].schema is not None and {"-h", "--help"} & set(rest):
+        from ntp_rl.stage_help import stage_help
+
+        print(stage_help(stage))
+        return
     if STAGES[stage].schema is None:  # compare: plain arguments, no config to compose
         try:
             return STAGES[stage].main(rest)
         except UserError as exc:
             fail(str(exc), exc.exit_code)
-    rest = expand_model_paths(rest)
+    rest = quote_path_values(expand_model_paths(rest))
     checked = CheckedCommand()
     try:
+        check_parsable(rest)
         if not HYDRA_INFO_FLAGS.intersection(rest):
             checked = check_command_line(stage, rest)
     except UserError as exc:
         fail(str(exc), exc.exit_code)
-    run_with_hydra(stage, rest, checked)
+    try:
+        run_with_hydra(stage, rest, checked)
+    except KeyboardInterrupt:
+        interrupted(stage)
+
+
+def interrupted(stage: str) -> None:
+    """Ctrl-C: the run is already marked interrupted in run.json; say so and how to go on, exit 130 (as shells do)."""
+    from ntp_rl.rundir import INTERRUPTED, shown_path
+
+    where = f"{shown_path(INTERRUPTED[-1])} is marked interrupted; " if INTERRUPTED else ""
+    how = {"pipeline": "run the same command again to resume it",
+           "eval": "eval runs are not resumed: run the command again"}.get(
+        stage, "run the same command with resume=auto to continue from its last checkpoint")
+    print(f"{PROG}: interrupted; {where}{how}", file=sys.stderr)
+    raise SystemExit(130)
 
 
 def expand_model_paths(args: list[str]) -> list[str]:
@@ -94,7 +120,8 @@ def expand_model_paths(args: list[str]) -> list[str]:
     expanded = []
     for arg in args:
         key, eq, value = arg.partition("=")
-        if key == "model" and eq and "," not in value and ("/" in value or Path(value).exists()):
+        # A run directory's name may hold commas; otherwise a comma is a sweep over presets.
+        if key == "model" and eq and (Path(value).exists() or ("," not in value and "/" in value)):
             expanded += ["model=hf", f"model.name_or_path={value}"]
         else:
             expanded.append(arg)
@@ -134,9 +161,11 @@ def _stage_task(stage: str, plan: Optional["SweepPlan"]) -> Callable:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        from ntp_rl.config.compose import settle_names
         from ntp_rl.stages import run_validated
 
         hydra_cfg = HydraConfig.get()
+        settle_names(cfg)
         overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
         if hydra_cfg.mode != RunMode.MULTIRUN or plan is None:
             try:

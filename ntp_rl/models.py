@@ -103,6 +103,10 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
         raise DataError(f"{key}={name_or_path}: no Hugging Face model there (config.json is missing)")
     from safetensors import SafetensorError
 
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would come before our one line, and say less
     try:
         config = AutoConfig.from_pretrained(name_or_path)
         set_positions(config, rope_theta, max_position_embeddings)
@@ -111,7 +115,12 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
             lm = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, attn_implementation=attn_implementation,
                                                       dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        if "ignore_mismatched_sizes" in str(exc):
+            raise DataError(f"{key}={name_or_path}: cannot load the model: its weights do not have the shapes its "
+                            "config.json describes (was config.json edited, or taken from another model?)") from exc
         raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line(exc)})") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     moe.reinstall_from(lm, name_or_path)
     return lm
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +44,14 @@ def read_results(path: Path) -> Optional[dict]:
         return json.loads((Path(path) / RESULTS_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def source_run(given: str, used: Any) -> Optional[tuple[Path, str]]:
+    """The ntp-rl run a model came from (the directory given, or the run of the checkpoint used) and its status."""
+    for candidate in (Path(given), Path(str(used)).parent.parent):
+        if (candidate / RUN_FILE).exists():
+            return candidate, read_run_info(candidate).get("status", "unknown")
+    return None
 
 
 def run_name(stage: str, overrides: Sequence[str], explicit: Optional[str] = None) -> str:
@@ -102,38 +112,105 @@ def choose_run_dir(cfg: Any, stage: str, overrides: Sequence[str]) -> RunDir:
     stage_root = Path(cfg.out_dir) / stage
     resume = cfg.resume if cfg.resume not in (None, "never") else None
 
+    path: Optional[Path] = None
+    key = "run_dir"
     if cfg.run_dir:
         path = Path(cfg.run_dir)
     elif resume == "auto":
-        path = _newest_unfinished(stage_root, dir_name(name)) or _fresh_path(stage_root, name)
+        path, key = _newest_unfinished(stage_root, dir_name(name)), "resume"
     elif resume:
-        path = _run_dir_of_checkpoint(Path(resume))
-    else:
-        path = _fresh_path(stage_root, name)
+        path, key = _run_dir_of_checkpoint(Path(resume)), "resume"
 
     resume_from: Optional[Path] = None
     if resume == "auto":
-        resume_from = latest_checkpoint(path / "checkpoints")
+        resume_from = latest_checkpoint(path / "checkpoints") if path is not None else None
     elif resume:
         resume_from = Path(resume)
         if latest_checkpoint(resume_from.parent) is None or not (resume_from / "trainer_state.pt").exists():
             raise ConfigError("resume", "is not a complete ntp-rl checkpoint (no trainer_state.pt)", resume)
-    elif latest_checkpoint(path / "checkpoints") is not None:
+    elif path is not None and latest_checkpoint(path / "checkpoints") is not None:
         raise ConfigError("run_dir", "already holds checkpoints of a run; pass resume=auto to continue it, "
                           "or choose another run_dir", str(path))
+    if path is None:
+        path = claim_fresh(stage_root, name)
+    else:
+        lock(path, key)
 
     info = read_run_info(path) if resume_from else {}
     return RunDir(path=path, name=name, resume_from=resume_from, info=info)
 
 
-def _fresh_path(stage_root: Path, name: str) -> Path:
+# Run directories this process writes: the open descriptor of each one's lock file (held for
+# the run's life), and those it created, which are removed again if the run never started.
+LOCK_FILE = ".lock"
+_held: dict[Path, int] = {}
+_created: set[Path] = set()
+
+
+def claim_fresh(stage_root: Path, name: str) -> Path:
+    """A new directory `<time>-<name>`, created atomically: a second process in the same
+    second finds it taken and claims `<time>-<name>-1` instead."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = stage_root / f"{stamp}-{dir_name(name)}"
-    suffix = 1
-    while path.exists():
-        path = stage_root / f"{stamp}-{dir_name(name)}-{suffix}"
-        suffix += 1
-    return path
+    stage_root.mkdir(parents=True, exist_ok=True)
+    suffix = 0
+    while True:
+        path = stage_root / (f"{stamp}-{dir_name(name)}" + (f"-{suffix}" if suffix else ""))
+        try:
+            path.mkdir()
+        except FileExistsError:
+            suffix += 1
+            continue
+        _created.add(path)
+        lock(path, "run_dir")
+        return path
+
+
+def lock(path: Path, key: str) -> None:
+    """Hold an exclusive lock on the run directory until the run ends, or refuse in one line:
+    two processes writing one run would interleave its metrics and checkpoints.
+
+    The lock file is never deleted while the directory lives: a deleted lock file lets two
+    processes lock two different files of the same name.
+    """
+    import fcntl
+
+    path = Path(path)
+    if path in _held:
+        return
+    if not path.exists():
+        path.mkdir(parents=True)
+        _created.add(path)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(key, f"{path} is being written by another ntp-rl process right now; wait for it to stop "
+                          "(then resume=auto continues it), or start a separate run") from None
+    _held[path] = fd
+
+
+def release(path: Path) -> None:
+    """Unlock a run directory; one this process created and never started a run in is removed."""
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+    if path in _created:
+        _created.discard(path)
+        if path.is_dir() and {p.name for p in path.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def claims_released() -> Iterator[None]:
+    """Release, when the block ends, the run directories claimed inside it (a pipeline's
+    stages each release their own; the lineage's stays held by the pipeline)."""
+    before = set(_held) | set(_created)
+    try:
+        yield
+    finally:
+        for path in (set(_held) | set(_created)) - before:
+            release(path)
 
 
 def _newest_unfinished(stage_root: Path, safe_name: str) -> Optional[Path]:
@@ -160,10 +237,23 @@ def create(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], world_si
                world_size=world_size, resumed_from=str(run.resume_from) if run.resume_from else None)
 
 
+# Runs this process marked interrupted (Ctrl-C), newest last: the CLI's one line names the last.
+INTERRUPTED: list[Path] = []
+
+
+def shown_path(path: Path) -> str:
+    """A path as the console shows it: relative to the current directory when under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def mark_stopped(run: RunDir, exc: BaseException) -> None:
     """Record in run.json why a run stopped early, so it never looks finished."""
     if isinstance(exc, KeyboardInterrupt):
         run.update(status="interrupted")
+        INTERRUPTED.append(run.path)
     else:
         run.update(status="failed", error=f"{type(exc).__name__}: {first_line(exc)}")
 

@@ -73,3 +73,23 @@ def peak_flops(device: torch.device) -> Optional[float]:
 def flops_per_token(num_params_no_embedding: int, num_layers: int, num_heads: int, head_dim: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM appendix B)."""
     return 6 * num_params_no_embedding + 12 * num_layers * num_heads * head_dim * seq_len
+
+
+def environment(device: Any) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config, recorded in run.json: library versions, the
+    CPU threads torch uses (reductions are summed in another order with another count), the device."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> Optional[str]:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    device = torch.device(device)
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": installed("transformers"),
+            "ntp_rl": installed("ntp-rl"), "accelerate": installed("accelerate"), "torch_threads": torch.get_num_threads(),
+            "device": device.type, "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                                   else platform.processor() or platform.machine()),
+            "cuda": torch.version.cuda}

@@ -35,6 +35,17 @@ def inputs(tmp_path_factory):
         special.write_text(json.dumps({k: v for k, v in json.loads(special.read_text()).items() if k != "eos_token"}))
     (root / "empty.jsonl").write_text("")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"body": "Question: 1 + 1?"}) + "\n" for _ in range(50)))
+    (root / "few.jsonl").write_text("".join(json.dumps({"text": "Question: 1 + 1?"}) + "\n" for _ in range(3)))
+    (root / "numbers.jsonl").write_text("".join(json.dumps({"text": "Question: 1 + 1?" if i != 7 else 12}) + "\n"
+                                                for i in range(50)))
+    (root / "a_file").write_text("not a directory")
+    bad_config = root / "bad_config"  # config.json disagrees with the weights
+    shutil.copytree(checkpoint, bad_config)
+    config = json.loads((bad_config / "config.json").read_text())
+    (bad_config / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 32}))
+    bad_tokenizer = root / "bad_tokenizer"
+    shutil.copytree(checkpoint, bad_tokenizer)
+    (bad_tokenizer / "tokenizer.json").write_text('{"version": "1.0", "trunc')
     return {"root": root, "run": root / "run", "checkpoint": checkpoint, "truncated": truncated, "no_eos": no_eos}
 
 
@@ -121,3 +132,71 @@ def test_a_mistake_costs_one_line_and_exit_2(command, needle, inputs, tmp_path, 
     assert needle in err, err
     assert not list(tmp_path.rglob("run.json")), "a refused command must leave no run directory"
     assert {p: p.stat().st_mtime for p in inputs["run"].rglob("*")} == before, "existing runs are never touched"
+
+
+BAD_CONFIG = ("model.name_or_path={root}/bad_config: cannot load the model: its weights do not have the shapes its "
+              "config.json describes (was config.json edited, or taken from another model?)")
+
+# (arguments, the exact line after "ntp-rl: error: "); {out} is the case's out_dir, the rest from `inputs`.
+EXACT = [
+    # values Hydra's grammar cannot read: how to quote them (issue 12, items 1 and 6)
+    (["pretrain", "logger.wandb.name=café"],
+     "logger.wandb.name: Hydra cannot read the value 'café' ($, =, commas, brackets, parentheses, quotes and "
+     "non-ASCII characters are its syntax); quote it for Hydra inside the shell's quotes: 'logger.wandb.name=\"café\"'"),
+    (["pretrain", "logger.wandb.name=$(whoami)"],
+     "logger.wandb.name: Hydra cannot read the value '$(whoami)' ($, =, commas, brackets, parentheses, quotes and "
+     "non-ASCII characters are its syntax); quote it for Hydra inside the shell's quotes: "
+     "'logger.wandb.name=\"$(whoami)\"'"),
+    (["pretrain", "logger.wandb.name=it's=1"],
+     "logger.wandb.name: Hydra cannot read the value \"it's=1\" ($, =, commas, brackets, parentheses, quotes and "
+     "non-ASCII characters are its syntax); quote it for Hydra inside the shell's quotes: "
+     "\"logger.wandb.name='it\\\\'s=1'\""),
+    # tracebacks where one line is due (issue 12, item 3)
+    (["pretrain", "seed=-1"], "seed=-1: must be an integer in 0..4294967295 (0..2**32-1)"),
+    (["rl", "init_from={run}", "seed=4294967296"], "seed=4294967296: must be an integer in 0..4294967295 (0..2**32-1)"),
+    (["pretrain", "data=hf", "data.path={root}/few.jsonl", "data.tokenizer={checkpoint}", "data.val_docs=5"],
+     "data.path={root}/few.jsonl: has 3 documents, not more than data.val_docs=5 (the first data.val_docs documents "
+     "are held out for validation, the rest trained on); lower data.val_docs or add documents"),
+    (["pretrain", "data=hf", "data.path={root}/numbers.jsonl", "data.tokenizer={checkpoint}", "data.val_docs=5"],
+     "data.text_field=text: row 7 of data.path={root}/numbers.jsonl holds int 12, not text"),
+    (["pretrain", "out_dir={root}/a_file"], "out_dir={root}/a_file: is a file, not a directory"),
+    (["pretrain", "out_dir={root}/a_file/sub"], "out_dir={root}/a_file/sub: {root}/a_file is a file, not a directory"),
+    (["pretrain", "run_dir={root}/a_file"], "run_dir={root}/a_file: is a file, not a directory"),
+    # a reward function that cannot be one (issue 12, item 4): refused before any run starts, never called
+    (["rl", "init_from={run}", "task.reward_fn=os:system"],
+     "task.reward_fn=os:system: must accept (completion, problem); os.system takes (command)"),
+    (["rl", "init_from={run}", "task.reward_fn=os:sep"], "task.reward_fn=os:sep: os has no function sep"),
+    # messages that pointed at the wrong thing (issue 12, item 6)
+    (["eval", "model={root}/bad_tokenizer"],
+     "tokenizer '{root}/bad_tokenizer': cannot be read; its tokenizer files are corrupt or incomplete (Unterminated "
+     "string starting at: line 1 column 20 (char 19))"),
+    (["eval", "model={root}/bad_config"], BAD_CONFIG),
+    (["pipeline", "task.reward_fn=os:getcwd"],
+     "task.reward_fn=os:getcwd: must accept (completion, problem); os.getcwd takes ()"),
+]
+
+
+@pytest.mark.parametrize("args, expected", EXACT, ids=[" ".join(a) for a, _ in EXACT])
+def test_a_mistake_is_refused_with_its_exact_line(args, expected, inputs, tmp_path, capsys):
+    paths = {k: str(v) for k, v in inputs.items()}
+    stage, *rest = [a.format(**paths, out=tmp_path) for a in args]
+    common = [*TINY, f"data.cache_dir={inputs['root'] / 'cache'}"] if stage == "pretrain" else []
+    if stage in ("pretrain", "rl", "eval", "pipeline"):
+        common += [f"out_dir={tmp_path}", "logger.wandb.mode=disabled"]
+    before = {p: p.stat().st_mtime for p in inputs["run"].rglob("*")}
+    with pytest.raises(SystemExit) as exc:
+        main([stage, *common, *rest])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2, err
+    assert err == f"ntp-rl: error: {expected.format(**paths, out=tmp_path)}"
+    assert not list(tmp_path.rglob("run.json")), "a refused command must leave no run directory"
+    assert {p: p.stat().st_mtime for p in inputs["run"].rglob("*")} == before, "existing runs are never touched"
+
+
+def test_a_checkpoint_whose_config_disagrees_with_its_weights_costs_our_line_only(inputs, tmp_path):
+    """Not transformers' load report first: the whole of stderr is the one line."""
+    from conftest import run_cli
+
+    result = run_cli("eval", f"model={inputs['root']}/bad_config", f"out_dir={tmp_path}", "logger.wandb.mode=disabled")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ntp-rl: error: {BAD_CONFIG.format(root=inputs['root'])}"

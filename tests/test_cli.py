@@ -1,5 +1,7 @@
 """The command line: stages, Hydra's flags, and one clear line for every mistake."""
 
+import json
+
 import pytest
 
 from conftest import run_cli
@@ -29,9 +31,40 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_hydra_help_still_works():
-    result = run_cli("pretrain", "--help")
+    result = run_cli("pretrain", "--hydra-help")
     assert result.returncode == 0
-    assert "loss" in result.stdout
+    assert "Hydra" in result.stdout
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "rl", "eval", "pipeline"])
+def test_each_stage_help_names_its_own_groups_presets_and_keys(stage, capsys):
+    """Generated from the stage table and conf/<stage>.yaml: no group the stage does not read."""
+    from ntp_rl.stage_help import field_comment, stage_groups
+    from ntp_rl.stages import STAGES
+
+    main([stage, "--help"])
+    out = capsys.readouterr().out
+    assert "powered by Hydra" not in out and STAGES[stage].summary in out
+    groups = {key for key, _, _ in stage_groups(stage)}
+    for key in groups:
+        assert f"\n  {key}= " in out
+    for key in STAGES[stage].keys:
+        assert f"\n  {key} " in out and field_comment(STAGES[stage].schema, key), key
+    if stage == "pretrain":
+        assert groups == {"model", "data", "loss", "optim"}  # not task, sampling or eval
+        assert "  loss=         ce, diversity, head_reward, precision, tail_penalty" in out
+        assert "  loss.beta                    0.0          ground-truth reward factor: < 0 precision" in out
+    if stage == "rl":
+        assert "  init_from                    (required)" in out
+
+
+def test_help_and_readme_give_the_same_multi_process_command(capsys):
+    from conftest import REPO
+    from ntp_rl.cli import MULTI_PROCESS_EXAMPLE
+
+    main(["--help"])
+    assert MULTI_PROCESS_EXAMPLE in capsys.readouterr().out
+    assert MULTI_PROCESS_EXAMPLE in (REPO / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -158,3 +191,89 @@ def test_readme_and_help_list_the_stages_of_the_stage_table(capsys):
     main(["--help"])
     shown = re.findall(r"^  (\w+)\s{2,}", capsys.readouterr().out.split("stages:")[1].split("examples:")[0], re.M)
     assert shown == list(STAGES)
+
+
+# ---------------------------------------------------------------------------
+# Paths the tool printed, given back to it unquoted (issue 12, item 1)
+
+RUN_NAME = "20261128-124035-pretrain-train.max_steps=5,loss=precision"
+
+
+@pytest.mark.parametrize("key", ["init_from", "run_dir", "resume"])
+def test_a_run_directory_with_equals_and_commas_is_one_path_value(key, tmp_path, monkeypatch):
+    """`pretrain-loss=precision,seed=1` in a directory name is not Hydra syntax to the user."""
+    from ntp_rl.overrides import check_parsable, quote_path_values
+
+    run = tmp_path / "outputs" / "pretrain" / RUN_NAME
+    (run / "checkpoints").mkdir(parents=True)
+    args = quote_path_values([f"{key}={run}", "seed=3"])
+    check_parsable(args)
+    stage = "rl" if key == "init_from" else "pretrain"
+    cfg = compose(stage, args + (["init_from=x"] if stage == "rl" and key != "init_from" else []))
+    assert cfg[key] == str(run) and cfg.seed == 3
+
+
+def test_a_model_directory_with_equals_and_commas_stands_for_the_hf_preset(tmp_path):
+    from ntp_rl.cli import expand_model_paths
+    from ntp_rl.overrides import quote_path_values
+
+    run = tmp_path / RUN_NAME
+    run.mkdir()
+    args = quote_path_values(expand_model_paths([f"model={run}"]))
+    assert compose("eval", args).model.name_or_path == str(run)
+
+
+def test_a_sweep_over_existing_run_directories_stays_a_sweep(tmp_path):
+    from ntp_rl.overrides import quote_path_values
+
+    first, second = tmp_path / "a=1", tmp_path / "b=2"
+    first.mkdir(), second.mkdir()
+    from ntp_rl.launch import sweep_points
+
+    points = sweep_points(quote_path_values([f"init_from={first},{second}"]))
+    assert [compose("rl", point).init_from for point in points] == [str(first), str(second)]
+
+
+def test_eval_of_a_run_directory_named_by_its_overrides(tmp_path, shared_cache):
+    """The issue's own command, `ntp-rl eval model=outputs/pretrain/<time>-pretrain-train.max_steps=5`, runs."""
+    from test_eval import EVAL_FAST, answering_model
+
+    from ntp_rl.data.corpus import sample_documents
+    from ntp_rl.data.tokenizer import train_embedded_tokenizer
+
+    tok = train_embedded_tokenizer(sample_documents("pretrain", 0, 2, 400), 128)
+    model = answering_model(tmp_path / "outputs" / "pretrain" / RUN_NAME, tok, "7")
+    main(["eval", f"model={model}", f"out_dir={tmp_path / 'out'}", f"data.cache_dir={shared_cache}", *EVAL_FAST,
+          "diagnostics.enabled=false"])
+    (results,) = (tmp_path / "out").rglob("results.json")
+    results = json.loads(results.read_text())
+    assert results["model_arg"] == str(model) and results["model"] == str(model)
+
+
+@pytest.mark.parametrize("args, name", [
+    (["loss=ce", "loss.beta=-0.25"], "precision"),  # the issue's case: not `ce`
+    (["loss=ce", "loss.beta=-0.1"], "custom"),
+    (["loss=precision", "loss.beta=0"], "ce"),
+    (["loss=precision", "loss.k=20"], "precision"),  # k plays no part without top/tail rewards
+    (["loss=tail_penalty", "loss.k=20"], "custom"),  # here it does
+    (["loss=precision", "loss.positive_form=multiplicative"], "custom"),
+    (["loss=ce", "loss.positive_form=multiplicative"], "ce"),  # both forms are 1/p at beta 0
+    (["loss.lambda_top=0.1", "loss.k=100"], "head_reward"),
+    (["loss.beta=-0.1", "loss.name=mine"], "mine"),  # a name of the user's own is kept
+    (["loss.beta=-0.1", "loss.name=diversity"], "custom"),  # a preset's name on other numbers is not
+])
+def test_a_loss_name_follows_its_numbers(args, name):
+    from ntp_rl.config.compose import loss_name
+
+    assert loss_name(compose("pretrain", args).loss) == name
+
+
+def test_a_run_shows_and_records_the_name_its_numbers_have(tmp_path, shared_cache, capsys):
+    from conftest import TINY
+
+    args = [*TINY, "train.max_steps=2", f"out_dir={tmp_path}", f"data.cache_dir={shared_cache}", "loss=ce",
+            "loss.beta=-0.1"]
+    main(["pretrain", *args])
+    assert "| loss: custom (beta=-0.1," in capsys.readouterr().out
+    (config,) = tmp_path.rglob("config.yaml")
+    assert "name: custom" in config.read_text()

@@ -402,6 +402,18 @@ def test_hf_source_from_local_files(suffix, streaming, tmp_path, tokenizer_dir, 
     assert torch.equal(data.train.take(4), taken[2:])
 
 
+def test_rows_without_text_are_left_out_and_counted(tmp_path, tokenizer_dir, docs):
+    """A null or empty text field is not a document: counted (the run says how many), not trained on."""
+    rows = [{"text": None if i % 10 == 3 else "" if i % 10 == 7 else t} for i, t in enumerate(docs[:100])]
+    path = tmp_path / "holes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = build_pretrain_data(hf_config(path), cache_dir=tmp_path, seed=0, tokenizer_name_or_path=str(tokenizer_dir))
+    assert data.skipped_rows == 20
+    assert data.description.startswith(f"{path}: 64 docs,")  # 80 training rows, 16 of them without text
+    kept = [r["text"] for r in rows[20:] if r["text"]]
+    assert data.train.windows.flatten().tolist() == token_stream(data.tokenizer, kept)[: data.num_train_tokens]
+
+
 def test_hf_max_train_docs_and_glob(tmp_path, tokenizer_dir, docs):
     write_docs(tmp_path / "a.jsonl", docs[:100])
     write_docs(tmp_path / "b.jsonl", docs[100:200])

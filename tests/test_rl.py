@@ -445,10 +445,33 @@ def test_a_step_with_no_token_to_train_on_takes_no_update_and_says_so(rl_args, p
         assert row["empty_mini_batches"] == 2
         assert "policy_loss" not in row and "grad_norm" not in row, "no update, so no loss to report"
     assert results["empty_mini_batches"] == 4
-    assert "had no response token with a loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "had no response token with a loss" in out
+    # every response cut after 2 tokens: no answer, reward 0 everywhere, so every group has equal rewards
+    assert results["notices"]["equal_reward_steps"] == 2
+    assert "2 of 2 steps had equal rewards within every group: zero advantages, policy_loss 0" in out
     before = load_file(latest_checkpoint(policy / "checkpoints") / "model.safetensors")
     after = load_file(Path(results["checkpoint"]) / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before), "the weights must not move"
+
+
+def test_starting_from_an_unfinished_run_and_a_resume_that_finds_nothing_are_said(rl_args, policy, tmp_path, capsys):
+    """rl from a run marked failed: allowed, but said with the checkpoint used; resume=auto with nothing to resume
+    says that a new run starts. Both are kept in results.json's notices."""
+    import shutil
+
+    failed = tmp_path / "failed_run"
+    shutil.copytree(policy, failed)
+    info = json.loads((failed / "run.json").read_text())
+    (failed / "run.json").write_text(json.dumps({**info, "status": "failed"}))
+    args = [a for a in rl_args if not a.startswith("init_from=")]
+    results = rl_run([*args, f"init_from={failed}", "rl.max_steps=1", "rl.eval_every=10", "resume=auto"])
+    checkpoint = latest_checkpoint(failed / "checkpoints")
+    assert results["notices"]["init_from_status"] == "failed"
+    assert results["notices"]["resume_auto_found_nothing"] is True
+    out = capsys.readouterr().out
+    assert f"note: init_from={failed} is a run whose status is failed, not finished; using its checkpoint {checkpoint}" in out
+    assert "note: resume=auto found no unfinished run of this command to resume; a new run starts in" in out
 
 
 def _poison_update(monkeypatch, bad_calls):

@@ -143,6 +143,16 @@ def test_one_file_split_by_slices_and_plain_answers(tmp_path):
     assert is_correct(task, " 8 + 8 = 16", test[0]) and not is_correct(task, " 17", test[0])
 
 
+def test_rows_whose_answer_cannot_be_read_are_counted(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    write_jsonl(path, [{"q": f"What is {i} + {i}?", "a": "see above" if i % 3 == 0 else f"#### {2 * i}"}
+                       for i in range(10)])
+    task = build_task(task_config(kind="hf_math", path=str(path), question_field="q", answer_field="a",
+                                  answer_format="gsm8k", train_split="train", test_split="train"))
+    assert len(task.problems("train", 100)) == 6
+    assert task.unread_answers == {"train": 4}
+
+
 def test_hf_math_errors_name_the_key(tmp_path, gsm8k_dir):
     with pytest.raises(DataError, match=r"^task.path=/no/such/dir: no such file or directory"):
         build_task(task_config(kind="hf_math", path="/no/such/dir"))
@@ -187,7 +197,7 @@ def test_every_task_preset_fits_the_schema():
 
 def test_a_custom_reward_function_comes_from_an_explicit_import_path(tmp_path, monkeypatch):
     from ntp_rl.config.schema import TaskConfig
-    from ntp_rl.errors import ConfigError
+    from ntp_rl.errors import ConfigError, UserError
     from ntp_rl.tasks import build_task, reward
 
     (tmp_path / "my_rewards.py").write_text(
@@ -198,6 +208,10 @@ def test_a_custom_reward_function_comes_from_an_explicit_import_path(tmp_path, m
     assert reward(task, f" #### {problem.answer}", problem) == 1.25
     assert reward(task, " #### nothing", problem) == 0.25
     assert task.extract_answer(" #### 7") == "7"  # everything else is the wrapped task's
+    (tmp_path / "bad_rewards.py").write_text("def text(completion, problem):\n    return 'yes'\n")
+    text_reward = build_task(TaskConfig(reward_fn="bad_rewards:text"))
+    with pytest.raises(UserError, match="^task.reward_fn: returned str 'yes', not a number$"):
+        reward(text_reward, " #### 7", problem)
     for spec, needle in [("my_rewards", "package.module:function"), ("no_such_module:f", "cannot import"),
                          ("my_rewards:missing", "no function missing"), ("os:system; rm", "package.module")]:
         with pytest.raises(ConfigError, match="task.reward_fn") as exc:

@@ -39,6 +39,46 @@ def compose(stage: str, overrides: Sequence[str] = (), hydra: bool = False) -> A
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name=stage, overrides=list(overrides), return_hydra_config=hydra)
+            return settle_names(hydra_compose(config_name=stage, overrides=list(overrides), return_hydra_config=hydra))
     finally:
         GlobalHydra.instance().clear()
+
+
+def settle_names(cfg: Any) -> Any:
+    """Names derived from the numbers (the CLI calls this on each Hydra job too)."""
+    if "loss" in cfg:  # the name shown and recorded follows the numbers, whatever preset they started from
+        cfg.loss.name = loss_name(cfg.loss)
+    return cfg
+
+
+def loss_presets() -> dict[str, dict]:
+    """Each conf/loss preset's numbers (its own keys over ce's, as its defaults list says)."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(OmegaConf.load(conf_dir() / "loss" / "ce.yaml"))
+    presets = {}
+    for path in sorted((conf_dir() / "loss").glob("*.yaml")):
+        own = OmegaConf.to_container(OmegaConf.load(path))
+        own.pop("defaults", None)
+        presets[own.get("name", path.stem)] = {**base, **own}
+    return presets
+
+
+def loss_name(loss: Any) -> str:
+    """The name a loss shows: the preset whose numbers it has, else "custom" (or a name of the user's own
+    that is no preset's). So `loss=ce loss.beta=-0.25` is `precision`, and `loss=ce loss.beta=-0.1` is `custom`:
+    a run's name never contradicts its settings.
+
+    k counts only when lambda_top != lambda_tail (otherwise the top-k set changes nothing), and the
+    positive form only when beta != 0 (both forms are 1/p at beta 0).
+    """
+    def same(preset: dict) -> bool:
+        numbers = ["beta", "lambda_top", "lambda_tail"] + (["k"] if loss.lambda_top != loss.lambda_tail else [])
+        form = loss.beta == 0 or getattr(loss.positive_form, "value", loss.positive_form) == preset["positive_form"]
+        return form and all(float(loss[key]) == float(preset[key]) for key in numbers)
+
+    presets = loss_presets()
+    for name, preset in presets.items():
+        if same(preset):
+            return name
+    return loss.name if loss.name not in presets else "custom"

@@ -159,7 +159,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -173,7 +173,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 400
+    max_steps: int = 400  # optimizer steps
     batch_size: int = 16  # sequences per optimizer step, over all processes
     # Sequences per forward pass on one process; null: the process's whole share of the batch
     # (no accumulation), so the same command runs on any number of processes.
@@ -231,9 +231,9 @@ class TaskConfig:
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
+    temperature: float = 1.0  # softmax(z / T); 0 = greedy
+    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this much mass
+    max_new_tokens: int = 64  # a response is cut after this many tokens
     batch_size: int = 64  # sequences per generate call
 
 
@@ -271,7 +271,7 @@ class RunConfig:
     """Keys every stage has."""
 
     stage: str = "?"
-    seed: int = 0
+    seed: int = 0  # the run's seed (0..2**32-1): initialisation, data order, sampling
     out_dir: str = "outputs"
     run_dir: Optional[str] = None  # null: <out_dir>/<stage>/<time>-<overrides>
     resume: Optional[str] = None  # null: fresh run; auto: latest checkpoint of this run; or a path
@@ -310,7 +310,7 @@ class GRPOConfig:
     x 16 samples for ~1000 steps.
     """
 
-    max_steps: int = 60
+    max_steps: int = 60  # RL steps: sample, score, update
     prompts_per_step: int = 32  # groups per step over all processes (paper: 128); each rank takes its share
     num_generations: int = 8  # G, samples per prompt (paper: 16)
     num_iterations: int = 1  # mu: passes over each rollout batch (1 = strictly on-policy)

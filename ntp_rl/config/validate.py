@@ -18,7 +18,7 @@ from ntp_rl.errors import ConfigError, DataError
 
 
 def validate_pretrain(cfg: Any) -> None:
-    _check_required(cfg)
+    _check_common(cfg)
     _check_resume(cfg)
     check_loss(cfg.loss)
     _check_model(cfg.model)
@@ -38,7 +38,7 @@ def validate_midtrain(cfg: Any) -> None:
 
 
 def validate_rl(cfg: Any) -> None:
-    _check_required(cfg)
+    _check_common(cfg)
     _check_resume(cfg)
     _check_init_from(cfg.init_from)
     _check_grpo(cfg.rl, cfg.optim, cfg.task)
@@ -46,7 +46,7 @@ def validate_rl(cfg: Any) -> None:
 
 
 def validate_eval(cfg: Any) -> None:
-    _check_required(cfg)
+    _check_common(cfg)
     if cfg.resume not in (None, "never"):
         raise ConfigError("resume", "eval runs are not resumed (they save no checkpoints); run the command again", cfg.resume)
     if cfg.model.arch is not ModelArch.hf:
@@ -72,7 +72,7 @@ def check_objective(cfg: Any) -> None:
 
 
 def validate_pipeline(cfg: Any) -> None:
-    _check_required(cfg)
+    _check_common(cfg)
     _check_resume(cfg)
     if cfg.resume not in (None, "never"):
         raise ConfigError("resume", "a pipeline always resumes: run the same command again", cfg.resume)
@@ -106,6 +106,27 @@ def _positive(value: Any, key: str) -> None:
 def _finite(value: float, key: str) -> None:
     if not math.isfinite(value):
         raise ConfigError(key, "must be a finite number", value)
+
+
+def _check_common(cfg: Any) -> None:
+    """What every stage's config has: required keys, the seed, where runs are written."""
+    _check_required(cfg)
+    if not 0 <= cfg.seed < 2**32:  # numpy's seed range, which accelerate's set_seed passes it to
+        raise ConfigError("seed", "must be an integer in 0..4294967295 (0..2**32-1)", cfg.seed)
+    for key in ("out_dir", "run_dir"):
+        if cfg[key]:
+            _check_directory_path(cfg[key], key)
+
+
+def _check_directory_path(path: str, key: str) -> None:
+    """A directory to write in must not be, or lie under, a file."""
+    target = Path(path).expanduser()
+    for ancestor in (target, *target.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                where = "is a file" if ancestor == target else f"{ancestor} is a file"
+                raise ConfigError(key, f"{where}, not a directory", path)
+            return
 
 
 def _check_required(cfg: Any) -> None:
@@ -245,8 +266,12 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
     from ntp_rl.rl.advantages import ADVANTAGES
     from ntp_rl.rl.policy_loss import POLICY_LOSSES
 
+    from ntp_rl.tasks import load_reward_fn
+
     _check_optim(optim, optim_key)
     _finite(task.format_reward, "task.format_reward")
+    if task.reward_fn:  # imported and its signature checked before any run starts
+        load_reward_fn(task.reward_fn)
     for key in ("max_steps", "prompts_per_step", "num_iterations", "num_mini_batches", "micro_batch_size",
                 "max_sampling_rounds", "train_problems", "log_every", "save_every", "keep_last", "eval_every",
                 "eval_problems", "eval_samples"):

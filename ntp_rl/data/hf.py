@@ -26,9 +26,9 @@ def build_hf_data(cfg: Any, seed: int, tokenizer: PreTrainedTokenizerBase) -> Pr
     ds = _load_dataset(cfg)
     _check_text_field(ds, field, path)
     window = cfg.seq_len + 1
-    val_part, train_part = _split_val_train(ds, cfg.val_docs, cfg.max_train_docs)
-
-    val = pack_windows(tokenize_documents(tokenizer, _texts(val_part, field)), cfg.seq_len)
+    val_part, train_part = _split_val_train(ds, cfg.val_docs, cfg.max_train_docs, path)
+    rows = TextRows(field, path)
+    val = pack_windows(tokenize_documents(tokenizer, rows.texts(val_part)), cfg.seq_len)
     if len(val) == 0:
         raise DataError(
             f"data.path={path}: the validation documents (the first data.val_docs={cfg.val_docs}) have fewer "
@@ -38,7 +38,7 @@ def build_hf_data(cfg: Any, seed: int, tokenizer: PreTrainedTokenizerBase) -> Pr
 
     if cfg.streaming:
         train = StreamingSequences(
-            lambda: _texts(train_part, field),
+            lambda: TextRows(field, path).texts(train_part, first_row=cfg.val_docs),
             tokenizer,
             cfg.seq_len,
             seed=seed,
@@ -46,7 +46,8 @@ def build_hf_data(cfg: Any, seed: int, tokenizer: PreTrainedTokenizerBase) -> Pr
             name=train_name,
         )
         # The unigram baseline is fit on a prefix of the stream: all of it may not fit in memory.
-        train_sample = _token_prefix(tokenize_documents(tokenizer, _texts(train_part, field)), _STREAM_UNIGRAM_TOKENS)
+        train_sample = _token_prefix(tokenize_documents(tokenizer, rows.texts(train_part, first_row=cfg.val_docs)),
+                                     _STREAM_UNIGRAM_TOKENS)
         if len(train_sample) < window:
             raise DataError(f"{train_name} have fewer than seq_len+1 = {window} tokens; add documents or lower data.seq_len")
         return PretrainData(
@@ -58,7 +59,7 @@ def build_hf_data(cfg: Any, seed: int, tokenizer: PreTrainedTokenizerBase) -> Pr
             description=f"{path} (streaming): {len(val)} validation windows, vocab {len(tokenizer)}",
         )
 
-    windows = pack_windows(tokenize_documents(tokenizer, _texts(train_part, field)), cfg.seq_len)
+    windows = pack_windows(tokenize_documents(tokenizer, rows.texts(train_part, first_row=len(val_part))), cfg.seq_len)
     if len(windows) == 0:
         raise DataError(f"{train_name} have fewer than seq_len+1 = {window} tokens; add documents or lower data.seq_len")
     return PretrainData(
@@ -68,20 +69,25 @@ def build_hf_data(cfg: Any, seed: int, tokenizer: PreTrainedTokenizerBase) -> Pr
         unigram_nll=unigram_nll(windows, val, len(tokenizer)),
         num_train_tokens=windows.numel(),
         description=(
-            f"{path}: {len(train_part)} docs, {human_count(windows.numel())} tokens in {len(windows)} windows, "
-            f"vocab {len(tokenizer)}"
+            f"{path}: {len(train_part) - rows.skipped_train} docs, {human_count(windows.numel())} tokens in "
+            f"{len(windows)} windows, vocab {len(tokenizer)}"
         ),
+        skipped_rows=rows.skipped,
     )
 
 
-def _split_val_train(ds: Any, val_docs: int, max_train_docs: int | None) -> tuple[Any, Any]:
+def _split_val_train(ds: Any, val_docs: int, max_train_docs: int | None, path: str) -> tuple[Any, Any]:
     """The first val_docs documents, and up to max_train_docs of the rest."""
     import datasets
 
     if isinstance(ds, datasets.IterableDataset):
         train = ds.skip(val_docs)
         return ds.take(val_docs), train if max_train_docs is None else train.take(max_train_docs)
-    cut = min(val_docs, len(ds))
+    if len(ds) <= val_docs:
+        raise DataError(f"data.path={path}: has {len(ds)} documents, not more than data.val_docs={val_docs} (the first "
+                        "data.val_docs documents are held out for validation, the rest trained on); lower "
+                        "data.val_docs or add documents")
+    cut = val_docs
     end = len(ds) if max_train_docs is None else min(len(ds), cut + max_train_docs)
     return ds.select(range(cut)), ds.select(range(cut, end))
 
@@ -159,8 +165,25 @@ def _check_text_field(ds: Any, field: str, path: str) -> None:
         raise ConfigError("data.text_field", f"no such column in data.path={path}; its columns: {', '.join(columns)}", field)
 
 
-def _texts(ds: Any, field: str) -> Iterator[str]:
-    for batch in ds.select_columns([field]).iter(batch_size=TOKENIZE_BATCH):
-        for text in batch[field]:
-            if text:
-                yield text
+class TextRows:
+    """The text of each row. A row whose field is null or empty is skipped and counted (the run
+    says how many); a row whose field holds something else than text is refused, naming it."""
+
+    def __init__(self, field: str, path: str):
+        self.field, self.path = field, path
+        self.skipped = 0
+        self.skipped_train = 0  # of which after the validation documents
+
+    def texts(self, ds: Any, first_row: int = 0) -> Iterator[str]:
+        row = first_row
+        for batch in ds.select_columns([self.field]).iter(batch_size=TOKENIZE_BATCH):
+            for text in batch[self.field]:
+                if isinstance(text, str) and text:
+                    yield text
+                elif text is None or text == "":
+                    self.skipped += 1
+                    self.skipped_train += first_row > 0
+                else:
+                    raise ConfigError("data.text_field", f"row {row} of data.path={self.path} holds "
+                                      f"{type(text).__name__} {str(text)[:40]}, not text", self.field)
+                row += 1

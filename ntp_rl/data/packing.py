@@ -43,6 +43,7 @@ class PretrainData:
     unigram_nll: float  # nats/token of a unigram model fit on train tokens, on the val tokens
     num_train_tokens: int | None  # tokens in the training windows; None when streaming
     description: str
+    skipped_rows: int = 0  # rows without text (null or empty field), left out
 
 
 def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> Iterator[np.ndarray]:

@@ -53,7 +53,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as exc:
-        where = "directory" if Path(name_or_path).exists() else "local directory, and not a tokenizer on the Hugging Face hub"
+        if Path(name_or_path).is_dir():
+            raise DataError(f"tokenizer {name_or_path!r}: cannot be read; its tokenizer files are corrupt or incomplete "
+                            f"({first_line(exc)})") from exc
+        where = "local directory, and not a tokenizer on the Hugging Face hub"
         raise DataError(f"tokenizer {name_or_path!r}: cannot be loaded (no such {where}): {first_line(exc)}") from exc
     if tokenizer.eos_token is None:
         raise DataError(

@@ -35,6 +35,7 @@ from ntp_rl.io import write_csv_atomic
 from ntp_rl.models import count_parameters, load_pretrained
 from ntp_rl.plots import plot_histogram, plot_pass_at_k
 from ntp_rl.seeding import eval_chunk_seed
+from ntp_rl.rundir import shown_path
 from ntp_rl.stages.session import StageSession
 from ntp_rl.tasks import Task, TaskProblem, build_task
 
@@ -48,6 +49,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     problems = task.problems(cfg.eval.split, cfg.eval.num_problems)
     if not problems:
         raise DataError(f"task={cfg.task.name}: the {cfg.eval.split} split has no problems to evaluate")
+    session.note_unread_answers(task)
+    session.note_source_run("model", cfg.model.name_or_path, subject.path)
     text = load_held_out_text(cfg, session, subject)
     # Named after the model evaluated, e.g. eval-model=<run>_step_00000400, not after its full path.
     naming = [o for o in overrides if o.split("=", 1)[0] not in ("model", "model.name_or_path")]
@@ -78,7 +81,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                                           sampling)
         session.finish(record, checkpoint=subject.path)
         session.say(f"done in {perf['wall_time_s']:.0f}s ({perf['tokens_per_sec']:.0f} generated tokens/s) -> "
-                    f"{session.run_dir.path}")
+                    f"{shown_path(session.run_dir.path)}")
         session.say(_table(summary, diagnostics, cfg.eval.n, sorted(set(cfg.eval.ks))))
         return record
 
@@ -124,7 +127,7 @@ def load_held_out_text(cfg: Any, session: StageSession, subject: Subject) -> Opt
 
 def announce(cfg: Any, session: StageSession, subject: Subject, problems: list[TaskProblem], sampling: Sampling) -> None:
     step = f" (step {subject.step})" if subject.step is not None else ""
-    session.say(f"ntp-rl eval -> {session.run_dir.path}")
+    session.say(f"ntp-rl eval -> {shown_path(session.run_dir.path)}")
     session.say(f"  model: {subject.path}{step}, {count_parameters(subject.lm) / 1e6:.2f}M params | "
                 f"{session.world} process(es), {session.device.type}")
     session.say(f"  task:  {cfg.task.name} ({cfg.eval.split} split), {len(problems)} problems x n={cfg.eval.n} samples, "

@@ -24,8 +24,8 @@ from ntp_rl.config.compose import compose
 from ntp_rl.config.schema import LINEAGE_STAGES
 from ntp_rl.errors import ConfigError
 from ntp_rl.io import write_json_atomic
-from ntp_rl.rundir import (RESULTS_FILE, RunDir, dir_name, mark_stopped, read_results, read_run_info, run_name,
-                           setting_overrides)
+from ntp_rl.rundir import (RESULTS_FILE, RunDir, dir_name, lock, mark_stopped, read_results, read_run_info, run_name,
+                           setting_overrides, shown_path)
 
 # The stage (of the stage table) each stage of a lineage runs, and the lineage stage whose
 # checkpoint it starts from.
@@ -106,7 +106,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     record = open_lineage(cfg, overrides, lineage, name, state.is_main_process)
     state.wait_for_everyone()
     say = print if state.is_main_process else (lambda message: None)
-    say(f"ntp-rl pipeline {name} -> {lineage}: {' -> '.join(cfg.stages)}")
+    say(f"ntp-rl pipeline {name} -> {shown_path(lineage)}: {' -> '.join(cfg.stages)}")
 
     results: dict[str, Any] = {}
     try:
@@ -142,7 +142,7 @@ def open_lineage(cfg: Any, overrides: Sequence[str], lineage: Path, name: str, i
     """The lineage's own directory and run.json (main process); a re-run keeps its start time."""
     record = RunDir(path=lineage, name=name, info=read_run_info(lineage))
     if is_main:
-        lineage.mkdir(parents=True, exist_ok=True)
+        lock(lineage, "run_dir")  # two identical pipeline commands must not run one lineage
         OmegaConf.save(cfg, lineage / "config.yaml", resolve=True)
         record.update(stage="pipeline", name=name, status="running", overrides=list(overrides),
                       stages=list(cfg.stages), started_at=record.info.get("started_at", time.strftime("%Y-%m-%dT%H:%M:%S")))

@@ -31,6 +31,7 @@ from ntp_rl.models import (ShapedLossLM, build_model, check_same_architecture, c
 from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.runtime import flops_per_token, peak_flops, peak_memory_gib
 from ntp_rl.seeding import seed_everything
+from ntp_rl.rundir import shown_path
 from ntp_rl.stages.session import StageSession
 from ntp_rl.tracking import Tracker
 
@@ -46,6 +47,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     # Everything a user can get wrong is found before the run directory exists.
     data = build_data(cfg, session)
     check_loss(cfg.loss, vocab_size=len(data.tokenizer))
+    if data.skipped_rows:
+        session.notice("rows_without_text", data.skipped_rows, f"{data.skipped_rows} row(s) of data.path={cfg.data.path} "
+                       f"have no text in data.text_field={cfg.data.text_field} (null or empty) and were left out")
     session.choose_run_dir()
     if (done := session.finished_results(cfg.train.max_steps)) is not None:
         return done
@@ -131,7 +135,7 @@ def restore(training: Training, resume_from: Optional[Path], data: PretrainData,
 
 def announce(cfg: Any, session: StageSession, data: PretrainData, training: Training) -> None:
     loss = cfg.loss
-    session.say(f"ntp-rl {cfg.stage} -> {session.run_dir.path}")
+    session.say(f"ntp-rl {cfg.stage} -> {shown_path(session.run_dir.path)}")
     session.say(f"  data:  {data.description}; unigram baseline NLL {data.unigram_nll:.3f}")
     session.say(f"  model: {cfg.model.name} ({count_parameters(training.lm) / 1e6:.2f}M params) | loss: {loss.name} "
                 f"(beta={loss.beta}, lambda_top={loss.lambda_top}, lambda_tail={loss.lambda_tail}, k={loss.k}, "
@@ -155,7 +159,7 @@ def train(cfg: Any, session: StageSession, data: PretrainData, training: Trainin
     val_metrics: dict[str, float] = {}
     if training.step == 0:
         val_metrics = validate(cfg, session, data, training, tracker, step=0)
-    bar = session.progress(total=max_steps, initial=training.step)
+    bar = session.progress(total=max_steps, initial=training.step, logs=True)
     while training.step < max_steps:
         step_start = time.perf_counter()
         loss_sum, stat_sums, grad_norm = train_step(cfg, session, data, training, bar)
@@ -301,5 +305,5 @@ def finish(cfg: Any, session: StageSession, data: PretrainData, training: Traini
     session.tracker.summary({f"final/val_{k}": v for k, v in val_metrics.items()})
     session.finish(results, step=step, checkpoint=str(final))
     session.say(f"done: {step} steps in {wall:.0f}s | val nll {val_metrics['nll']:.4f} vs unigram {data.unigram_nll:.3f}"
-                f" | ppl {val_metrics['ppl']:.3f} | entropy {val_metrics['entropy']:.3f}\n  model: {final}")
+                f" | ppl {val_metrics['ppl']:.3f} | entropy {val_metrics['entropy']:.3f}\n  model: {shown_path(final)}")
     return results

@@ -46,6 +46,7 @@ from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, RolloutBatc
                                deal_groups, sample_groups, token_logprobs)
 from ntp_rl.runtime import peak_flops, peak_memory_gib
 from ntp_rl.seeding import rl_eval_seed, rollout_seed, seed_everything
+from ntp_rl.rundir import shown_path
 from ntp_rl.stages.session import StageSession
 from ntp_rl.tasks import Task, TaskProblem, build_task
 
@@ -65,6 +66,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     train_pool = task.problems("train", cfg.rl.train_problems)
     eval_problems = task.problems("test", cfg.rl.eval_problems)
     init_dir = ckpt.resolve_init_from(cfg.init_from)
+    session.note_unread_answers(task)
+    session.note_source_run("init_from", cfg.init_from, init_dir)
     session.choose_run_dir()
     if (done := session.finished_results(cfg.rl.max_steps)) is not None:
         return done
@@ -76,7 +79,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         eval_after = None
         if state.step == 0:
             eval_after = state.eval_before = evaluate_held_out(state, 0)
-        bar = session.progress(total=cfg.rl.max_steps, initial=state.step)
+        bar = session.progress(total=cfg.rl.max_steps, initial=state.step, logs=True)
         last_step_metrics: dict = {}
         started = time.perf_counter()
         while state.step < cfg.rl.max_steps:
@@ -129,6 +132,7 @@ class RLState:
     empty_mini_batches: int = 0  # over the run: updates skipped because no response token had a loss
     nonfinite_skips: int = 0  # over the run: updates dropped for a non-finite gradient (rl.on_nonfinite=skip)
     short_steps: int = 0  # over the run: steps whose sampling rounds ran out before the batch was full
+    equal_reward_steps: int = 0  # over the run: steps in which every group had equal rewards (nothing to learn)
     filled_groups: int = 0  # over the run: batch places those steps left without a group to train on
     engine_stale: bool = False  # the policy has changed since the sampling engine last took its weights
 
@@ -186,12 +190,13 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         state.empty_mini_batches = int(saved.get("empty_mini_batches", 0))
         state.nonfinite_skips = int(saved.get("nonfinite_skips", 0))
         state.short_steps, state.filled_groups = int(saved.get("short_steps", 0)), int(saved.get("filled_groups", 0))
+        state.equal_reward_steps = int(saved.get("equal_reward_steps", 0))
     return state
 
 
 def announce(state: RLState, init_dir: Any) -> None:
     rl, session = state.cfg.rl, state.session
-    session.say(f"ntp-rl rl -> {session.run_dir.path}")
+    session.say(f"ntp-rl rl -> {shown_path(session.run_dir.path)}")
     session.say(f"  policy: {init_dir} ({count_parameters(state.lm) / 1e6:.2f}M params) | task: {state.task.name}, "
                 f"{len(state.stream.problems)} train prompts, {len(state.eval_problems)} held-out problems")
     session.say(f"  GRPO: {rl.prompts_per_step} prompts x G={rl.num_generations} per step, {state.updates_per_step} "
@@ -278,6 +283,8 @@ def score(state: RLState, collected: CollectedGroups) -> RolloutBatch:
 
 def report_filled(state: RLState, collected: CollectedGroups) -> None:
     """Count the steps that ran out of sampling rounds; say so the first time."""
+    if not any(g.informative for g in collected.groups):
+        state.equal_reward_steps += 1
     if not collected.filled:
         return
     if not state.short_steps:
@@ -566,7 +573,7 @@ def save(state: RLState) -> Path:
                      "eval_before": state.eval_before, "train_first_step": state.first_step_metrics,
                      "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
                      "short_steps": state.short_steps,
-                     "filled_groups": state.filled_groups}
+                     "filled_groups": state.filled_groups, "equal_reward_steps": state.equal_reward_steps}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m,
                                 state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
 
@@ -583,10 +590,14 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
                "dynamic_sampling": {"short_steps": state.short_steps, "filled_groups": state.filled_groups,
                                     "groups_per_step": state.cfg.rl.prompts_per_step}}
     session.tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
+    if state.equal_reward_steps:
+        session.notice("equal_reward_steps", state.equal_reward_steps,
+                       f"{state.equal_reward_steps} of {step} steps had equal rewards within every group: zero "
+                       "advantages, policy_loss 0, nothing learned from them")
     session.finish(results, step=step, checkpoint=str(final))
     before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
     session.say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"
-                f" | mean length {eval_after['mean_length']:.1f}\n  model: {final}")
+                f" | mean length {eval_after['mean_length']:.1f}\n  model: {shown_path(final)}")
     if state.short_steps:
         session.say(f"  {state.short_steps} of {step} steps ran out of sampling rounds and trained on fewer groups "
                     f"({state.filled_groups} places of {step * state.cfg.rl.prompts_per_step} left empty)")

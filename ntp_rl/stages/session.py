@@ -17,6 +17,8 @@ closed as failed, so a half-done run never looks complete.
 from __future__ import annotations
 
 import secrets
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -28,7 +30,7 @@ from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
 from ntp_rl.errors import TrainingDiverged
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import RESULTS_FILE, RunDir
-from ntp_rl.runtime import make_accelerator
+from ntp_rl.runtime import environment, make_accelerator
 from ntp_rl.tracking import Tracker, wandb_mode
 
 
@@ -47,6 +49,7 @@ class StageSession:
         self.device = self.accelerator.device
         self.run_dir: Optional[RunDir] = None
         self.tracker: Optional[Tracker] = None
+        self.notices: dict[str, Any] = {}  # what was dropped, skipped or suspicious: results.json's `notices`
 
     def say(self, message: str) -> None:
         """A console line from the main process; tqdm.write keeps a progress bar intact below it."""
@@ -54,6 +57,28 @@ class StageSession:
             from tqdm.auto import tqdm
 
             tqdm.write(message)
+
+    def notice(self, key: str, value: Any, message: str) -> None:
+        """Something dropped, skipped or suspicious: said once on the console, and kept under `key` in
+        results.json's `notices`, so that nothing degrades a run silently."""
+        if key not in self.notices:
+            self.say(f"  note: {message}")
+        self.notices[key] = value
+
+    def note_unread_answers(self, task: Any) -> None:
+        """Task rows left out because their reference answer could not be read (hf_math): counted and said."""
+        unread = getattr(task, "unread_answers", None)
+        if unread:
+            self.notice("task_rows_without_answer", dict(unread), f"task={task.name}: rows whose reference answer "
+                        f"could not be read were left out: {', '.join(f'{n} in {s}' for s, n in unread.items())}")
+
+    def note_source_run(self, key: str, given: str, used: Any) -> None:
+        """Starting from a run that is not finished (still running, failed, interrupted) is allowed, but said,
+        with the checkpoint used."""
+        source = rundir.source_run(given, used)
+        if source is not None and source[1] != "finished":
+            self.notice(f"{key}_status", source[1], f"{key}={given} is a run whose status is {source[1]}, not finished; "
+                        f"using its checkpoint {used}")
 
     def choose_run_dir(self, name_overrides: Optional[Sequence[str]] = None) -> RunDir:
         """Rank 0 decides the run directory (and the checkpoint to resume); every rank gets the same answer.
@@ -74,6 +99,9 @@ class StageSession:
         if chosen[1] is not None:
             raise chosen[1]
         self.run_dir = chosen[0]
+        if self.cfg.resume == "auto" and self.run_dir.resume_from is None:
+            self.notice("resume_auto_found_nothing", True, f"resume=auto found no unfinished run of this command to "
+                        f"resume; a new run starts in {rundir.shown_path(self.run_dir.path)}")
         return self.run_dir
 
     @property
@@ -91,7 +119,7 @@ class StageSession:
         finished = rundir.read_results(self.run_dir.path) if self.resume_from else None
         if finished is None or finished["step"] < max_steps:
             return None
-        self.accelerator.print(f"ntp-rl {self.stage}: {self.run_dir.path} already finished at step {finished['step']}")
+        self.accelerator.print(f"ntp-rl {self.stage}: {rundir.shown_path(self.run_dir.path)} already finished at step {finished['step']}")
         return finished
 
     @contextmanager
@@ -104,6 +132,7 @@ class StageSession:
                 if "wandb_id" not in run.info and self.wandb_mode != "disabled":
                     run.info["wandb_id"] = secrets.token_hex(6)  # kept in run.json: a resumed run logs to the same W&B run
                 rundir.create(run, cfg, self.stage, self.overrides, self.world)
+                run.update(environment=environment(self.device))
             self.accelerator.wait_for_everyone()
             run.info = rundir.read_run_info(run.path)  # the other ranks learn the W&B id here
             # A pipeline stage's overrides and its configured tags both carry the lineage's settings.
@@ -114,14 +143,22 @@ class StageSession:
                 self.tracker = tracker
                 yield tracker
 
-    def progress(self, total: int, initial: int = 0, desc: Optional[str] = None, unit: str = "it") -> Any:
+    def progress(self, total: int, initial: int = 0, desc: Optional[str] = None, unit: str = "it",
+                 logs: bool = False) -> Any:
+        """A progress bar on a terminal; on a log file or a pipe, plain lines (PlainProgress), not \\r frames:
+        at the stage's log interval when it `logs` (calls set_postfix), else every tenth of the way."""
         from tqdm.auto import tqdm
 
+        if not sys.stderr.isatty():
+            return PlainProgress(total, initial, desc or self.stage, unit, logs,
+                                 enabled=self.is_main and self.cfg.logger.progress_bar)
         return tqdm(total=total, initial=initial, desc=desc or self.stage, unit=unit, dynamic_ncols=True,
                     disable=not (self.is_main and self.cfg.logger.progress_bar))
 
     def finish(self, results: dict, **info: Any) -> dict:
         """Write results.json and mark the run finished (main process), then wait for every process."""
+        if self.notices:
+            results["notices"] = dict(self.notices)
         if self.is_main:
             write_json_atomic(self.run_dir.path / RESULTS_FILE, results)
             self.run_dir.update(status="finished", **info)
@@ -137,3 +174,34 @@ class StageSession:
         if self.is_main:
             self.run_dir.update(status="diverged", error=message)
         raise TrainingDiverged(message)
+
+
+class PlainProgress:
+    """Progress for a console that is not a terminal (a log file, a pipe): a plain line each time the
+    stage logs (set_postfix, at its log interval), or each tenth of the way for a stage that does
+    not log; a terminal's bar would write thousands of \\r frames into the file instead."""
+
+    def __init__(self, total: int, initial: int, desc: str, unit: str, logs: bool, enabled: bool):
+        self.total, self.n, self.desc, self.unit, self.enabled = total, initial, desc, unit, enabled
+        self.started = time.perf_counter()
+        self.logs = logs  # the stage calls set_postfix: lines follow its log interval
+        self.tenth = max(1, total // 10)
+        self.next_line = initial + self.tenth
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if not self.logs and (self.n >= self.next_line or self.n == self.total):
+            self.next_line = self.n + self.tenth
+            self._line({})
+
+    def set_postfix(self, **fields: Any) -> None:
+        self._line(fields)
+
+    def close(self) -> None:
+        pass
+
+    def _line(self, fields: dict) -> None:
+        if self.enabled:
+            shown = "".join(f" | {key} {value}" for key, value in fields.items())
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit} | {time.perf_counter() - self.started:.0f}s{shown}",
+                  flush=True)

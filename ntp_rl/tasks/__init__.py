@@ -12,10 +12,11 @@ format bonus). Tasks are registered by `kind`; a config (conf/task/*.yaml) picks
 from __future__ import annotations
 
 import importlib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
-from ntp_rl.errors import ConfigError
+from ntp_rl.errors import ConfigError, UserError
 
 # Splits a task serves: RL trains on "train", eval measures on "test". For the embedded
 # task both are disjoint from the pre-training text.
@@ -76,7 +77,30 @@ def load_reward_fn(spec: str) -> Callable[[str, TaskProblem], float]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError("task.reward_fn", f"{module_name} has no function {attr}", spec)
+    _check_reward_signature(fn, spec)
     return fn
+
+
+def _check_reward_signature(fn: Callable, spec: str) -> None:
+    """The function must take (completion, problem): checked on its signature, without calling
+    it, so that a function that would do something else with one argument is never run."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise ConfigError("task.reward_fn", "its signature cannot be read; give a Python function "
+                          "f(completion, problem) -> float", spec) from None
+    try:
+        signature.bind("completion", "problem")
+    except TypeError:
+        raise ConfigError("task.reward_fn", f"must accept (completion, problem); {attr_name(spec)} takes "
+                          f"{signature}", spec) from None
+
+
+def attr_name(spec: str) -> str:
+    module_name, _, attr = spec.partition(":")
+    return f"{module_name}.{attr}"
 
 
 def reward(task: Task, completion: str, problem: TaskProblem, format_weight: float = 0.0) -> float:
@@ -88,7 +112,10 @@ def reward(task: Task, completion: str, problem: TaskProblem, format_weight: flo
 def score(task: Task, completion: str, problem: TaskProblem, format_weight: float = 0.0) -> tuple[float, bool]:
     """(reward, whether the answer is right), reading and checking the answer once (math-verify is not free)."""
     if isinstance(task, WithRewardFunction):
-        return float(task.reward_fn(completion, problem)), is_correct(task, completion, problem)
+        value = task.reward_fn(completion, problem)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise UserError(f"task.reward_fn: returned {type(value).__name__} {str(value)[:40]!r}, not a number")
+        return float(value), is_correct(task, completion, problem)
     answer = task.extract_answer(completion)
     correct = answer is not None and task.answer_matches(answer, problem)
     return float(correct) + (format_weight if answer is not None else 0.0), correct

@@ -10,7 +10,7 @@ and "0.5" are the same answer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
@@ -69,6 +69,8 @@ class HFMathTask:
     answer_field: str
     answer_format: AnswerFormat
     prompt_template: str = DEFAULT_TEMPLATE
+    # split -> rows read for problems() whose reference answer could not be read (left out; the stages say so)
+    unread_answers: dict = field(default_factory=dict)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -95,6 +97,8 @@ class HFMathTask:
             if answer is not None:
                 out.append(TaskProblem(id=f"{split}-{i}", prompt=fill_prompt(self.prompt_template, str(row[self.question_field])),
                                        answer=answer))
+            else:
+                self.unread_answers[split] = self.unread_answers.get(split, 0) + 1
         if not out:
             raise DataError(f"task.path={self.path}: no row of split {self.splits[split]} has a reference answer in "
                             f"task.answer_field={self.answer_field} (task.answer_format={self.answer_format.value})")
