@@ -177,7 +177,7 @@ class FixedCompletions:
 
 
 def test_known_completions_give_exact_metrics_and_deterministic_tie_breaks(tokenizer, tmp_path, shared_cache, monkeypatch):
-    from ntp_rl.stages import eval as eval_stage
+    from ntp_rl import engines
 
     problems = build_task(TaskConfig()).problems("test", 4)
     right = [f" #### {p.answer}" for p in problems]
@@ -188,7 +188,7 @@ def test_known_completions_give_exact_metrics_and_deterministic_tie_breaks(token
         problems[2].prompt: ["no idea", "still none", wrong[2], right[2]],  # 1-1 among answers; no answer never votes
         problems[3].prompt: ["", "", "", ""],
     }
-    monkeypatch.setattr(eval_stage, "HFGenerator", FixedCompletions)
+    monkeypatch.setattr(engines, "HFGenerator", FixedCompletions)  # what generator=hf makes
     model_dir = answering_model(tmp_path / "model", tokenizer, "41")
     record = evaluate(setup(tmp_path, shared_cache, model_dir, "eval.num_problems=4", "diagnostics.enabled=false"))
 
