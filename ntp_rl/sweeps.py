@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 
 from ntp_rl.errors import TrainingDiverged, UserError, first_line
 from ntp_rl.io import write_json_atomic
+from ntp_rl.rundir import shown_path
 
 POINTS_DIR = "points"  # in the sweep directory: one <job number>.json per point that ran
 
@@ -226,11 +227,11 @@ def finish_sweep(stage: str, plan: SweepPlan, first_cfg: Any, overrides: Sequenc
     missing = plan.num_points - len(records)
     if missing > 0:
         print(f"ntp-rl: error: {missing} point(s) left no result (a job that was killed or never ran); "
-              f"their logs are under {sweep_dir / '.submitit'}", file=sys.stderr)
+              f"their logs are under {shown_path(sweep_dir / '.submitit')}", file=sys.stderr)
     if stage == "pipeline":
         compare_lineages([r["run_dir"] for r in records if r["status"] == "finished"], first_cfg, overrides,
                          sweep_dir)
-    print(f"sweep: {len(records) - len(failed)} of {plan.num_points} point(s) finished; records in {sweep_dir}")
+    print(f"sweep: {len(records) - len(failed)} of {plan.num_points} point(s) finished; records in {shown_path(sweep_dir)}")
     if failed or missing > 0:
         return max([r.get("exit_code", 1) for r in failed] or [1])
     return 0
@@ -250,4 +251,4 @@ def compare_lineages(lineages: list[str], cfg: Any, overrides: Sequence[str], sw
                          group=cfg.logger.wandb.group or label or sweep_dir.name)  # the verdict beside its lineages
     summary = compare(sorted(set(lineages)), str(out_dir), wandb=wandb)
     print(summary["table"], end="")
-    print(f"table and figures in {out_dir}")
+    print(f"table and figures in {shown_path(out_dir)}")
