@@ -228,7 +228,7 @@ def test_a_sweep_over_existing_run_directories_stays_a_sweep(tmp_path):
 
     first, second = tmp_path / "a=1", tmp_path / "b=2"
     first.mkdir(), second.mkdir()
-    from ntp_rl.launch import sweep_points
+    from ntp_rl.sweeps import sweep_points
 
     points = sweep_points(quote_path_values([f"init_from={first},{second}"]))
     assert [compose("rl", point).init_from for point in points] == [str(first), str(second)]
