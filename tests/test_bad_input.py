@@ -162,6 +162,7 @@ EXACT = [
     (["pretrain", "out_dir={root}/a_file"], "out_dir={root}/a_file: is a file, not a directory"),
     (["pretrain", "out_dir={root}/a_file/sub"], "out_dir={root}/a_file/sub: {root}/a_file is a file, not a directory"),
     (["pretrain", "run_dir={root}/a_file"], "run_dir={root}/a_file: is a file, not a directory"),
+    (["pretrain", "data.cache_dir={root}/a_file"], "data.cache_dir={root}/a_file: is a file, not a directory"),
     # a reward function that cannot be one (issue 12, item 4): refused before any run starts, never called
     (["rl", "init_from={run}", "task.reward_fn=os:system"],
      "task.reward_fn=os:system: must accept (completion, problem); os.system takes (command)"),

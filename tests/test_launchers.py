@@ -96,12 +96,12 @@ def test_a_search_without_its_extra_says_how_to_install_it(monkeypatch):
 
 
 def test_a_failed_point_is_named_at_the_end_and_the_others_finish(tiny, tmp_path):
-    not_a_dir = tmp_path / "file"
-    not_a_dir.write_text("")
-    result = run_cli("pretrain", "-m", *tiny, "train.max_steps=2", f"data.cache_dir={tiny[-1].split('=')[1]},{not_a_dir}")
-    assert result.returncode == 1, result.stderr[-3000:]
+    # loss.k above the vocabulary is found only once the tokenizer exists, inside the job: a point
+    # that passed every check before the sweep and failed while it ran.
+    result = run_cli("pretrain", "-m", "loss.k=5,100000", "loss=tail_penalty", *tiny, "train.max_steps=2")
+    assert result.returncode == 2, result.stderr[-3000:]  # the failed point's own exit code
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("ntp-rl: error: point 1 (") and f"data.cache_dir={not_a_dir}" in last, result.stderr
+    assert last.startswith("ntp-rl: error: point 1 (loss.k=100000") and "must be in 1..128" in last, result.stderr
     records = points(tmp_path / "outputs", "pretrain")
     assert [r["status"] for r in records] == ["finished", "failed"]
     assert "sweep: 1 of 2 point(s) finished" in result.stdout

@@ -116,6 +116,8 @@ def _check_common(cfg: Any) -> None:
     for key in ("out_dir", "run_dir"):
         if cfg[key]:
             _check_directory_path(cfg[key], key)
+    if "data" in cfg and cfg.data.cache_dir:
+        _check_directory_path(cfg.data.cache_dir, "data.cache_dir")
 
 
 def _check_directory_path(path: str, key: str) -> None:
