@@ -105,6 +105,7 @@ def test_any_loss_field_is_overridable():
         (["data.seq_len=-5"], ["data.seq_len"]),
         (["data=hf"], ["data.path"]),
         (["data.difficulty=9"], ["data.difficulty"]),
+        (["data.solution_order=shuffled"], ["data.solution_order", "given", "any"]),
         (["train.batch_size=10", "train.micro_batch_size=4"], ["train.batch_size", "train.micro_batch_size"]),
         (["model.num_heads=5"], ["model.num_heads"]),
         (["optim.lr=-1"], ["optim.lr"]),

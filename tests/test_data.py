@@ -5,10 +5,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import hashlib
 import json
 import math
 import random
 import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,11 +19,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerFast
 
-from ntp_rl.config.schema import DataConfig, DataSource
+from ntp_rl.config.schema import DataConfig, DataSource, SolutionOrder
 from ntp_rl.data.corpus import (
     LEVELS,
     SPLITS,
-    Problem,
     extract_answer,
     generate_problem,
     is_correct,
@@ -95,7 +96,7 @@ def test_splits_are_disjoint_by_arithmetic():
 
 def test_split_ignores_the_wording_and_follows_the_shares():
     problem = sample_problems("test", 0, 2, 1)[0]
-    reworded = Problem(question="Zed has some pebbles. What now?", solution=problem.solution, answer=problem.answer)
+    reworded = replace(problem, question="Zed has some pebbles. What now?")
     assert split_of(reworded) == "test"
     rng = random.Random(0)
     splits = [split_of(generate_problem(rng, 4)) for _ in range(4000)]
@@ -112,6 +113,65 @@ def test_split_streams_do_not_depend_on_each_other():
         interleaved_rl.append(next(rl))
         next(test)
     assert interleaved_rl == sample_problems("rl", 0, 2, 20)
+
+
+def test_the_default_corpus_is_byte_for_byte_what_earlier_versions_generated():
+    # Every figure in the README was measured on this corpus; a change to the generator that
+    # moves it must be deliberate (and bump embedded.FORMAT_VERSION).
+    expected = {2: "9b03e8e773a29beb", 3: "4831a7866772e65e", 5: "ff10c0d1b30e4989"}
+    for difficulty, digest in expected.items():
+        docs = sample_documents("pretrain", 0, difficulty, 300) + sample_documents("test", 0, difficulty, 100)
+        assert hashlib.sha256("\n".join(docs).encode()).hexdigest()[:16] == digest, difficulty
+
+
+@pytest.mark.parametrize("difficulty", [2, 4, 5])
+def test_any_order_reworks_the_same_questions_in_another_valid_order(difficulty):
+    level = LEVELS[difficulty]
+    given = sample_problems("pretrain", 0, difficulty, 400)
+    reordered = sample_problems("pretrain", 0, difficulty, 400, solution_order="any")
+    changed = 0
+    for plain, other in zip(given, reordered):
+        # same question, answer and split; only the worked solution may differ
+        assert (other.question, other.answer, other.canonical) == (plain.question, plain.answer, plain.canonical)
+        assert split_of(other) == "pretrain"
+        steps = [(op, b) for _, op, b, _ in EQUATION.findall(plain.solution)]
+        worked = [(op, b) for _, op, b, _ in EQUATION.findall(other.solution)]
+        assert sorted(worked) == sorted(steps)
+        # multiplications stay where the question puts them; the sums between them may move
+        assert [i for i, (op, _) in enumerate(worked) if op == "*"] == [i for i, (op, _) in enumerate(steps) if op == "*"]
+        value = int(EQUATION.findall(other.solution)[0][0])
+        for a, op, b, c in EQUATION.findall(other.solution):
+            assert int(a) == value
+            value = OPS[op](int(a), int(b))
+            assert value == int(c) and 0 <= value < level.bound
+        assert value == int(other.answer) and is_correct(other.completion, other.answer)
+        changed += other.solution != plain.solution
+    # two sums that can be swapped are swapped half the time; longer chains have more orders
+    assert changed / len(given) > 0.25
+    with pytest.raises(ValueError, match="solution order"):
+        next(iter_problems("pretrain", 0, 2, solution_order="shuffled"))
+
+
+def test_any_order_draws_every_valid_order_evenly():
+    # "What is 24 + 18 - 16?" can be worked either way round; over many draws each order is
+    # about half, so the answer's first equation is a genuine fifty-fifty fork.
+    first_steps = Counter()
+    for problem in sample_problems("pretrain", 0, 2, 3000, solution_order="any"):
+        equations = EQUATION.findall(problem.solution)
+        ops = {op for _, op, _, _ in equations}
+        a, b, c = int(equations[0][0]), int(equations[0][2]), int(equations[1][2])
+        if ops == {"+", "-"} and a - max(b, c) >= 0 and a + max(b, c) < LEVELS[2].bound:
+            first_steps[equations[0][1]] += 1  # both orders are in range
+    total = sum(first_steps.values())
+    assert total > 300 and 0.45 < first_steps["+"] / total < 0.55
+
+
+def test_solution_order_any_builds_its_own_cache(tmp_path):
+    given = build_pretrain_data(small_embedded(), cache_dir=tmp_path, seed=0)
+    reordered = build_pretrain_data(small_embedded(solution_order=SolutionOrder.any), cache_dir=tmp_path, seed=0)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert "solutions in any order" in reordered.description and "any order" not in given.description
+    assert not torch.equal(reordered.val, given.val)
 
 
 @pytest.mark.parametrize("difficulty", sorted(LEVELS))

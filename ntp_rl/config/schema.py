@@ -47,6 +47,11 @@ class DataSource(Enum):
     hf = "hf"  # any `datasets` source with a text field
 
 
+class SolutionOrder(Enum):
+    given = "given"  # each answer works the steps in the order its question tells them
+    any = "any"  # sums between multiplications worked in a random valid order: answers that fork
+
+
 class Precision(Enum):
     auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
     fp32 = "fp32"
@@ -140,6 +145,7 @@ class DataConfig:
     seq_len: int = 256  # tokens per training sequence
     # source=embedded: the procedural corpus (ntp_rl/data/corpus.py)
     difficulty: int = 2  # 1 (one small step) .. 5 (long chains, big numbers)
+    solution_order: SolutionOrder = SolutionOrder.given
     seed: int = 0  # the corpus's seed; the run's `seed` varies init and data order only
     num_train_docs: int = 60000
     num_val_docs: int = 1000

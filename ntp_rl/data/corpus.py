@@ -11,6 +11,12 @@ for a tiny model to pick up)::
 
     Question: Ann has 12 apples. She buys 7 more. Then she gives away 5. How many apples does Ann have now?
     Answer: 12 + 7 = 19. 19 - 5 = 14. #### 14
+
+With `solution_order="any"` the additions and subtractions between two multiplications are
+worked in an order drawn from all that keep every intermediate result in range, so the same
+question can also be answered "12 - 5 = 7. 7 + 7 = 14. #### 14". That gives the answers real
+next-token uncertainty (a fork at the first equation) for a shaped loss to act on; with the
+default "given" every answer is fully determined by its question.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, permutations
 from typing import Iterator
 
 SPLITS = ("pretrain", "rl", "test")
+SOLUTION_ORDERS = ("given", "any")
 
 # Shares of the problem space, in percent, in the order of SPLITS.
 _SPLIT_PERCENT = (80, 10, 10)
@@ -75,6 +82,9 @@ class Problem:
     question: str
     solution: str  # the worked equations, ending with "#### <answer>"
     answer: str  # canonical final answer, e.g. "14"
+    # The arithmetic as the question tells it, e.g. "12+7-5": what the split is decided on, so
+    # a solution worked in another order never moves a problem to another split.
+    canonical: str
 
     @property
     def prompt(self) -> str:
@@ -91,18 +101,18 @@ class Problem:
         """The pre-training text of this problem; the packer adds EOS between documents."""
         return self.prompt + self.completion
 
-    @property
-    def canonical(self) -> str:
-        """The arithmetic alone, e.g. "12+7-5": what the split is decided on."""
-        return canonical_expression(self.solution)
-
 
 # ---------------------------------------------------------------------------
 # Generation
 
 
-def generate_problem(rng: random.Random, difficulty: int) -> Problem:
-    """Draw one problem of the given difficulty; all randomness comes from `rng`."""
+def generate_problem(rng: random.Random, difficulty: int, order_rng: random.Random | None = None) -> Problem:
+    """Draw one problem of the given difficulty; all randomness comes from `rng`.
+
+    With `order_rng` the solution is worked in an order drawn from it (see the module's
+    docstring). It is a separate generator so that the questions drawn from `rng` are the same
+    whichever order the solutions take.
+    """
     level = _level(difficulty)
     num_steps = rng.choice(level.steps)
     plain = rng.random() < _PLAIN_SHARE
@@ -115,12 +125,14 @@ def generate_problem(rng: random.Random, difficulty: int) -> Problem:
     else:
         start = rng.randint(2, level.bound - 1)
         steps = _draw_steps(rng, level, start, num_steps)
-    solution, answer = _solve(start, steps)
+    worked = steps if order_rng is None else _any_valid_order(order_rng, level, start, steps)
+    solution, answer = _solve(start, worked)
     if plain:
         question = f"What is {render_expression(start, steps)}?"
     else:
         question = _story(rng, start, steps, bags)
-    return Problem(question=question, solution=solution, answer=str(answer))
+    canonical = str(start) + "".join(f"{op}{x}" for op, x in steps)
+    return Problem(question=question, solution=solution, answer=str(answer), canonical=canonical)
 
 
 def _level(difficulty: int) -> Level:
@@ -171,6 +183,40 @@ def _apply(value: int, op: str, x: int) -> int:
     raise ValueError(f"unknown operator {op!r}")
 
 
+def _any_valid_order(rng: random.Random, level: Level, start: int, steps: list[Step]) -> list[Step]:
+    """The steps with each run of additions and subtractions reordered, uniformly among the
+    orders whose intermediate results all stay in [0, bound); a multiplication stays in place,
+    since it does not commute with the sums around it."""
+    worked: list[Step] = []
+    value, i = start, 0
+    while i < len(steps):
+        if steps[i][0] == "*":
+            worked.append(steps[i])
+            value = _apply(value, *steps[i])
+            i += 1
+            continue
+        end = i
+        while end < len(steps) and steps[end][0] != "*":
+            end += 1
+        run = steps[i:end]
+        # set(): repeated steps (+3, +3) would count one order twice and weight the draw
+        orders = sorted({order for order in permutations(run) if _in_range(level, value, order)})
+        chosen = list(rng.choice(orders))  # never empty: the given order is in range
+        worked += chosen
+        for op, x in chosen:
+            value = _apply(value, op, x)
+        i = end
+    return worked
+
+
+def _in_range(level: Level, value: int, steps: tuple[Step, ...]) -> bool:
+    for op, x in steps:
+        value = _apply(value, op, x)
+        if not 0 <= value < level.bound:
+            return False
+    return True
+
+
 def _solve(start: int, steps: list[Step]) -> tuple[str, int]:
     equations = []
     value = start
@@ -211,23 +257,6 @@ def _story(rng: random.Random, start: int, steps: list[Step], bags: bool) -> str
 # ---------------------------------------------------------------------------
 # Splits
 
-_EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\.")
-
-
-def parse_equations(solution: str) -> list[tuple[int, str, int, int]]:
-    """The (left, op, right, result) equations of a worked solution, in order."""
-    worked = solution.split(ANSWER_MARK, 1)[0]
-    return [(int(a), op, int(b), int(c)) for a, op, b, c in _EQUATION.findall(worked)]
-
-
-def canonical_expression(solution: str) -> str:
-    """The chain of operations a solution performs, without any wording: "12+7-5"."""
-    equations = parse_equations(solution)
-    if not equations:
-        raise ValueError(f"no equations in solution {solution!r}")
-    return str(equations[0][0]) + "".join(f"{op}{b}" for _, op, b, _ in equations)
-
-
 def split_of(problem: Problem) -> str:
     """pretrain / rl / test, from a stable hash of the problem's arithmetic."""
     digest = hashlib.sha256(problem.canonical.encode()).digest()
@@ -239,34 +268,38 @@ def split_of(problem: Problem) -> str:
     raise AssertionError("split percentages must sum to 100")
 
 
-def _stream_seed(seed: int, split: str, difficulty: int) -> int:
+def _stream_seed(seed: int, split: str, difficulty: int, purpose: str = "") -> int:
     # hashlib, not hash(): Python salts str hashes per process.
-    digest = hashlib.sha256(f"ntp-rl corpus/{seed}/{split}/{difficulty}".encode()).digest()
+    digest = hashlib.sha256(f"ntp-rl corpus/{seed}/{split}/{difficulty}{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 
-def iter_problems(split: str, seed: int, difficulty: int) -> Iterator[Problem]:
+def iter_problems(split: str, seed: int, difficulty: int, solution_order: str = "given") -> Iterator[Problem]:
     """An endless, deterministic stream of the problems of one split.
 
     Each split draws from its own RNG, so asking for more RL problems never changes
-    which problems pre-training or eval see.
+    which problems pre-training or eval see; the solution orders draw from another, so the
+    questions are the same for every `solution_order`.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if solution_order not in SOLUTION_ORDERS:
+        raise ValueError(f"unknown solution order {solution_order!r}; expected one of {', '.join(SOLUTION_ORDERS)}")
     _level(difficulty)
     rng = random.Random(_stream_seed(seed, split, difficulty))
+    order_rng = random.Random(_stream_seed(seed, split, difficulty, "/order")) if solution_order == "any" else None
     while True:
-        problem = generate_problem(rng, difficulty)
+        problem = generate_problem(rng, difficulty, order_rng)
         if split_of(problem) == split:
             yield problem
 
 
-def sample_problems(split: str, seed: int, difficulty: int, n: int) -> list[Problem]:
-    return list(islice(iter_problems(split, seed, difficulty), n))
+def sample_problems(split: str, seed: int, difficulty: int, n: int, solution_order: str = "given") -> list[Problem]:
+    return list(islice(iter_problems(split, seed, difficulty, solution_order), n))
 
 
-def sample_documents(split: str, seed: int, difficulty: int, n: int) -> list[str]:
-    return [p.document for p in sample_problems(split, seed, difficulty, n)]
+def sample_documents(split: str, seed: int, difficulty: int, n: int, solution_order: str = "given") -> list[str]:
+    return [p.document for p in sample_problems(split, seed, difficulty, n, solution_order)]
 
 
 # ---------------------------------------------------------------------------

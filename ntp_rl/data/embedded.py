@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ntp_rl.config.schema import SolutionOrder
 from ntp_rl.data.corpus import sample_documents
 from ntp_rl.data.packing import PackedSequences, PretrainData, human_count, pack_windows, tokenize_documents, unigram_nll
 from ntp_rl.data.tokenizer import load_tokenizer, train_embedded_tokenizer
@@ -43,6 +44,8 @@ def _embedded_cache_dir(cfg: Any, cache_dir: Path, tokenizer_name: str | None) -
             "vocab_size": cfg.vocab_size,
             "seq_len": cfg.seq_len,
             "tokenizer": tokenizer,
+            # only when set, so that caches built before the key existed are still found
+            **({"solution_order": _solution_order(cfg)} if _solution_order(cfg) != "given" else {}),
         }
 
     def location(settings: dict) -> Path:
@@ -57,6 +60,10 @@ def _embedded_cache_dir(cfg: Any, cache_dir: Path, tokenizer_name: str | None) -
         return own, settings_for(None)
     settings = settings_for(fingerprint or tokenizer_name)
     return location(settings), settings
+
+
+def _solution_order(cfg: Any) -> str:
+    return SolutionOrder(cfg.solution_order).value
 
 
 def _tokenizer_fingerprint(name: str) -> str | None:
@@ -77,7 +84,8 @@ def build_embedded_data(cfg: Any, cache_dir: Path, seed: int, tokenizer_name: st
     train = torch.load(target / "train.pt", weights_only=True)
     val = torch.load(target / "val.pt", weights_only=True)
     description = (
-        f"embedded corpus (difficulty {cfg.difficulty}): {cfg.num_train_docs} docs, "
+        f"embedded corpus (difficulty {cfg.difficulty}{', solutions in any order' if _solution_order(cfg) == 'any' else ''}): "
+        f"{cfg.num_train_docs} docs, "
         f"{human_count(train.numel())} tokens in {len(train)} windows, vocab {len(tokenizer)}"
     )
     return PretrainData(
@@ -93,9 +101,10 @@ def build_embedded_data(cfg: Any, cache_dir: Path, seed: int, tokenizer_name: st
 def _write_embedded(cfg: Any, settings: dict, out: Path, tokenizer_name: str | None) -> None:
     timings = {}
     clock = time.perf_counter()
-    train_docs = sample_documents("pretrain", cfg.seed, cfg.difficulty, cfg.num_train_docs)
+    order = _solution_order(cfg)
+    train_docs = sample_documents("pretrain", cfg.seed, cfg.difficulty, cfg.num_train_docs, order)
     # Validation comes from the held-out test split: no pre-training document shares its arithmetic.
-    val_docs = sample_documents("test", cfg.seed, cfg.difficulty, cfg.num_val_docs)
+    val_docs = sample_documents("test", cfg.seed, cfg.difficulty, cfg.num_val_docs, order)
     timings["generate_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
