@@ -42,7 +42,7 @@ def write_lineage(root: Path, loss: str, seed: int, accuracy: float, after: floa
     }
     metrics = {
         "pretrain": [{"step": s, "train/nll": 3 - s / 2, "train/entropy": 2 - s / 2} for s in (1, 2, 3)],
-        "rl": [{"step": s, "reward": accuracy + s / 10, "entropy": 0.5, "completions/mean_length": 20 + s,
+        "rl": [{"step": s, "reward": accuracy + s / 10, "entropy": 0.5 - s * accuracy, "completions/mean_length": 20 + s,
                 "dynamic_sampling/filled_groups": s + seed} for s in (1, 2)],
     }
     wandb_cfg = {"logger": {"wandb": {"group": group or lineage.name, "project": "ntp-rl-tests"}}}
@@ -80,6 +80,12 @@ def test_means_with_intervals_over_seeds_and_incomplete_lineages_listed(tmp_path
     assert rows["loss=ce"]["rl avg@4 ci"] == pytest.approx((0.3 - 1.27062, 0.3 + 1.27062), abs=1e-4)
     assert rows["loss=precision"]["rl pass@4"] == pytest.approx(1.0)  # the broken seed is not averaged in
     assert rows["loss=ce"]["rl filled groups/step"] == pytest.approx(2.0)  # seeds' means 1.5 and 2.5
+    # entropy - NLL at the end of pre-training: (0.5 - 0.5) and (0.6 - 0.6)
+    assert rows["loss=ce"]["pretrain entropy-nll"] == pytest.approx(0.0, abs=1e-12)
+    # the RL policy's entropy and length, last step minus first: -accuracy and +1 token
+    assert rows["loss=ce"]["rl entropy change"] == pytest.approx(-0.15)
+    assert rows["loss=precision"]["rl entropy change"] == pytest.approx(-0.3)
+    assert rows["loss=ce"]["rl length change"] == pytest.approx(1.0)
     assert result["incomplete"] == [str(broken.resolve())]
     table = (tmp_path / "out" / "compare.md").read_text()
     assert "| loss=ce | 2 | " in table and "0.3000 ± 1.2706" in table

@@ -33,6 +33,10 @@ def record_values(record: Record) -> dict[str, float]:
     values: dict[str, Any] = {}
     val = record.results("pretrain").get("val") or {}
     values |= {f"pretrain {key}": val.get(key) for key in ("nll", "ppl", "entropy")}
+    if _number(val.get("entropy")) and _number(val.get("nll")):
+        # Over- or under-confidence: the loss's shape shows here even when runs stopped at
+        # different NLLs, where raw entropy mostly tracks how far training got.
+        values["pretrain entropy-nll"] = val["entropy"] - val["nll"]
     evals = (("eval_base", "base"), ("eval_rl", "rl"), ("eval", "eval"))
     if any(stage in record.stages for stage, _ in evals):
         for stage, prefix in evals:
@@ -40,6 +44,10 @@ def record_values(record: Record) -> dict[str, float]:
     else:  # an rl run without linked evals: its own held-out checks before and after training
         for when, prefix in (("eval_before", "base"), ("eval_after", "rl")):
             values |= _sampled(record.results("rl").get(when), prefix)
+    for key, name in (("entropy", "rl entropy change"), ("completions/mean_length", "rl length change")):
+        logged = [row[key] for row in record.metrics("rl") if _number(row.get(key))]
+        if len(logged) >= 2:  # the policy's own, on its rollouts: last RL step minus the first
+            values[name] = logged[-1] - logged[0]
     filled = [row[FILLED_GROUPS] for row in record.metrics("rl") if _number(row.get(FILLED_GROUPS))]
     if filled:  # generic: the mean over steps of whatever the run logged
         values["rl filled groups/step"] = sum(filled) / len(filled)
