@@ -83,6 +83,24 @@ def test_paper_small_is_the_papers_five_settings_over_seeds():
     assert run_cli("experiment=paper_small", "--cfg", "job").returncode == 0  # `ntp-rl experiment=...` is a pipeline
 
 
+def test_paper_study_runs_five_paired_seeds_per_setting_on_a_forking_corpus():
+    from ntp_rl.config.compose import compose as compose_with
+
+    params = compose_with("pipeline", ["experiment=paper_study"], hydra=True).hydra.sweeper.params
+    assert params.loss == "ce,precision,diversity" and len(params.seed.split(",")) >= 5
+    checked = check_command_line("pipeline", ["-m", "experiment=paper_study"])
+    assert checked.plan.num_points == 15 and checked.plan.swept_keys == ["loss", "seed"]
+    cfg = compose("pipeline", ["experiment=paper_study"])
+    assert cfg.data.solution_order.value == "any" and cfg.loss.k == 10
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates_at_every_point(experiment):
+    # the GPU experiment included: its sizes are checked here even where it cannot run
+    checked = check_command_line("pipeline", ["-m", f"experiment={experiment}"])
+    assert checked.plan.num_points >= 10
+
+
 @pytest.mark.parametrize("args, key", [
     (["stages=[rl,pretrain]"], "stages"),
     (["stages=[train]"], "stages"),
