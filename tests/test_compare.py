@@ -86,6 +86,9 @@ def test_means_with_intervals_over_seeds_and_incomplete_lineages_listed(tmp_path
     assert rows["loss=ce"]["rl entropy change"] == pytest.approx(-0.15)
     assert rows["loss=precision"]["rl entropy change"] == pytest.approx(-0.3)
     assert rows["loss=ce"]["rl length change"] == pytest.approx(1.0)
+    # RL's gain per lineage, after minus before, in Avg@n and the largest pass@k: (0.1, 0.2) and (0.2, 0.4)
+    assert rows["loss=ce"]["gain avg@4"] == pytest.approx(0.15) and rows["loss=ce"]["gain pass@4"] == pytest.approx(0.3)
+    assert "gain pass@1" not in rows["loss=ce"]
     assert result["incomplete"] == [str(broken.resolve())]
     table = (tmp_path / "out" / "compare.md").read_text()
     assert "| loss=ce | 2 | " in table and "0.3000 ± 1.2706" in table

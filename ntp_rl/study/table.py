@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from ntp_rl.errors import UserError
 from ntp_rl.stats import ADJUSTMENTS, ALPHA, Difference, MeanCI, difference, mean_ci
+from ntp_rl.study.predictors import gains
 from ntp_rl.study.records import Record
 
 SAMPLED = ("avg@", "cons@", "pass@")
@@ -48,6 +49,8 @@ def record_values(record: Record) -> dict[str, float]:
         logged = [row[key] for row in record.metrics("rl") if _number(row.get(key))]
         if len(logged) >= 2:  # the policy's own, on its rollouts: last RL step minus the first
             values[name] = logged[-1] - logged[0]
+    for key, gain in gains(record).values():  # RL's own effect, tested like any metric
+        values[f"gain {key}"] = gain
     filled = [row[FILLED_GROUPS] for row in record.metrics("rl") if _number(row.get(FILLED_GROUPS))]
     if filled:  # generic: the mean over steps of whatever the run logged
         values["rl filled groups/step"] = sum(filled) / len(filled)
@@ -67,7 +70,7 @@ def _number(value: Any) -> bool:
 
 def column_order(columns: Iterable[str]) -> list[str]:
     def key(name: str) -> tuple:
-        group = next((i for i, p in enumerate(("pretrain", "base", "eval", "rl")) if name.startswith(p)), 9)
+        group = next((i for i, p in enumerate(("pretrain", "base", "eval", "rl", "gain")) if name.startswith(p)), 9)
         metric = name.split(" ", 1)[1] if " " in name else name
         kind = next((i for i, p in enumerate(("nll", "ppl", "entropy", "avg@", "cons@", "pass@", "mean_length"))
                      if metric.startswith(p)), 9)
