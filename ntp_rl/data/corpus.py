@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from itertools import islice, permutations
 from typing import Iterator
 
+from ntp_rl.config.schema import SolutionOrder
+
 SPLITS = ("pretrain", "rl", "test")
-SOLUTION_ORDERS = ("given", "any")
+SOLUTION_ORDERS = tuple(order.value for order in SolutionOrder)  # data.solution_order's values
 
 # Shares of the problem space, in percent, in the order of SPLITS.
 _SPLIT_PERCENT = (80, 10, 10)

@@ -34,6 +34,8 @@ def _embedded_cache_dir(cfg: Any, cache_dir: Path, tokenizer_name: str | None) -
     counts by its content, not its path: every eval of every checkpoint of a study then reads
     the cache that pre-training built instead of tokenizing the corpus again.
     """
+    order = _solution_order(cfg)
+
     def settings_for(tokenizer: str | None) -> dict:
         return {
             "format": FORMAT_VERSION,
@@ -45,7 +47,7 @@ def _embedded_cache_dir(cfg: Any, cache_dir: Path, tokenizer_name: str | None) -
             "seq_len": cfg.seq_len,
             "tokenizer": tokenizer,
             # only when set, so that caches built before the key existed are still found
-            **({"solution_order": _solution_order(cfg)} if _solution_order(cfg) != "given" else {}),
+            **({"solution_order": order} if order != SolutionOrder.given.value else {}),
         }
 
     def location(settings: dict) -> Path:
