@@ -145,8 +145,12 @@ def check_same_architecture(lm: nn.Module, model_cfg: Any, source: str) -> None:
         raise ConfigError("model", f"does not match the checkpoint {source}: {'; '.join(diffs)}")
 
 
-def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    total = sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False, active: bool = False) -> int:
+    """Parameters of the model; `active`: those one token computes with, each routed expert counted at
+    top-k / experts (what MoE names like 10B-A0.5B give, and what a token's FLOPs are proportional to)."""
+    total = sum(_active_share(model, name) * p.numel() for name, p in model.named_parameters()) if active else \
+        sum(p.numel() for p in model.parameters())
+    total = round(total)
     if exclude_embeddings:
         embeddings = model.get_input_embeddings().weight
         total -= embeddings.numel()
@@ -154,6 +158,17 @@ def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
         if head is not None and head.weight is not embeddings:
             total -= head.weight.numel()
     return total
+
+
+def _active_share(model: nn.Module, name: str) -> float:
+    """The share of a parameter a token uses: top-k / experts for routed experts (per-expert names,
+    `mlp.experts.3.up_proj.weight`, or transformers 5's fused `mlp.experts.gate_up_proj`), else 1.
+    A shared expert (`shared_expert`) is used by every token."""
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_experts", None) or getattr(config, "n_routed_experts", None)
+    if not experts or ".experts." not in f".{name}":
+        return 1.0
+    return config.num_experts_per_tok / experts
 
 
 def _has_plain_linear_head(lm: nn.Module) -> bool:

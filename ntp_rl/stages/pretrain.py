@@ -224,7 +224,7 @@ class Throughput:
         config = lm.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        self.flops_per_token = flops_per_token(count_parameters(lm, exclude_embeddings=True), config.num_hidden_layers,
+        self.flops_per_token = flops_per_token(count_parameters(lm, exclude_embeddings=True, active=True), config.num_hidden_layers,
                                                config.num_attention_heads, head_dim, cfg.data.seq_len)
         self.peak = peak_flops(session.device)
         self.world = session.world

@@ -507,7 +507,7 @@ def throughput_metrics(state: RLState, seq_tokens: float, generated_tokens: floa
     metrics = {"perf/train_tokens_per_sec": trained / max(train_time, 1e-9)}
     peak = peak_flops(state.session.device)
     if peak:
-        n_params = count_parameters(state.lm, exclude_embeddings=True)
+        n_params = count_parameters(state.lm, exclude_embeddings=True, active=True)
         extra_forwards = seq_tokens * (int(state.separate_old_pass) + int(state.reference is not None))
         flops = 6 * n_params * trained + 2 * n_params * (extra_forwards + generated_tokens)
         metrics["perf/mfu"] = flops / step_time / (peak * state.session.world)
