@@ -474,6 +474,72 @@ def test_starting_from_an_unfinished_run_and_a_resume_that_finds_nothing_are_sai
     assert "note: resume=auto found no unfinished run of this command to resume; a new run starts in" in out
 
 
+def test_truncated_importance_weights_scale_each_tokens_gradient_in_the_update(policy, tmp_path):
+    """rl.tis_cap through the update path: when the engine's log-probs of the sampled tokens differ from the
+    trainer's, each token's policy gradient is weighted by min(pi_trainer / pi_engine, cap). The gradient the
+    stage's update leaves is checked against one written out by hand, and against the unweighted one."""
+    from ntp_rl.models import load_pretrained
+    from ntp_rl.stages import rl as rl_stage
+    from ntp_rl.stages.session import StageSession
+    from ntp_rl.tasks import build_task
+
+    cap = 2.0
+    args = [*RL_TINY, f"init_from={policy}", f"out_dir={tmp_path}", "rl.num_mini_batches=1", "rl.num_iterations=1",
+            "rl.kl_coef=0", f"rl.tis_cap={cap}", "rl.micro_batch_size=3", "rl.loss_aggregation=token_mean"]
+    cfg = compose("rl", args)
+    session = StageSession("rl", cfg, args, precision=cfg.rl.precision)
+    task = build_task(cfg.task)
+    problems = task.problems("train", 8)
+    init_dir = latest_checkpoint(policy / "checkpoints")
+    lm, tokenizer, reference, model_dir = rl_stage.load_models(cfg, session, init_dir)
+    state = rl_stage.setup(cfg, session, task, lm, tokenizer, reference, problems, problems[:2], model_dir)
+    assert not state.separate_old_pass, "one on-policy update: the trainer's log-probs are the old ones"
+
+    # Two groups of four responses of different lengths, with advantages of both signs.
+    generator = torch.Generator().manual_seed(0)
+    groups = []
+    for g, problem in enumerate(problems[:2]):
+        prompt = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+        responses = [torch.randint(3, len(tokenizer), (5 + 2 * j,), generator=generator).tolist() for j in range(4)]
+        groups.append(Group(problem.id, prompt, responses, [1.0, 0.0, 0.0, 1.0], [False] * 4, [False] * 4,
+                            logprobs=[[0.0] * len(r) for r in responses]))
+    advantages = torch.tensor([[1.0, -0.5, -1.5, 0.75], [-1.0, 2.0, 0.5, -0.25]])
+    batch = build_batch(groups, advantages, tokenizer.pad_token_id, mask_truncated=False)
+    mask = batch.response_mask
+    temperature = state.sampling.temperature
+
+    def trainer_logp():  # by hand: the model's log-softmax of the sampled tokens at the sampling temperature
+        logits = state.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        picked = torch.log_softmax(logits / temperature, -1).gather(-1, batch.input_ids[:, 1:].unsqueeze(-1))
+        return picked.squeeze(-1) * mask
+
+    with torch.no_grad():
+        logp = trainer_logp()
+    # The engine's log-probs differ from the trainer's by -1.5..1.5 nats: weights from e^-1.5 to the cap.
+    offsets = (torch.rand(mask.shape, generator=generator) * 3 - 1.5) * mask
+    batch.rollout_logp = (logp - offsets) * mask
+    weights = offsets.exp().clamp(max=cap) * mask
+    assert (weights[mask] == cap).any() and (weights[mask] < 0.5).any(), "some weights capped, some small"
+
+    def gradient(token_weights):  # of -mean over response tokens of A * w * log pi (ratio 1 at this update)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = -(batch.advantages.unsqueeze(-1) * token_weights * trainer_logp())[mask].sum() / mask.sum()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in state.lm.parameters() if p.grad is not None])
+
+    expected, unweighted = gradient(weights), gradient(mask.float())
+    state.optimizer.zero_grad(set_to_none=True)
+    from ntp_rl.metrics import Sums
+
+    sums = Sums(rl_stage.STEP_SUMS, device=session.device, maxima=rl_stage.STEP_MAXIMA)
+    assert rl_stage.update_minibatch(state, batch, sums)
+    got = torch.cat([p.grad.flatten() for p in state.lm.parameters() if p.grad is not None])
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() < 1e-4 * scale
+    assert (unweighted - expected).abs().max() > 0.05 * scale, "the weights must change the gradient for this to test them"
+    assert sums["is_ratio"].item() == pytest.approx(weights[mask].sum().item(), rel=1e-4)
+
+
 def _poison_update(monkeypatch, bad_calls):
     """The policy loss turns NaN on the given calls (one call per mini-batch update here)."""
     from ntp_rl.rl import policy_loss
