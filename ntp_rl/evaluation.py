@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 from ntp_rl.generation import Completion, Generator, Sampling
 from ntp_rl.metrics import majority_vote, pass_at_k
-from ntp_rl.tasks import Task, TaskProblem
+from ntp_rl.tasks import Scored, Task, TaskProblem, score_all
 
 
 @dataclass
@@ -27,14 +27,17 @@ class ProblemResult:
     truncated: int  # samples cut off at max_new_tokens
     min_length: int = 0
     max_length: int = 0
+    timed_out: int = 0  # samples whose check ran past task.score_time_limit_s (scored wrong)
     samples: list[str] = field(default_factory=list)  # the completions' texts (kept when asked)
 
 
 def score_problem(task: Task, problem: TaskProblem, completions: Sequence[Completion], ks: Sequence[int],
-                  keep_samples: bool = False) -> ProblemResult:
+                  keep_samples: bool = False, scored: Optional[Sequence[Scored]] = None) -> ProblemResult:
+    """One problem's samples, scored here unless `scored` holds their scores already."""
     n = len(completions)
-    answers = [task.extract_answer(c.text) for c in completions]
-    flags = [a is not None and task.answer_matches(a, problem) for a in answers]
+    if scored is None:
+        scored = score_all(task, [(c.text, problem) for c in completions])
+    answers, flags = [s.answer for s in scored], [s.correct for s in scored]
     vote = majority_vote(answers)
     lengths = [len(c.token_ids) for c in completions]
     return ProblemResult(
@@ -43,13 +46,14 @@ def score_problem(task: Task, problem: TaskProblem, completions: Sequence[Comple
         n=n,
         correct=sum(flags),
         majority=vote,
-        majority_correct=vote is not None and task.answer_matches(vote, problem),
+        majority_correct=vote is not None and flags[answers.index(vote)],  # the same answer text: the same verdict
         pass_at_k={k: pass_at_k(n, sum(flags), k) for k in ks if k <= n},
         mean_length=sum(lengths) / max(n, 1),
         truncated=sum(c.truncated for c in completions),
         min_length=min(lengths, default=0),
         max_length=max(lengths, default=0),
         samples=[c.text for c in completions] if keep_samples else [],
+        timed_out=sum(s.timed_out for s in scored),
     )
 
 
@@ -66,6 +70,7 @@ def summarize(results: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, 
         "min_length": min((r.min_length for r in results), default=0),
         "max_length": max((r.max_length for r in results), default=0),
         "truncated_frac": sum(r.truncated for r in results) / max(sum(r.n for r in results), 1),
+        "scoring_timeouts": sum(r.timed_out for r in results),
     }
     for k in ks:
         if k <= n:
@@ -76,7 +81,13 @@ def summarize(results: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, 
 def sample_and_score(generator: Generator, task: Task, problems: Sequence[TaskProblem], n: int, sampling: Sampling,
                      ks: Sequence[int], seed: int, keep_samples: bool = False) -> list[ProblemResult]:
     completions = generator.generate([p.prompt for p in problems], n, sampling, seed)
-    return [score_problem(task, p, cs, ks, keep_samples) for p, cs in zip(problems, completions)]
+    # Every sample of the call in one batch: the scoring workers share them all out.
+    scored = score_all(task, [(c.text, p) for p, cs in zip(problems, completions) for c in cs])
+    starts = [0]
+    for cs in completions:
+        starts.append(starts[-1] + len(cs))
+    return [score_problem(task, p, cs, ks, keep_samples, scored[start:end])
+            for p, cs, start, end in zip(problems, completions, starts, starts[1:])]
 
 
 def deal_chunks(num_problems: int, per_call: int, rank: int, world: int) -> list[range]:

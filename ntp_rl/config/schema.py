@@ -222,6 +222,8 @@ class TaskConfig:
     format_reward: float = 0.0  # added to the reward when an answer could be extracted at all
     reward_fn: Optional[str] = None  # package.module:function(completion, problem) -> float replaces the reward
     prompt_template: Optional[str] = None  # "{question}" is replaced by the problem; null: the kind's own
+    score_time_limit_s: float = 5.0  # a completion whose check takes longer scores 0 and is counted (scoring_timeouts)
+    score_workers: Optional[int] = None  # processes checking answers (kind hf_math); 0: in-process; null: the cores, at most 8
     # kind=reasoning_gym: a dataset the reasoning-gym package generates (and scores) offline
     dataset: Optional[str] = None  # e.g. chain_sum, basic_arithmetic, gsm_symbolic, countdown
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # the dataset's own config, e.g. {min_terms: 2}

@@ -54,6 +54,7 @@ def validate_eval(cfg: Any) -> None:
                           "an architecture preset such as model=tiny has none")
     _check_model(cfg.model)
     _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+    _check_scoring(cfg.task)
     _check_generator(cfg.generator)
 
 
@@ -106,6 +107,14 @@ def _positive(value: Any, key: str) -> None:
 def _finite(value: float, key: str) -> None:
     if not math.isfinite(value):
         raise ConfigError(key, "must be a finite number", value)
+
+
+def _check_scoring(task: Any) -> None:
+    _positive(task.score_time_limit_s, "task.score_time_limit_s")
+    _finite(task.score_time_limit_s, "task.score_time_limit_s")
+    if task.score_workers is not None and task.score_workers < 0:
+        raise ConfigError("task.score_workers", "must be >= 0 (0: check answers in this process; null: the cores)",
+                          task.score_workers)
 
 
 def _check_common(cfg: Any) -> None:
@@ -271,6 +280,7 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
     from ntp_rl.tasks import load_reward_fn
 
     _check_optim(optim, optim_key)
+    _check_scoring(task)
     _finite(task.format_reward, "task.format_reward")
     if task.reward_fn:  # imported and its signature checked before any run starts
         load_reward_fn(task.reward_fn)

@@ -66,6 +66,10 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         results = sample_problems(cfg, session, subject, task, problems, sampling)
         sampling_s = time.perf_counter() - started
         summary = summarize(results, sorted(set(cfg.eval.ks)))
+        if summary["scoring_timeouts"]:
+            session.notice("scoring_timeouts", summary["scoring_timeouts"],
+                           f"{summary['scoring_timeouts']} completion(s) took longer than task.score_time_limit_s="
+                           f"{cfg.task.score_time_limit_s} to check and were scored wrong")
         perf = {"sampling_time_s": sampling_s,
                 "tokens_per_sec": sum(r.mean_length * r.n for r in results) / max(sampling_s, 1e-9)}
         diagnostics = measure_text(cfg, session, subject, text) if text is not None else None

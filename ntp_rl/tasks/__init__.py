@@ -7,12 +7,22 @@ format bonus). Tasks are registered by `kind`; a config (conf/task/*.yaml) picks
     embedded        the procedural corpus's held-out splits (ntp_rl/data/corpus.py)
     reasoning_gym   procedural datasets generated and scored offline by reasoning-gym
     hf_math         GSM8K / MATH-style data from `datasets`, scored with math-verify
+
+Scoring is one layer for every stage (`score`, `score_all`): each completion is checked under a
+time limit (`task.score_time_limit_s`); one that runs past it scores 0 and is counted. Tasks whose
+checks are costly (math-verify: 0.01-0.5 s a completion, and some answers such as 10^{10^{10}} hang
+it in C code, where no signal reaches) are checked in worker processes (`task.score_workers`).
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import numbers
+import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -49,8 +59,7 @@ class Task(Protocol):
 
 
 def is_correct(task: Task, completion: str, problem: TaskProblem) -> bool:
-    answer = task.extract_answer(completion)
-    return answer is not None and task.answer_matches(answer, problem)
+    return score(task, completion, problem)[1]
 
 
 @dataclass
@@ -62,6 +71,8 @@ class WithRewardFunction:
     reward_fn: Callable[[str, TaskProblem], float]
 
     def __getattr__(self, name: str) -> Any:
+        if name == "task":  # not set yet (unpickling in a scoring worker): no endless lookup
+            raise AttributeError(name)
         return getattr(self.task, name)
 
 
@@ -111,14 +122,139 @@ def reward(task: Task, completion: str, problem: TaskProblem, format_weight: flo
 
 def score(task: Task, completion: str, problem: TaskProblem, format_weight: float = 0.0) -> tuple[float, bool]:
     """(reward, whether the answer is right), reading and checking the answer once (math-verify is not free)."""
-    if isinstance(task, WithRewardFunction):
-        value = task.reward_fn(completion, problem)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise UserError(f"task.reward_fn: returned {type(value).__name__} {str(value)[:40]!r}, not a number")
-        return float(value), is_correct(task, completion, problem)
-    answer = task.extract_answer(completion)
-    correct = answer is not None and task.answer_matches(answer, problem)
-    return float(correct) + (format_weight if answer is not None else 0.0), correct
+    scored = score_all(task, [(completion, problem)], format_weight)[0]
+    return scored.reward, scored.correct
+
+
+@dataclass(frozen=True)
+class Scored:
+    reward: float
+    correct: bool
+    answer: Optional[str]  # the answer read from the completion; None when none could be read
+    timed_out: bool = False  # its check ran past task.score_time_limit_s: reward 0, wrong
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    workers: Optional[int] = None  # processes that check answers; 0: this process; null: the cores, at most 8
+    time_limit_s: float = 5.0  # per completion
+
+    def worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # Every process of an `accelerate launch` run has its own workers: share the cores out.
+        return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
+def score_all(task: Task, items: Sequence[tuple[str, TaskProblem]], format_weight: float = 0.0) -> list[Scored]:
+    """Each (completion, problem) scored, in order, each under the task's time limit; in worker
+    processes when the task's checks are costly (`scores_in_workers`) and workers are allowed."""
+    settings = getattr(task, "scoring", None) or ScoringSettings()
+    workers = settings.worker_count()
+    if not getattr(task, "scores_in_workers", False) or workers == 0 or not items:
+        return [_score_one(task, completion, problem, format_weight, settings.time_limit_s)
+                for completion, problem in items]
+    return _score_in_workers(task, list(items), format_weight, settings.time_limit_s, workers)
+
+
+class ScoringTimeout(BaseException):
+    """A check ran past its time limit. Not an Exception, so that a checker's own `except Exception`
+    (math-verify has many) cannot swallow it."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise ScoringTimeout in the block after `seconds` (SIGALRM: the main thread only; elsewhere no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise ScoringTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _score_one(task: Task, completion: str, problem: TaskProblem, format_weight: float, limit: float) -> Scored:
+    try:
+        with time_limit(limit):
+            answer = task.extract_answer(completion)
+            correct = answer is not None and task.answer_matches(answer, problem)
+            if isinstance(task, WithRewardFunction):
+                value = task.reward_fn(completion, problem)
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise UserError(f"task.reward_fn: returned {type(value).__name__} {str(value)[:40]!r}, not a number")
+                return Scored(float(value), correct, answer)
+            return Scored(float(correct) + (format_weight if answer is not None else 0.0), correct, answer)
+    except ScoringTimeout:
+        return Scored(0.0, False, None, timed_out=True)
+
+
+def _score_chunk(task: Task, items: list[tuple[str, TaskProblem]], format_weight: float, limit: float) -> list[Scored]:
+    return [_score_one(task, completion, problem, format_weight, limit) for completion, problem in items]
+
+
+_POOLS: dict[int, Any] = {}  # worker count -> a multiprocessing pool, kept for the process's later calls
+
+
+def _pool(workers: int) -> Any:
+    if workers not in _POOLS:
+        import multiprocessing
+
+        # forkserver: a fork of this process would copy its threads (torch, vLLM) and their locks.
+        _POOLS[workers] = multiprocessing.get_context("forkserver").Pool(workers, initializer=_ignore_interrupts)
+    return _POOLS[workers]
+
+
+def _end_pool(workers: int) -> None:
+    pool = _POOLS.pop(workers, None)
+    if pool is not None:
+        pool.terminate()
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
+
+
+def _score_in_workers(task: Task, items: list[tuple[str, TaskProblem]], format_weight: float, limit: float,
+                      workers: int) -> list[Scored]:
+    """Chunks of completions checked by a pool. Each worker stops a check at `limit` itself; one stuck where
+    its alarm cannot reach (C code) is caught here: the pool is ended and the chunk checked again one
+    completion at a time, so that only the completion that hangs is scored as timed out."""
+    from multiprocessing import TimeoutError as PoolTimeout
+
+    results: list[Optional[Scored]] = [None] * len(items)
+    size = max(1, math.ceil(len(items) / (4 * workers)))
+    chunks = [list(range(start, min(start + size, len(items)))) for start in range(0, len(items), size)]
+    while chunks:
+        pool = _pool(workers)
+        pending = [(chunk, pool.apply_async(_score_chunk, (task, [items[i] for i in chunk], format_weight, limit)))
+                   for chunk in chunks]
+        chunks = []
+        for position, (chunk, result) in enumerate(pending):
+            try:
+                scored = result.get(timeout=limit * (len(chunk) + 1) + 1.0)
+            except PoolTimeout:
+                later = pending[position + 1:]
+                done = [(c, r.get()) for c, r in later if r.ready()]
+                _end_pool(workers)
+                for c, out in done:
+                    results[c[0]:c[-1] + 1] = out
+                if len(chunk) == 1:
+                    results[chunk[0]] = Scored(0.0, False, None, timed_out=True)
+                else:
+                    chunks += [[i] for i in chunk]
+                chunks += [c for c, r in later if not r.ready()]
+                break
+            results[chunk[0]:chunk[-1] + 1] = scored
+    return results  # type: ignore[return-value]
 
 
 # kind -> factory(task_cfg) -> Task
@@ -150,7 +286,11 @@ def build_task(task_cfg: Any) -> Task:
         raise ConfigError("task.kind", f"unknown task kind; choose one of: {', '.join(known)}", kind)
     task = KINDS[kind](task_cfg)
     spec = getattr(task_cfg, "reward_fn", None)
-    return WithRewardFunction(task, load_reward_fn(spec)) if spec else task
+    if spec:
+        task = WithRewardFunction(task, load_reward_fn(spec))
+    task.scoring = ScoringSettings(workers=getattr(task_cfg, "score_workers", None),
+                                   time_limit_s=float(getattr(task_cfg, "score_time_limit_s", 5.0)))
+    return task
 
 
 def fill_prompt(template: str, question: str) -> str:
