@@ -12,9 +12,10 @@ Three paths give the same numbers:
 - `shaped_ntp_loss_reference`: autograd through fp32 logits; short enough to check by eye.
 - `shaped_ntp_loss`: over given logits, fp32 one chunk of tokens at a time; the gradient
   is formed in the forward pass, so no fp32 [tokens x vocab] tensor exists for the batch.
-- `shaped_ntp_loss_fused`: from hidden states and the LM head weight; logits exist only
-  one chunk at a time, and the chunk's gradient flows straight into the hidden states and
-  the weight, so no [tokens x vocab] tensor exists in any dtype.
+- `shaped_ntp_loss_fused`: from hidden states and the LM head weight, through the chunked
+  head that RL's log-probs use too (`lm_head.ChunkedHead`); logits exist only one chunk at a
+  time, and the chunk's gradient flows straight into the hidden states and the weight, so
+  no [tokens x vocab] tensor exists in any dtype.
 
 The two chunked paths take `compile=True` to run each chunk through torch.compile, which
 fuses the per-chunk work into a few passes over the logits (`_shaped_chunk_fusable`).
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
+
+from ntp_rl.lm_head import ChunkedHead, head_dtype
 
 # 1 - p is clamped here before it is raised to the power beta: beta < 0 would otherwise
 # blow up on tokens the model already predicts with certainty.
@@ -351,42 +354,23 @@ def shaped_ntp_loss(
 class _FusedLinearShapedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, shaping, chunk_size, ignore_index, compiled):  # type: ignore[override]
-        device_type = hidden.device.type
-        # Under autocast the LM head runs in the autocast dtype, as it would inside the
-        # model; autocast is then switched off so every matmul below has explicit dtypes.
-        if torch.is_autocast_enabled(device_type):
-            compute_dtype = torch.get_autocast_dtype(device_type)
-        else:
-            compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        flat = hidden.reshape(-1, hidden.shape[-1])
+        dtype = head_dtype(hidden, weight)
         rows, targets = _flatten(labels, ignore_index)
         num_tokens = rows.numel()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(flat) if need_h else None
-        # The weight's gradient is summed in the weight's dtype: in place by addmm_ when the head
-        # computes in that dtype, and by adding each chunk's product when autocast computes in
-        # bf16 for fp32 weights. An fp32 copy of a [V, H] product never exists.
-        grad_weight = torch.zeros_like(weight) if need_w else None
-        loss_sum = flat.new_zeros((), dtype=torch.float32)
-        stat_sums = flat.new_zeros(len(STAT_NAMES), dtype=torch.float32)
-        w = weight.to(compute_dtype)
-        with torch.autocast(device_type, enabled=False):
-            for start in range(0, num_tokens, chunk_size):
-                chunk_rows = rows[start : start + chunk_size]
-                h = flat[chunk_rows].to(compute_dtype)
-                out = _chunk(h @ w.t(), targets[start : start + chunk_size], shaping,
-                             compute_dtype if need_h or need_w else None, compiled)
+        head = ChunkedHead(hidden.reshape(-1, hidden.shape[-1]), weight, dtype, chunk_size, rows=rows,
+                           need_hidden=need_h, need_weight=need_w)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        stat_sums = hidden.new_zeros(len(STAT_NAMES), dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for part, h, logits in head.chunks():
+                out = _chunk(logits, targets[part], shaping, dtype if need_h or need_w else None, compiled)
                 loss_sum += out.loss_sum
                 stat_sums += out.stat_sums
                 if out.grad_logits is not None:
-                    g = out.grad_logits
-                    if need_h:
-                        grad_hidden.index_copy_(0, chunk_rows, (g @ w).to(grad_hidden.dtype))
-                    if need_w and grad_weight.dtype == g.dtype:
-                        grad_weight.addmm_(g.t(), h)
-                    elif need_w:
-                        grad_weight.add_(g.t() @ h)
+                    head.backprop(part, h, out.grad_logits)
         scale = 1.0 / max(num_tokens, 1)
+        grad_hidden, grad_weight = head.grad_hidden, head.grad_weight
         if need_h:
             grad_hidden.mul_(scale)
         if need_w:

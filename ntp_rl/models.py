@@ -16,6 +16,7 @@ from torch import nn
 from ntp_rl import moe
 from ntp_rl.config.schema import LossImpl, ModelArch, MoeBalancing
 from ntp_rl.errors import ConfigError, DataError, first_line
+from ntp_rl.lm_head import has_plain_linear_head
 from ntp_rl.losses import LossOutput, RewardShaping, shaped_ntp_loss, shaped_ntp_loss_fused, shaped_ntp_loss_reference
 
 
@@ -171,18 +172,6 @@ def _active_share(model: nn.Module, name: str) -> float:
     return config.num_experts_per_tok / experts
 
 
-def _has_plain_linear_head(lm: nn.Module) -> bool:
-    """The fused loss recomputes `hidden @ W.T`; models that change logits after the head cannot use it."""
-    head = lm.get_output_embeddings()
-    config = lm.config
-    return (
-        isinstance(head, nn.Linear)
-        and head.bias is None
-        and not getattr(config, "final_logit_softcapping", None)
-        and getattr(config, "logit_scale", None) in (None, 1.0)
-    )
-
-
 class ShapedLossLM(nn.Module):
     """A causal LM whose forward returns the reward-shaped loss for next-token prediction.
 
@@ -197,7 +186,7 @@ class ShapedLossLM(nn.Module):
         self.impl = loss_cfg.impl
         self.chunk_size = int(loss_cfg.chunk_size)
         self.compile = bool(loss_cfg.compile)
-        if self.impl is LossImpl.fused and not _has_plain_linear_head(lm):
+        if self.impl is LossImpl.fused and not has_plain_linear_head(lm):
             self.impl = LossImpl.chunked
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LossOutput:

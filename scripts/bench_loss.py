@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import peak_memory
 from ntp_rl.losses import RewardShaping, shaped_ntp_loss, shaped_ntp_loss_fused, shaped_ntp_loss_reference
 
 SETTINGS = {
@@ -74,30 +72,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(variant: str, args: argparse.Namespace) -> dict:
     hidden, weight, labels = make_inputs(args)
     cuda = args.device.startswith("cuda")
     step(variant, hidden, weight, labels, args.chunk_size)
     hidden.grad = weight.grad = None
     gc.collect()
-    if cuda:
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # resets the peak-RSS counter (Linux)
-            f.write("5")
-        base = _rss_kib("VmRSS:") * 1024
+    base = peak_memory.start(cuda)
     step(variant, hidden, weight, labels, args.chunk_size)
     sync(args.device)
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM:") * 1024) - base
+    peak = peak_memory.extra_since(base, cuda)
     hidden.grad = weight.grad = None
 
     for _ in range(args.warmup - 1):
@@ -111,19 +95,14 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         sync(args.device)
         times.append(time.perf_counter() - start)
         hidden.grad = weight.grad = None
-    return {"variant": variant, "ms": statistics.median(times) * 1e3, "extra_gib": max(peak, 0) / 2**30}
+    return {"variant": variant, "ms": statistics.median(times) * 1e3, "extra_gib": peak / 2**30}
 
 
 def measure_isolated(variant: str, args: argparse.Namespace) -> dict:
     """On CPU freed memory stays in the process, so each variant gets a fresh one."""
-    cmd = [sys.executable, __file__, "--only", variant] + [
+    return peak_memory.run_isolated(__file__, ["--only", variant] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "only" and v is not None
-    ]
-    # A fixed mmap threshold stops glibc from keeping freed large blocks in the heap, so the
-    # warm-up step's memory is returned and the measured step's peak is its own.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    ])
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from ntp_rl.errors import UserError
 from ntp_rl.config.schema import GRPOConfig, LossAggregation
 from ntp_rl.rl.advantages import ADVANTAGES, AdvantageInputs, compute_advantages
 from ntp_rl.rl.policy_loss import PolicyLossInputs, aggregate, aggregation_count, k3_kl, ppo_clip
-from ntp_rl.rl.rollout import Group, PromptStream, build_batch, collect_groups, deal_groups, token_logprobs
+from ntp_rl.rl.rollout import (Group, PolicyLogprobs, PromptStream, build_batch, collect_groups, deal_groups,
+                               token_logprobs)
 from ntp_rl.seeding import rollout_seed
 from ntp_rl.stages import run_stage
 from ntp_rl.tasks import TaskProblem
@@ -292,7 +293,8 @@ def test_token_logprobs_match_an_unpadded_forward():
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8))
     groups = [Group("a", [3, 4, 5], [[6, 7], [8, 9, 10, 11]], [1.0, 0.0], [True, False], [False, False])]
     batch = build_batch(groups, torch.tensor([[1.0, -1.0]]), pad_id=0, mask_truncated=False)
-    logp, entropy = token_logprobs(model, batch, temperature=0.7, with_entropy=True)
+    # chunks of 3 response tokens: the second row's 4 span two
+    logp, entropy = token_logprobs(PolicyLogprobs(model, chunk_size=3), batch, temperature=0.7, with_entropy=True)
     for row, (prompt, response) in enumerate([([3, 4, 5], [6, 7]), ([3, 4, 5], [8, 9, 10, 11])]):
         ids = torch.tensor([prompt + response])
         logits = model(ids).logits[0, len(prompt) - 1:-1].double() / 0.7
@@ -406,6 +408,42 @@ def test_the_defaults_take_several_updates_per_rollout_batch(tmp_path):
     assert rl.num_mini_batches * rl.num_iterations > 1
     for processes in (1, 2, 4, 8):  # and the default batch splits over the usual process counts
         assert rl.prompts_per_step % (rl.num_mini_batches * processes) == 0
+
+
+def test_the_default_first_update_through_the_chunked_head_equals_the_full_logits_one(policy, tmp_path, monkeypatch):
+    """Issue 30: the default `rl` (its sampling, batch and update settings) from a pre-trained policy; its
+    first update's old log-probs, loss and every gradient are the same through either LM head path."""
+    from ntp_rl.rl import rollout
+    from ntp_rl.stages import rl as rl_stage
+
+    real_update = rl_stage.update_minibatch
+
+    def first_update(chunked: bool) -> dict:
+        recorded = []
+
+        def spy(state, minibatch, sums):
+            applied = real_update(state, minibatch, sums)
+            if not recorded:
+                assert state.session.accelerator.unwrap_model(state.model).chunked is chunked
+                recorded.append({"old_logp": minibatch.old_logp.clone(), "loss": sums["loss"].clone(),
+                                 **{name: p.grad.clone() for name, p in state.lm.named_parameters()}})
+            return applied
+
+        monkeypatch.setattr(rl_stage, "update_minibatch", spy)
+        if not chunked:  # as for a head the chunked path cannot reproduce
+            monkeypatch.setattr(rollout, "has_plain_linear_head", lambda lm: False)
+        # Only the held-out checks are made small: they run before the first update and do not touch it.
+        rl_run([f"init_from={policy}", f"out_dir={tmp_path}", f"run_dir={tmp_path / str(chunked)}", "rl.max_steps=1",
+                "rl.eval_problems=2", "rl.eval_samples=2", "rl.eval_ks=[1]", "logger.wandb.mode=disabled",
+                "logger.progress_bar=false"])
+        monkeypatch.undo()
+        return recorded[0]
+
+    chunked, materialised = first_update(True), first_update(False)
+    assert materialised["old_logp"].shape[0] == 64, "the default mini-batch: 8 prompts x 8 samples"
+    assert set(chunked) == set(materialised)
+    for key, want in materialised.items():
+        assert torch.allclose(chunked[key], want, atol=1e-5, rtol=0), key
 
 
 def test_one_update_per_rollout_batch_never_clips(rl_args):

@@ -327,6 +327,9 @@ class GRPOConfig:
     # on-policy (ratio 1), the later ones see a policy that has moved. 1 makes clipping inert.
     num_mini_batches: int = 4
     micro_batch_size: int = 64  # sequences per forward/backward on one process (memory, not maths)
+    # Response tokens per chunk through the LM head for log-probs and entropy: their memory is about
+    # 2 x chunk x vocab x 4 bytes (0.6 GB at 512 x 151,936) whatever the response length (memory, not maths).
+    logprob_chunk_size: int = 512
     advantage: str = "grpo"  # a key of ntp_rl.rl.advantages.ADVANTAGES
     scale_rewards: bool = True  # divide by the group's std; false: only subtract the group mean (Dr. GRPO)
     advantage_eps: float = 1e-6

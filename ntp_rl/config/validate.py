@@ -285,7 +285,7 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
     if task.reward_fn:  # imported and its signature checked before any run starts
         load_reward_fn(task.reward_fn)
     for key in ("max_steps", "prompts_per_step", "num_iterations", "num_mini_batches", "micro_batch_size",
-                "max_sampling_rounds", "train_problems", "log_every", "save_every", "keep_last", "eval_every",
+                "logprob_chunk_size", "max_sampling_rounds", "train_problems", "log_every", "save_every", "keep_last", "eval_every",
                 "eval_problems", "eval_samples"):
         _positive(rl[key], f"rl.{key}")
     if rl.num_generations < 2:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from torch import nn
 
 from ntp_rl.generation import Generator, Sampling
+from ntp_rl.lm_head import has_plain_linear_head, token_logprobs_fused
 from ntp_rl.seeding import mix_seed
 from ntp_rl.tasks import Task, TaskProblem, score
 
@@ -203,22 +205,59 @@ def build_batch(groups: Sequence[Group], advantages: torch.Tensor, pad_id: int, 
     return batch
 
 
-def token_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-token log-probs of the batch's labels (and the policy's entropy), zero off the response.
+class PolicyLogprobs(nn.Module):
+    """A causal LM whose forward gives a rollout batch's per-token log-probs (and entropy).
 
-    Only the response positions' logits are turned into fp32 log-softmaxes; the logits are
-    divided by the sampling temperature, so the ratio compares the distributions that were
-    actually sampled from.
+    Only the response positions' hidden rows go through the LM head, a chunk at a time
+    (`lm_head.token_logprobs_fused`), so no [response tokens x vocab] tensor exists. A head
+    that is not a plain linear map (a bias, a soft-cap) takes `materialised_logprobs` instead.
+    Wrapping the LM, as `models.ShapedLossLM` does for pre-training, keeps DDP's and FSDP's hooks
+    around the LM head, which the chunked head reads directly.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
-    mask = batch.response_mask
-    log_probs = torch.log_softmax(logits[mask].float() / temperature, dim=-1)  # [tokens, V]
-    picked = log_probs.gather(-1, batch.input_ids[:, 1:][mask].unsqueeze(-1)).squeeze(-1)
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device).masked_scatter(mask, picked)
+
+    def __init__(self, lm: nn.Module, chunk_size: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+        self.chunked = has_plain_linear_head(lm)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self.chunked:
+            return materialised_logprobs(self.lm, input_ids, attention_mask, response_mask, temperature, with_entropy)
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        picked, entropy = token_logprobs_fused(hidden[:, :-1][response_mask], self.lm.get_output_embeddings().weight,
+                                               input_ids[:, 1:][response_mask], temperature, self.chunk_size, with_entropy)
+        return _unflatten(picked, response_mask), None if entropy is None else _unflatten(entropy, response_mask)
+
+
+def materialised_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          response_mask: torch.Tensor, temperature: float,
+                          with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`PolicyLogprobs` through the model's full logits and an fp32 log-softmax of the response rows.
+
+    For heads the chunked path cannot reproduce; its memory grows as response tokens x vocabulary.
+    """
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    log_probs = torch.log_softmax(logits[response_mask].float() / temperature, dim=-1)  # [tokens, V]
+    picked = log_probs.gather(-1, input_ids[:, 1:][response_mask].unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            per_token = -(log_probs.exp() * log_probs).sum(-1)
-            entropy = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device).masked_scatter(mask, per_token)
-    return logp, entropy
+            entropy = _unflatten(-(log_probs.exp() * log_probs).sum(-1), response_mask)
+    return _unflatten(picked, response_mask), entropy
+
+
+def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-response-token values -> [B, L-1] in fp32, zero off the response."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=values.device).masked_scatter(mask, values)
+
+
+def token_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-probs of the batch's labels (and the policy's entropy), zero off the response.
+
+    `model` is a `PolicyLogprobs` (or DDP/FSDP around one). The logits are divided by the
+    sampling temperature, so the ratio compares the distributions that were actually sampled from.
+    """
+    return model(batch.input_ids, batch.attention_mask, batch.response_mask, temperature, with_entropy)

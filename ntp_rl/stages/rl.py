@@ -42,8 +42,8 @@ from ntp_rl.models import check_vocab, count_parameters, load_pretrained
 from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.rl.advantages import AdvantageInputs, compute_advantages
 from ntp_rl.rl.policy_loss import POLICY_LOSSES, PolicyLossInputs, aggregate, aggregation_count, k3_kl
-from ntp_rl.rl.rollout import (CollectedGroups, Group, PromptStream, RolloutBatch, build_batch, collect_groups,
-                               deal_groups, sample_groups, token_logprobs)
+from ntp_rl.rl.rollout import (CollectedGroups, Group, PolicyLogprobs, PromptStream, RolloutBatch, build_batch,
+                               collect_groups, deal_groups, sample_groups, token_logprobs)
 from ntp_rl.runtime import peak_flops, peak_memory_gib
 from ntp_rl.seeding import rl_eval_seed, rollout_seed, seed_everything
 from ntp_rl.rundir import shown_path
@@ -113,11 +113,11 @@ class RLState:
     session: StageSession
     task: Task
     tokenizer: Any
-    model: torch.nn.Module  # the policy, prepared by Accelerate
-    lm: torch.nn.Module  # the same, unwrapped
+    model: torch.nn.Module  # PolicyLogprobs around the policy, prepared by Accelerate
+    lm: torch.nn.Module  # the policy itself, a Hugging Face model
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    reference: Optional[torch.nn.Module]  # frozen init_from weights for the KL term, or None
+    reference: Optional[torch.nn.Module]  # PolicyLogprobs around frozen init_from weights for the KL term, or None
     stream: PromptStream  # the train prompts, in a reshuffled order that depends on position only
     eval_problems: list[TaskProblem]
     rollouts: Generator  # rl's sampling engine (`generator`), for rollouts and held-out checks
@@ -162,6 +162,7 @@ def load_models(cfg: Any, session: StageSession, init_dir: Any) -> tuple[torch.n
     reference = None
     if cfg.rl.kl_coef > 0:  # frozen init_from weights, for the KL penalty
         reference = load_pretrained(str(init_dir), key="init_from").to(session.device).eval().requires_grad_(False)
+        reference = PolicyLogprobs(reference, cfg.rl.logprob_chunk_size)
     return policy, tokenizer, reference, model_dir
 
 
@@ -171,8 +172,8 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
     rl = cfg.rl
     optimizer = build_adamw(policy, cfg.optim, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
-    model, optimizer = session.accelerator.prepare(policy, optimizer)
-    lm = session.accelerator.unwrap_model(model)
+    model, optimizer = session.accelerator.prepare(PolicyLogprobs(policy, rl.logprob_chunk_size), optimizer)
+    lm = session.accelerator.unwrap_model(model).lm
     state = RLState(
         cfg=cfg, session=session, task=task, tokenizer=tokenizer, model=model, lm=lm, optimizer=optimizer,
         scheduler=scheduler, reference=reference, stream=PromptStream(train_pool, cfg.seed), eval_problems=eval_problems,
@@ -204,6 +205,9 @@ def announce(state: RLState, init_dir: Any) -> None:
                 f"{rl.loss_aggregation.value}, kl_coef {rl.kl_coef:g}, "
                 f"dynamic sampling {'on' if rl.dynamic_sampling else 'off'} | {session.world} process(es), "
                 f"{session.device.type}")
+    if not session.accelerator.unwrap_model(state.model).chunked:
+        session.say("  log-probs: the LM head is not a plain linear map (a bias, soft-cap or logit scale), so full "
+                    "logits are materialised: memory grows with response tokens x vocabulary")
     if state.step:
         session.say(f"  resumed from {session.resume_from} at step {state.step}")
 
@@ -248,8 +252,8 @@ def policy_weights(accelerator: Any, model: torch.nn.Module) -> Iterable[tuple[s
 
         with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
                                   FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
-            return list(model.state_dict().items())
-    return accelerator.unwrap_model(model).named_parameters()
+            return [(name.removeprefix("lm."), value) for name, value in model.state_dict().items()]
+    return accelerator.unwrap_model(model).lm.named_parameters()
 
 
 def sample_round(state: RLState, round_: int) -> list[Group]:
@@ -574,7 +578,7 @@ def save(state: RLState) -> Path:
                      "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
                      "short_steps": state.short_steps,
                      "filled_groups": state.filled_groups, "equal_reward_steps": state.equal_reward_steps}
-    return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m,
+    return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m.lm,
                                 state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
 
 

@@ -1,0 +1,112 @@
+"""RL's log-probs through the chunked LM head equal the materialised path's: values, entropy, the
+loss and every parameter's gradient of a whole update (old-log-prob pass, KL, TIS included)."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ntp_rl.config.schema import GRPOConfig
+from ntp_rl.generation import Sampling
+from ntp_rl.lm_head import token_logprobs_fused
+from ntp_rl.metrics import Sums
+from ntp_rl.rl.rollout import Group, PolicyLogprobs, build_batch
+from ntp_rl.stages import rl as rl_stage
+
+VOCAB = 61
+
+
+def tiny_lm(tied: bool) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    lm = Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      tie_word_embeddings=tied))
+    with torch.no_grad():  # a peaked, uneven distribution, unlike a fresh init's near-uniform one
+        lm.get_output_embeddings().weight.normal_(0, 0.5)
+    return lm
+
+
+def rollout_batch(engine_logprobs: bool) -> "rl_stage.RolloutBatch":
+    """Two groups of three responses of different lengths (so rows are padded), advantages of both signs."""
+    gen = torch.Generator().manual_seed(1)
+    groups = []
+    for g, prompt_len in enumerate((3, 5)):
+        prompt = torch.randint(1, VOCAB, (prompt_len,), generator=gen).tolist()
+        responses = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (4, 9, 2)]
+        logprobs = [(-torch.rand(len(r), generator=gen) * 5).tolist() for r in responses] if engine_logprobs else None
+        groups.append(Group(f"p{g}", prompt, responses, [1.0, 0.0, 0.5], [True, False, False], [False] * 3, logprobs))
+    advantages = torch.tensor([[1.0, -1.0, 0.2], [-0.5, 0.7, -0.3]])
+    return build_batch(groups, advantages, pad_id=0, mask_truncated=False)
+
+
+def test_fused_log_probs_and_entropy_equal_a_full_log_softmax():
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(VOCAB, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (13,))
+    upstream = torch.randn(13, dtype=torch.float64)
+    logp, entropy = token_logprobs_fused(hidden, weight, targets, temperature=0.6, chunk_size=4, with_entropy=True)
+    grads = torch.autograd.grad((logp * upstream).sum(), (hidden, weight))
+
+    log_probs = torch.log_softmax(hidden @ weight.t() / 0.6, dim=-1)
+    expected = log_probs.gather(1, targets[:, None]).squeeze(1)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
+    assert torch.allclose(logp.double(), expected, atol=1e-5)  # the log-probs are fp32, as today's
+    assert torch.allclose(entropy.double(), -(log_probs.exp() * log_probs).sum(-1), atol=1e-5)
+    assert not entropy.requires_grad, "the entropy is a metric"
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def run_update(lm: torch.nn.Module, reference, chunked: bool, rl: GRPOConfig, temperature: float, batch) -> dict:
+    """The stage's own old-log-prob pass and one mini-batch update, on the chunked or the materialised path."""
+    from accelerate import Accelerator
+
+    lm = copy.deepcopy(lm)
+    model = PolicyLogprobs(lm, chunk_size=5)
+    model.chunked = chunked
+    if reference is not None:
+        reference = PolicyLogprobs(copy.deepcopy(reference), chunk_size=5)
+        reference.chunked = chunked
+    state = SimpleNamespace(cfg=SimpleNamespace(rl=rl), model=model, lm=lm, reference=reference,
+                            sampling=Sampling(temperature, 1.0, 16), separate_old_pass=rl.num_mini_batches > 1,
+                            session=SimpleNamespace(accelerator=Accelerator(cpu=True), world=1, device=torch.device("cpu")))
+    batch = copy.deepcopy(batch)
+    sums = Sums(rl_stage.STEP_SUMS, maxima=rl_stage.STEP_MAXIMA)
+    rl_stage.old_logprobs(state, batch, sums)
+    assert rl_stage.update_minibatch(state, batch, sums)
+    return {"old_logp": batch.old_logp, "ref_logp": batch.ref_logp, "sums": {k: sums[k].item() for k in sums.names},
+            "grads": {name: p.grad for name, p in lm.named_parameters()}}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("setting", ["one_update", "old_pass_kl_tis"])
+def test_an_update_through_the_chunked_head_equals_the_materialised_one(tied, setting):
+    lm = tiny_lm(tied)
+    if setting == "one_update":  # the current log-probs are the old ones: entropy comes from the update's own pass
+        rl, reference, batch = GRPOConfig(num_mini_batches=1, micro_batch_size=4), None, rollout_batch(False)
+    else:  # a separate old-log-prob pass, a KL term to a reference that differs, TIS against engine log-probs
+        rl = GRPOConfig(num_mini_batches=2, micro_batch_size=4, kl_coef=0.3, tis_cap=1.5)
+        reference, batch = copy.deepcopy(lm), rollout_batch(True)
+        with torch.no_grad():  # near the policy, as a reference is a few steps into a run
+            for p in reference.parameters():
+                p.mul_(1 + 0.05 * torch.randn_like(p))
+    chunked = run_update(lm, reference, True, rl, 0.7, batch)
+    materialised = run_update(lm, reference, False, rl, 0.7, batch)
+    for key in ("old_logp", "ref_logp"):
+        if materialised[key] is not None:
+            assert torch.allclose(chunked[key], materialised[key], atol=1e-5), key
+    assert materialised["sums"]["tokens"] > 0 and materialised["sums"]["entropy"] > 0
+    if setting != "one_update":
+        assert materialised["sums"]["kl"] > 0 and materialised["sums"]["is_clipped"] > 0, "KL and TIS both act"
+    for key, want in materialised["sums"].items():
+        assert chunked["sums"][key] == pytest.approx(want, abs=1e-5), key
+    grads = materialised["grads"]
+    assert set(chunked["grads"]) == set(grads)
+    for name, want in grads.items():
+        assert want is not None and want.abs().sum() > 0, name
+        assert torch.allclose(chunked["grads"][name], want, atol=1e-5), name
+
