@@ -87,6 +87,26 @@ class ChunkedHead:
             self.grad_weight.add_(grad_logits.t() @ h)
 
 
+@torch.no_grad()
+def logits_in_chunks(lm: nn.Module, input_ids: torch.Tensor, chunk_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The model's logits at every position of `input_ids` [B, L], flattened to rows, a chunk at a time.
+
+    For measuring (no gradient); a head that is not a plain linear map gives slices of its full logits.
+    """
+    if not has_plain_linear_head(lm):
+        logits = lm(input_ids=input_ids, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        for start in range(0, logits.shape[0], chunk_size):
+            yield slice(start, start + chunk_size), logits[start:start + chunk_size]
+        return
+    hidden = lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    weight = lm.get_output_embeddings().weight
+    head = ChunkedHead(hidden, weight, head_dtype(hidden, weight), chunk_size)
+    for part, _, logits in head.chunks():
+        yield part, logits
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):  # type: ignore[override]

@@ -5,6 +5,7 @@ variant runs and reports a time or rate and a ratio against its baseline.
 """
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -73,3 +74,14 @@ def test_gpu_check_script_runs_every_part_at_tiny_sizes(tmp_path):
     assert parts == {"device", "bench_loss", "bench_loss_chunk512", "bench_train", "bench_rollout", "bench_rollout_vllm"}
     assert "compiled/precision" in (tmp_path / "bench_loss.txt").read_text()
     assert "x plain" in (tmp_path / "bench_train.txt").read_text()
+
+
+def test_bench_rl_memory_prints_one_json_object_per_length():
+    out = run_script("bench_rl_memory.py", "--vocab", "3000", "--hidden", "16", "--prompt", "8", "--tokens", "32,96",
+                     "--chunk-size", "16", "--temperature", "0.7", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["tokens"] for r in rows] == [32, 96]
+    for row in rows:
+        assert set(row) == {"tokens", "materialised_gib", "chunked_gib", "max_abs_diff"}
+        assert row["materialised_gib"] >= 0 and row["chunked_gib"] >= 0
+        assert row["max_abs_diff"] < 1e-5, "the two paths give the same loss and gradients"

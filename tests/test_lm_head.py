@@ -9,7 +9,7 @@ import torch
 
 from ntp_rl.config.schema import GRPOConfig
 from ntp_rl.generation import Sampling
-from ntp_rl.lm_head import token_logprobs_fused
+from ntp_rl.lm_head import logits_in_chunks, token_logprobs_fused
 from ntp_rl.metrics import Sums
 from ntp_rl.rl.rollout import Group, PolicyLogprobs, build_batch
 from ntp_rl.stages import rl as rl_stage
@@ -110,3 +110,14 @@ def test_an_update_through_the_chunked_head_equals_the_materialised_one(tied, se
         assert want is not None and want.abs().sum() > 0, name
         assert torch.allclose(chunked["grads"][name], want, atol=1e-5), name
 
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_held_out_text_logits_in_chunks_are_the_models_logits(tied):
+    lm = tiny_lm(tied)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(2))
+    parts = list(logits_in_chunks(lm, ids, chunk_size=7))
+    assert [p.stop - p.start for p, _ in parts] == [7, 7, 7, 7, 5] and all(z.shape[0] <= 7 for _, z in parts)
+    with torch.no_grad():
+        full = lm(input_ids=ids).logits.reshape(-1, VOCAB)
+    assert torch.allclose(torch.cat([z for _, z in parts]), full, atol=1e-5)

@@ -32,6 +32,7 @@ from ntp_rl.errors import ConfigError, DataError
 from ntp_rl.evaluation import ProblemResult, deal_chunks, sample_and_score_chunks, summarize
 from ntp_rl.generation import Sampling
 from ntp_rl.io import write_csv_atomic
+from ntp_rl.lm_head import logits_in_chunks
 from ntp_rl.models import count_parameters, load_pretrained
 from ntp_rl.plots import plot_histogram, plot_pass_at_k
 from ntp_rl.seeding import eval_chunk_seed
@@ -161,8 +162,9 @@ def measure_text(cfg: Any, session: StageSession, subject: Subject, text: Pretra
                             cfg.diagnostics.bins, device=session.device)
     for batch in windows[session.rank::session.world].split(cfg.diagnostics.batch_size):
         batch = batch.to(session.device)
-        logits = subject.lm(input_ids=batch[:, :-1], use_cache=False).logits
-        meter.add(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        targets = batch[:, 1:].reshape(-1)
+        for part, logits in logits_in_chunks(subject.lm, batch[:, :-1], chunk_size=1024):
+            meter.add(logits, targets[part])
     meter.state = session.accelerator.reduce(meter.state, reduction="sum")
     return {"text": text.description, "sequences": len(windows), "seq_len": cfg.data.seq_len,
             "unigram_nll": text.unigram_nll, **meter.result()}
