@@ -90,22 +90,32 @@ def main(argv: Optional[list[str]] = None) -> None:
             checked = check_command_line(stage, rest)
     except UserError as exc:
         fail(str(exc), exc.exit_code)
+    from ntp_rl import stopping
+
+    stopping.install()
     try:
         run_with_hydra(stage, rest, checked)
-    except KeyboardInterrupt:
-        interrupted(stage)
+    except KeyboardInterrupt as exc:
+        interrupted(stage, exc, sweep=checked.plan is not None)
 
 
-def interrupted(stage: str) -> None:
-    """Ctrl-C: the run is already marked interrupted in run.json; say so and how to go on, exit 130 (as shells do)."""
+def interrupted(stage: str, exc: KeyboardInterrupt, sweep: bool = False) -> None:
+    """Ctrl-C or SIGTERM: the run is already marked interrupted in run.json (after a checkpoint, for SIGTERM
+    in a training loop); say so and how to go on, and exit as shells do (130 for Ctrl-C, 143 for SIGTERM)."""
     from ntp_rl.rundir import INTERRUPTED, shown_path
+    from ntp_rl.stopping import Stopped
+    from ntp_rl.sweeps import RememberSweepDir
 
     where = f"{shown_path(INTERRUPTED[-1])} is marked interrupted; " if INTERRUPTED else ""
     how = {"pipeline": "run the same command again to resume it",
            "eval": "eval runs are not resumed: run the command again"}.get(
         stage, "run the same command with resume=auto to continue from its last checkpoint")
-    print(f"{PROG}: interrupted; {where}{how}", file=sys.stderr)
-    raise SystemExit(130)
+    if sweep and stage not in ("pipeline", "eval") and RememberSweepDir.sweep_dir is not None:
+        how = (f"run the same command with resume=auto to continue the sweep in "
+               f"{shown_path(RememberSweepDir.sweep_dir)} (finished points are skipped)")
+    what = f"stopped by {exc.signame}" if isinstance(exc, Stopped) else "interrupted"
+    print(f"{PROG}: {what}; {where}{how}", file=sys.stderr)
+    raise SystemExit(exc.exit_code if isinstance(exc, Stopped) else 130)
 
 
 def expand_model_paths(args: list[str]) -> list[str]:
@@ -132,10 +142,13 @@ def run_with_hydra(stage: str, hydra_args: list[str], checked: "CheckedCommand")
     import hydra
 
     from ntp_rl.config.compose import conf_dir, register_schemas
-    from ntp_rl.sweeps import RememberSweepDir, finish_sweep
+    from ntp_rl.sweeps import RememberSweepDir, finish_sweep, sweep_command
 
     register_schemas()
     RememberSweepDir.sweep_dir = None  # set by Hydra when this command's sweep starts
+    RememberSweepDir.command = sweep_command(stage, checked.overrides) if checked.plan is not None else None
+    if checked.plan is not None and checked.first.get("resume") == "auto":
+        hydra_args = [*hydra_args, *_continued_sweep(stage, checked, hydra_args)]
     task = _stage_task(stage, checked.plan)
     sys.argv = [f"{PROG} {stage}", *hydra_args]
     code = 0
@@ -154,6 +167,23 @@ def run_with_hydra(stage: str, hydra_args: list[str], checked: "CheckedCommand")
         code = finish_sweep(stage, checked.plan, checked.first, checked.overrides) or code
     if code:
         raise SystemExit(code)
+
+
+def _continued_sweep(stage: str, checked: "CheckedCommand", hydra_args: list[str]) -> list[str]:
+    """`-m ... resume=auto`: the newest sweep of the same command runs again in its own directory, where each
+    point finds its run (finished ones are skipped, the others resume); none found, a new sweep starts."""
+    from ntp_rl.overrides import hydra_quote
+    from ntp_rl.rundir import shown_path
+    from ntp_rl.sweeps import sweep_to_continue
+
+    if any(a.startswith("hydra.sweep.dir=") for a in hydra_args):
+        return []
+    found = sweep_to_continue(stage, checked.first.out_dir, checked.overrides)
+    if found is None:
+        print(f"note: resume=auto found no earlier sweep of this command; a new sweep starts")
+        return []
+    print(f"resume=auto: continuing the sweep in {shown_path(found)}")
+    return [f"hydra.sweep.dir={hydra_quote(str(found))}"]
 
 
 def _stage_task(stage: str, plan: Optional["SweepPlan"]) -> Callable:

@@ -214,10 +214,12 @@ def claims_released() -> Iterator[None]:
 
 
 def _newest_unfinished(stage_root: Path, safe_name: str) -> Optional[Path]:
+    """The newest run of this name that has not finished: with a complete checkpoint it resumes from it; without
+    one (killed before its first) it starts again from step 0 in its own directory."""
     pattern = re.compile(r"^\d{8}-\d{6}-" + re.escape(safe_name) + r"(-\d+)?$")
     candidates = sorted((p for p in stage_root.glob("*") if pattern.match(p.name)), reverse=True)
     for path in candidates:
-        if read_run_info(path).get("status") != "finished" and latest_checkpoint(path / "checkpoints"):
+        if read_run_info(path).get("status") not in (None, "finished"):
             return path
     return None
 
@@ -237,7 +239,7 @@ def create(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], world_si
                world_size=world_size, resumed_from=str(run.resume_from) if run.resume_from else None)
 
 
-# Runs this process marked interrupted (Ctrl-C), newest last: the CLI's one line names the last.
+# Runs this process marked interrupted (Ctrl-C, SIGTERM), newest last: the CLI's one line names the last.
 INTERRUPTED: list[Path] = []
 
 
@@ -251,8 +253,8 @@ def shown_path(path: Path) -> str:
 
 def mark_stopped(run: RunDir, exc: BaseException) -> None:
     """Record in run.json why a run stopped early, so it never looks finished."""
-    if isinstance(exc, KeyboardInterrupt):
-        run.update(status="interrupted")
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or a signal (ntp_rl.stopping.Stopped: SIGTERM, pre-emption)
+        run.update(status="interrupted", signal=getattr(exc, "signame", "SIGINT"))
         INTERRUPTED.append(run.path)
     else:
         run.update(status="failed", error=f"{type(exc).__name__}: {first_line(exc)}")

@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from ntp_rl.errors import TrainingDiverged, UserError, first_line
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import shown_path
+from ntp_rl.stopping import Stopped
 
 POINTS_DIR = "points"  # in the sweep directory: one <job number>.json per point that ran
 
@@ -125,7 +126,11 @@ def prepare_job(plan: SweepPlan, launcher_cfg: Any) -> None:
     import submitit
     import torch
 
+    from ntp_rl import stopping
+
     env = submitit.JobEnvironment()
+    stopping.install()
+    stopping.install_requeue(env._usr_sig())  # submitit's pre-emption / time-out signal: checkpoint, then requeue
     if env.num_tasks > 1:
         # The tasks see every GPU of their node; Accelerate picks cuda:<LOCAL_RANK> itself.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -135,7 +140,8 @@ def prepare_job(plan: SweepPlan, launcher_cfg: Any) -> None:
     threads = int(cpus) if cpus else (int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or plan.threads_per_task())
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
-    print(f"ntp-rl: {executor} job {env.job_id}, task {env.global_rank} of {env.num_tasks}: {threads} thread(s)")
+    print(f"ntp-rl: {executor} job {env.job_id}, task {env.global_rank} of {env.num_tasks}: {threads} thread(s), "
+          f"pid {os.getpid()}", flush=True)
 
 
 def is_rank_zero() -> bool:
@@ -175,8 +181,16 @@ def run_point(stage: str, cfg: Any, overrides: list[str], plan: SweepPlan, hydra
         swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in plan.swept_keys]
         cfg.logger.wandb.name = run_name(stage, swept)
     sweep_dir, num = Path(str(hydra_cfg.sweep.dir)), int(hydra_cfg.job.num)
+    if cfg.resume is None and read_point(sweep_dir, num).get("status") == "interrupted":
+        cfg.resume = "auto"  # a job requeued after pre-emption or time-out continues the run it started
     try:
         result = run_validated(stage, cfg, overrides=overrides)  # check_command_line validated it
+    except Stopped as stop:  # SIGTERM or submitit's signal: the run saved a checkpoint and is marked interrupted
+        record_point(sweep_dir, num, overrides, status="interrupted", error=f"stopped by {stop.signame}",
+                     exit_code=stop.exit_code)
+        if stop.then is not None:
+            stop.then()  # submitit checkpoints the job and requeues it; the requeued job resumes the run
+        raise
     except Exception as exc:  # noqa: BLE001 -- a bug in one point is reported with the others at the end
         known = isinstance(exc, (UserError, TrainingDiverged))
         if not known:
@@ -197,13 +211,48 @@ def run_point(stage: str, cfg: Any, overrides: list[str], plan: SweepPlan, hydra
 # In the process that ran `ntp-rl ... -m`
 
 
+COMMAND_FILE = "command.json"  # in the sweep directory: the stage and overrides that started it
+
+
 class RememberSweepDir(Callback):
-    """Hydra tells its callbacks the sweep directory it made; the CLI reads the points' records there."""
+    """Hydra tells its callbacks the sweep directory it made; the CLI reads the points' records there, and
+    leaves the command there, so that the same command with resume=auto finds the sweep again."""
 
     sweep_dir: Optional[Path] = None
+    command: Optional[dict] = None  # set by the CLI before the sweep starts
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         RememberSweepDir.sweep_dir = Path(str(config.hydra.sweep.dir))
+        if RememberSweepDir.command is not None:
+            RememberSweepDir.sweep_dir.mkdir(parents=True, exist_ok=True)
+            if not (RememberSweepDir.sweep_dir / COMMAND_FILE).exists():
+                write_json_atomic(RememberSweepDir.sweep_dir / COMMAND_FILE, RememberSweepDir.command)
+
+
+def sweep_command(stage: str, overrides: Sequence[str]) -> dict:
+    """What identifies a sweep's command: its stage and overrides, less the ones that only say to resume it."""
+    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("resume", "hydra.sweep.dir"))
+    return {"stage": stage, "overrides": kept}
+
+
+def sweep_to_continue(stage: str, out_dir: str, overrides: Sequence[str]) -> Optional[Path]:
+    """The newest sweep of the same command, which `-m ... resume=auto` continues: its points that finished
+    are skipped (each says so), the others resume from their last checkpoint or start again."""
+    wanted = sweep_command(stage, overrides)
+    for record in sorted(Path(out_dir).glob(f"sweeps/{stage}-*/{COMMAND_FILE}"), reverse=True):
+        try:
+            if json.loads(record.read_text()) == wanted:
+                return record.parent
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def read_point(sweep_dir: Path, num: int) -> dict:
+    try:
+        return json.loads((sweep_dir / POINTS_DIR / f"{num}.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def read_points(sweep_dir: Path) -> list[dict]:
@@ -225,9 +274,13 @@ def finish_sweep(stage: str, plan: SweepPlan, first_cfg: Any, overrides: Sequenc
         print(f"ntp-rl: error: point {record['num']} ({' '.join(record['overrides'])}): {record['error']}",
               file=sys.stderr)
     missing = plan.num_points - len(records)
-    if missing > 0:
+    logs = sweep_dir / ".submitit"
+    if missing > 0 and logs.is_dir() and any(logs.iterdir()):
         print(f"ntp-rl: error: {missing} point(s) left no result (a job that was killed or never ran); "
-              f"their logs are under {shown_path(sweep_dir / '.submitit')}", file=sys.stderr)
+              f"their logs are under {shown_path(logs)}", file=sys.stderr)
+    elif missing > 0:  # the launcher stopped before any job started (no sbatch, a refused submission): said above
+        print(f"ntp-rl: error: {missing} point(s) left no result: no job was started, so there are no job logs; "
+              f"the error above says why", file=sys.stderr)
     if stage == "pipeline":
         compare_lineages([r["run_dir"] for r in records if r["status"] == "finished"], first_cfg, overrides,
                          sweep_dir)

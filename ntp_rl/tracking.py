@@ -98,7 +98,9 @@ class Tracker:
         self._metrics_path = self.run_dir / METRICS_FILE
         if resume_step is not None:
             self._drop_rows_after(resume_step)
-        self._metrics_file = open(self._metrics_path, "a", buffering=1)
+        # A run that starts from step 0 in a directory that held one (killed before its first checkpoint) starts
+        # its record again: its old rows would be repeated.
+        self._metrics_file = open(self._metrics_path, "w" if resume_step is None else "a", buffering=1)
         if mode == "disabled":
             return
         if mode == "offline":

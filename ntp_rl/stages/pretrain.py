@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ntp_rl import checkpoint as ckpt
-from ntp_rl import moe
+from ntp_rl import moe, stopping
 from ntp_rl.config.schema import ModelArch, NonFinitePolicy
 from ntp_rl.config.validate import check_loss, check_seq_len, micro_batches
 from ntp_rl.data.packing import PretrainData
@@ -160,21 +160,24 @@ def train(cfg: Any, session: StageSession, data: PretrainData, training: Trainin
     if training.step == 0:
         val_metrics = validate(cfg, session, data, training, tracker, step=0)
     bar = session.progress(total=max_steps, initial=training.step, logs=True)
-    while training.step < max_steps:
-        step_start = time.perf_counter()
-        loss_sum, stat_sums, grad_norm = train_step(cfg, session, data, training, bar)
-        step = training.step
-        bar.update(1)
-        kill_point("step", step)
-        if step % cfg.train.log_every == 0 or step == max_steps:
-            metrics = step_metrics(session, training, loss_sum, stat_sums, grad_norm, speed,
-                                   time.perf_counter() - step_start)
-            tracker.log(metrics, step=step)
-            bar.set_postfix(**progress_fields(metrics))
-        if step % cfg.train.eval_every == 0 or step == max_steps:
-            val_metrics = validate(cfg, session, data, training, tracker, step)
-        if step % cfg.train.save_every == 0 or step == max_steps:
-            save(cfg, session, data, training)
+    with stopping.checkpointing():  # SIGTERM: a checkpoint at the end of the step, then the run stops
+        while training.step < max_steps:
+            step_start = time.perf_counter()
+            loss_sum, stat_sums, grad_norm = train_step(cfg, session, data, training, bar)
+            step = training.step
+            bar.update(1)
+            kill_point("step", step)
+            if step % cfg.train.log_every == 0 or step == max_steps:
+                metrics = step_metrics(session, training, loss_sum, stat_sums, grad_norm, speed,
+                                       time.perf_counter() - step_start)
+                tracker.log(metrics, step=step)
+                bar.set_postfix(**progress_fields(metrics))
+            if step % cfg.train.eval_every == 0 or step == max_steps:
+                val_metrics = validate(cfg, session, data, training, tracker, step)
+            saved = step % cfg.train.save_every == 0 or step == max_steps
+            if saved:
+                save(cfg, session, data, training)
+            stopping.stop_if_asked(session.accelerator, lambda: saved or save(cfg, session, data, training))
     bar.close()
     if not val_metrics:  # resumed from the final checkpoint of a run that died before finishing
         val_metrics = validate(cfg, session, data, training, tracker, training.step)

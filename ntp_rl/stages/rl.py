@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from ntp_rl import checkpoint as ckpt
-from ntp_rl import moe
+from ntp_rl import moe, stopping
 from ntp_rl.config.schema import NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
@@ -73,7 +73,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         return done
     policy, tokenizer, reference, model_dir = load_models(cfg, session, init_dir)
 
-    with session.open(resume_step=session.resume_step()):
+    # SIGTERM: a checkpoint at the end of the step, then the run stops
+    with session.open(resume_step=session.resume_step()), stopping.checkpointing():
         state = setup(cfg, session, task, policy, tokenizer, reference, train_pool, eval_problems, model_dir)
         announce(state, init_dir)
         eval_after = None
@@ -97,8 +98,10 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             last_step_metrics = log(state, collected, batch, sums, counts, timing, bar)
             if state.step % cfg.rl.eval_every == 0 or state.step == cfg.rl.max_steps:
                 eval_after = evaluate_held_out(state, state.step)
-            if state.step % cfg.rl.save_every == 0 or state.step == cfg.rl.max_steps:
+            saved = state.step % cfg.rl.save_every == 0 or state.step == cfg.rl.max_steps
+            if saved:
                 save(state)
+            stopping.stop_if_asked(session.accelerator, lambda: saved or save(state))
         bar.close()
         if eval_after is None:  # resumed from the final checkpoint of a run that died before finishing
             eval_after = evaluate_held_out(state, state.step)

@@ -100,8 +100,12 @@ class StageSession:
             raise chosen[1]
         self.run_dir = chosen[0]
         if self.cfg.resume == "auto" and self.run_dir.resume_from is None:
-            self.notice("resume_auto_found_nothing", True, f"resume=auto found no unfinished run of this command to "
-                        f"resume; a new run starts in {rundir.shown_path(self.run_dir.path)}")
+            if rundir.read_run_info(self.run_dir.path):
+                self.notice("resume_auto_restarted", True, f"resume=auto: {rundir.shown_path(self.run_dir.path)} has "
+                            "no complete checkpoint yet; its run starts again from step 0")
+            else:
+                self.notice("resume_auto_found_nothing", True, f"resume=auto found no unfinished run of this command "
+                            f"to resume; a new run starts in {rundir.shown_path(self.run_dir.path)}")
         return self.run_dir
 
     @property
