@@ -85,3 +85,13 @@ def test_bench_rl_memory_prints_one_json_object_per_length():
         assert set(row) == {"tokens", "materialised_gib", "chunked_gib", "max_abs_diff"}
         assert row["materialised_gib"] >= 0 and row["chunked_gib"] >= 0
         assert row["max_abs_diff"] < 1e-5, "the two paths give the same loss and gradients"
+
+
+def test_bench_data_reports_prepare_rates_fetch_times_and_the_data_wait():
+    out = run_script("bench_data.py", "--docs", "600", "--docs-per-shard", "100", "--seq-len", "32", "--batch-size", "4",
+                     "--repeats", "1")
+    rates = re.findall(r"^prepare, (\d) worker\(s\): [\d.]+M tokens in [\d.]+ s, ([\d,]+) tokens/s$", out, re.M)
+    assert [w for w, _ in rates] == ["1", "2"] and all(int(r.replace(",", "")) > 0 for _, r in rates)
+    assert re.search(r"^fetch 4 x 33 at position 0: [\d.]+ ms; at position \d+ of \d+ \(95%\): [\d.]+ ms; ratio [\d.]+x$",
+                     out, re.M)
+    assert re.search(r"data wait [\d.]+% of a step$", out, re.M)

@@ -45,6 +45,7 @@ class MoeBalancing(Enum):
 class DataSource(Enum):
     embedded = "embedded"  # the procedural reasoning corpus generated locally
     hf = "hf"  # any `datasets` source with a text field
+    prepared = "prepared"  # token shards written once by `ntp-rl prepare`, read by position
 
 
 class SolutionOrder(Enum):
@@ -152,6 +153,7 @@ class DataConfig:
     vocab_size: int = 512  # size of the locally trained BPE tokenizer
     # source=hf: a hub dataset name, a local directory, or local .jsonl/.json/.parquet/.txt
     # files (a glob works); the text in `text_field` is tokenized and packed.
+    # source=prepared: the directory `ntp-rl prepare` wrote (prepare.out_dir).
     path: Optional[str] = None
     name: Optional[str] = None  # the dataset's config (subset) name
     split: str = "train"
@@ -294,6 +296,22 @@ class PretrainConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class PrepareSettings:
+    out_dir: str = "???"  # where the shards and their manifest go (data.path of data=prepared)
+    workers: int = 1  # tokenizing processes
+    docs_per_shard: int = 100000  # documents a shard (a worker's unit of work, and of resume)
+
+
+@dataclass
+class PrepareConfig(RunConfig):
+    """`ntp-rl prepare`: tokenize data.path once into token shards for data=prepared."""
+
+    stage: str = "prepare"
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareSettings = field(default_factory=PrepareSettings)
 
 
 @dataclass

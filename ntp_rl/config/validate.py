@@ -198,10 +198,30 @@ def _check_data(data: Any) -> None:
         _positive(data.num_val_docs, "data.num_val_docs")
         if data.vocab_size < 64:
             raise ConfigError("data.vocab_size", "must be >= 64", data.vocab_size)
+    elif data.source is DataSource.prepared:
+        if not data.path:
+            raise ConfigError("data.path", "is required with data=prepared: the directory `ntp-rl prepare` wrote")
+        if not (Path(data.path).expanduser() / "manifest.json").is_file():
+            raise ConfigError("data.path", "holds no prepared corpus (no manifest.json); make one with "
+                              "`ntp-rl prepare data=hf data.path=<corpus> data.tokenizer=<tokenizer> prepare.out_dir=<dir>`",
+                              data.path)
     else:
         if not data.path:
             raise ConfigError("data.path", "is required with data.source=hf (a hub dataset name or local files)")
         _positive(data.val_docs, "data.val_docs")
+
+
+def validate_prepare(cfg: Any) -> None:
+    _check_required(cfg)
+    if cfg.data.source is not DataSource.hf:
+        raise ConfigError("data", "prepare tokenizes a `datasets` source: data=hf data.path=<hub name or local files>",
+                          cfg.data.source.value)
+    _check_data(cfg.data)
+    if not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer", "is required: the tokenizer the shards are made with (an HF name or directory)")
+    _check_directory_path(cfg.prepare.out_dir, "prepare.out_dir")
+    _positive(cfg.prepare.workers, "prepare.workers")
+    _positive(cfg.prepare.docs_per_shard, "prepare.docs_per_shard")
 
 
 def _check_optim(optim: Any, prefix: str = "optim") -> None:

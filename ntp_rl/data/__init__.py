@@ -5,6 +5,7 @@
     packing.py    tokenizing, packing into windows, resumable training order
     embedded.py   the embedded corpus, tokenized and cached on disk
     hf.py         text from any `datasets` source; the dataset loader tasks share
+    prepared.py   corpora tokenized once into token shards (`ntp-rl prepare`), read by position
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def build_pretrain_data(data_cfg: Any, *, cache_dir: Path, seed: int,
         from ntp_rl.data.embedded import build_embedded_data
 
         return build_embedded_data(data_cfg, Path(cache_dir), seed, tokenizer_name)
+    if data_cfg.source is DataSource.prepared:
+        from ntp_rl.data.prepared import build_prepared_data
+
+        return build_prepared_data(data_cfg, seed, tokenizer_name)
     if not tokenizer_name:
         raise ConfigError(
             "data.tokenizer",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ class SequenceSource(Protocol):
     seq_len: int
     position: int  # windows handed out so far: the resumable data position
 
-    def take(self, n: int) -> torch.Tensor:
-        """The next n windows, LongTensor [n, seq_len + 1]; advances position."""
+    def take(self, n: int, rows: Optional[slice] = None) -> torch.Tensor:
+        """The next n windows, LongTensor [n, seq_len + 1], or only `rows` of them (a process's share of a
+        global batch); advances position by n."""
         ...
 
     def seek(self, position: int) -> None:
@@ -44,6 +45,9 @@ class PretrainData:
     num_train_tokens: int | None  # tokens in the training windows; None when streaming
     description: str
     skipped_rows: int = 0  # rows without text (null or empty field), left out
+    # What the training order depends on besides the seed, saved with each checkpoint so that a resume on other
+    # data is refused; None where the order has no such key.
+    order_key: str | None = None
 
 
 def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> Iterator[np.ndarray]:
@@ -119,7 +123,7 @@ class PackedSequences:
     def num_windows(self) -> int:
         return self.windows.shape[0]
 
-    def take(self, n: int) -> torch.Tensor:
+    def take(self, n: int, rows: Optional[slice] = None) -> torch.Tensor:
         if n < 0:
             raise ValueError(f"cannot take {n} windows")
         total = self.num_windows
@@ -132,7 +136,7 @@ class PackedSequences:
             start += stop - offset
         self.position = end
         index = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
-        return self.windows[index]
+        return self.windows[index if rows is None else index[rows]]
 
     def seek(self, position: int) -> None:
         if position < 0:
@@ -173,14 +177,14 @@ class StreamingSequences:
         self.position = 0
         self._windows = self._generate()
 
-    def take(self, n: int) -> torch.Tensor:
+    def take(self, n: int, rows: Optional[slice] = None) -> torch.Tensor:
         if n < 0:
             raise ValueError(f"cannot take {n} windows")
         if n == 0:
             return torch.empty(0, self.seq_len + 1, dtype=torch.long)
-        batch = torch.stack([next(self._windows) for _ in range(n)])
+        batch = torch.stack([next(self._windows) for _ in range(n)])  # a stream is read whole by every process
         self.position += n
-        return batch
+        return batch if rows is None else batch[rows]
 
     def seek(self, position: int) -> None:
         if position < 0:

@@ -51,6 +51,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("pipeline", "pretrain [-> midtrain] -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study",
           "ntp_rl.stages.pipeline", schema.PipelineConfig, checks.validate_pipeline,
           ("stages", "loss.beta", "train.max_steps", "rl.max_steps", "eval.n", "seed", "objective")),
+    Stage("prepare", "tokenize a corpus once into token shards that pretrain reads by position (data=prepared)",
+          "ntp_rl.stages.prepare", schema.PrepareConfig, checks.validate_prepare,
+          ("data.path", "data.tokenizer", "data.text_field", "data.val_docs", "prepare.out_dir", "prepare.workers",
+           "prepare.docs_per_shard")),
     Stage("compare", "tables, tests and plots across finished runs: ntp-rl compare <dirs> [--out DIR] [--baseline SETTING]",
           "ntp_rl.stages.compare"),
 )}

@@ -24,6 +24,7 @@ from ntp_rl import moe, stopping
 from ntp_rl.config.schema import ModelArch, NonFinitePolicy
 from ntp_rl.config.validate import check_loss, check_seq_len, micro_batches
 from ntp_rl.data.packing import PretrainData
+from ntp_rl.errors import DataError
 from ntp_rl.faults import kill_point
 from ntp_rl.losses import STAT_NAMES
 from ntp_rl.models import (ShapedLossLM, build_model, check_same_architecture, check_vocab, count_parameters,
@@ -130,6 +131,11 @@ def restore(training: Training, resume_from: Optional[Path], data: PretrainData,
     state = ckpt.load_training_state(resume_from, session.accelerator, training.model, training.optimizer)
     training.scheduler.load_state_dict(state["scheduler"])
     training.step, training.nonfinite_skips = int(state["step"]), int(state.get("nonfinite_skips", 0))
+    saved_order = state.get("data_order")
+    if saved_order != data.order_key and (saved_order or data.order_key):
+        raise DataError(f"resume: {resume_from} was trained on other data or another data.seq_len than this run's "
+                        f"data.path={session.cfg.data.path} data.seq_len={session.cfg.data.seq_len}, so its data "
+                        "position means nothing here; resume with the data it was trained on, or start a new run")
     data.train.seek(int(state["data_position"]))
 
 
@@ -189,7 +195,7 @@ def train_step(cfg: Any, session: StageSession, data: PretrainData, training: Tr
     """One optimizer step on this process's share of the global batch; a non-finite one is skipped or stops the run."""
     accelerator, model = session.accelerator, training.model
     per_rank = cfg.train.batch_size // session.world
-    batch = data.train.take(cfg.train.batch_size)[session.rank * per_rank:(session.rank + 1) * per_rank]
+    batch = data.train.take(cfg.train.batch_size, rows=slice(session.rank * per_rank, (session.rank + 1) * per_rank))
     batch = batch.to(session.device)
     loss_sum = torch.zeros((), device=session.device)
     stat_sums = torch.zeros(len(STAT_NAMES), device=session.device)
@@ -288,7 +294,7 @@ def held_out_metrics(model: torch.nn.Module, windows: torch.Tensor, micro_batch_
 
 
 def save(cfg: Any, session: StageSession, data: PretrainData, training: Training) -> Path:
-    state = {"step": training.step, "data_position": data.train.position, "scheduler": training.scheduler.state_dict(),
+    state = {"step": training.step, "data_position": data.train.position, "data_order": data.order_key, "scheduler": training.scheduler.state_dict(),
              "nonfinite_skips": training.nonfinite_skips, "world_size": session.world}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, training.step, session.accelerator, training.model,
                                 lambda m: m.lm, training.optimizer, data.tokenizer, state, cfg.train.keep_last)

@@ -1,0 +1,437 @@
+"""Corpora tokenized once into token shards on disk, read by position (`ntp-rl prepare`, `data=prepared`).
+
+The format is the one OLMo and nanoGPT read: raw arrays of token ids (numpy memmaps) in the
+smallest unsigned type that holds the vocabulary, each document followed by EOS, beside a
+manifest.json. Any tool reads a shard with `np.memmap(path, dtype=manifest["dtype"])`.
+
+    <dir>/manifest.json         what was prepared from what, and every finished shard
+    <dir>/tokenizer/            the tokenizer the ids belong to
+    <dir>/val.bin               the first data.val_docs documents, for validation
+    <dir>/train-00000.bin ...   the rest, prepare.docs_per_shard documents a shard
+    <dir>/unigram_counts.bin    token counts over the training shards (the unigram baseline)
+
+A shard is written beside its final name and renamed into place, and only then entered in the
+manifest, so a killed `prepare` leaves no half-written shard that looks complete; run again,
+it tokenizes only the shards the manifest lacks.
+
+Training reads windows of seq_len + 1 tokens cut from each shard (a shard's last partial window
+is dropped). The order of windows is a seeded pseudo-random permutation per epoch computed for
+any position on its own (`WindowOrder`), so a run starts, resumes and splits across processes
+by arithmetic alone: no replay, no index in memory, and every process reads only its own rows.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ntp_rl.data.packing import PretrainData, human_count, pack_windows, tokenize_documents
+from ntp_rl.errors import DataError, UserError
+from ntp_rl.io import write_json_atomic
+from ntp_rl.seeding import mix_seed
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+UNIGRAM_COUNTS = "unigram_counts.bin"  # int64, one count per token id
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every id: 2 bytes a token up to 65,536 ids."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """What the ids mean: a hash of the tokenizer's full definition (vocabulary, merges, special tokens)."""
+    if getattr(tokenizer, "is_fast", False):
+        text = tokenizer.backend_tokenizer.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _vocab_size(tokenizer: Any) -> int:
+    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+
+
+# ---------------------------------------------------------------------------
+# Preparing
+
+
+@dataclass
+class PrepareReport:
+    manifest: dict
+    tokenized_now: int  # tokens tokenized by this call (0 when everything was already there)
+    seconds: float
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokenized_now / max(self.seconds, 1e-9)
+
+
+def prepare_corpus(data_cfg: Any, out_dir: Path, workers: int, docs_per_shard: int, tokenizer: Any,
+                   tokenizer_name: str, say: Callable[[str], None] = print) -> PrepareReport:
+    """Tokenize `data_cfg`'s source into shards under out_dir, continuing a previous, unfinished call."""
+    from ntp_rl.data.hf import TextRows, _check_text_field, _load_dataset, _text_field
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        source = {"path": data_cfg.path, "name": data_cfg.name, "split": data_cfg.split,
+                  "text_field": _text_field(data_cfg), "val_docs": int(data_cfg.val_docs),
+                  "max_train_docs": data_cfg.max_train_docs, "docs_per_shard": docs_per_shard}
+        vocab = _vocab_size(tokenizer)
+        manifest = _start_manifest(out_dir, source, tokenizer, tokenizer_name, vocab)
+        if manifest.get("complete"):
+            say(f"{out_dir}: already prepared ({human_count(manifest['train_tokens'])} training tokens); nothing to do")
+            return PrepareReport(manifest, 0, 0.0)
+        ds = _load_dataset(data_cfg)
+        _check_text_field(ds, source["text_field"], data_cfg.path)
+        rows = TextRows(source["text_field"], data_cfg.path)
+        texts = rows.texts(ds)
+        if data_cfg.max_train_docs is not None:
+            texts = itertools.islice(texts, int(data_cfg.val_docs) + int(data_cfg.max_train_docs))
+        started = time.perf_counter()
+        tokenized = _write_val(out_dir, manifest, texts, int(data_cfg.val_docs), tokenizer, data_cfg.path)
+        tokenized += _write_train(out_dir, manifest, texts, workers, docs_per_shard, vocab, say)
+        _finish_manifest(out_dir, manifest, vocab, data_cfg.path)
+        return PrepareReport(manifest, tokenized, time.perf_counter() - started)
+
+
+class _exclusive:
+    """One `prepare` writes a directory at a time: a second one is refused, not interleaved."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".prepare.lock"
+
+    def __enter__(self) -> None:
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise UserError(f"prepare.out_dir={self.path.parent}: another `ntp-rl prepare` is writing it; wait for it "
+                            "to finish, or choose another prepare.out_dir") from None
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.close()
+
+
+def _start_manifest(out_dir: Path, source: dict, tokenizer: Any, tokenizer_name: str, vocab: int) -> dict:
+    """The manifest of an unfinished (or finished) call with the same inputs, else a new one."""
+    digest = tokenizer_digest(tokenizer)
+    path = out_dir / MANIFEST
+    if path.exists():
+        manifest = read_manifest(out_dir)
+        had = {"source": manifest["source"], "tokenizer": manifest["tokenizer"]["sha256"]}
+        if had != {"source": source, "tokenizer": digest}:
+            changed = [k for k in source if manifest["source"].get(k) != source[k]]
+            changed += ["data.tokenizer"] if manifest["tokenizer"]["sha256"] != digest else []
+            raise UserError(f"prepare.out_dir={out_dir}: holds a corpus prepared with other settings "
+                            f"({', '.join(changed)}); choose another prepare.out_dir, or delete it to start over")
+        return manifest
+    _save_tokenizer(out_dir, tokenizer)
+    manifest = {"format": FORMAT_VERSION, "complete": False, "source": source,
+                "tokenizer": {"name": tokenizer_name, "sha256": digest, "vocab_size": vocab,
+                              "eos_token_id": tokenizer.eos_token_id},
+                "dtype": token_dtype(vocab).name, "val": None, "shards": []}
+    write_json_atomic(path, manifest)
+    return manifest
+
+
+def _save_tokenizer(out_dir: Path, tokenizer: Any) -> None:
+    from ntp_rl.io import build_directory_atomically
+
+    target = out_dir / TOKENIZER_DIR
+    if not target.is_dir():
+        build_directory_atomically(target, tokenizer.save_pretrained)
+
+
+def _take(items: Iterator[str], n: int) -> list[str]:
+    return list(itertools.islice(items, n))
+
+
+def _write_val(out_dir: Path, manifest: dict, texts: Iterator[str], val_docs: int, tokenizer: Any, path: str) -> int:
+    docs = _take(texts, val_docs)  # always read: the training documents start after them
+    if manifest["val"] is not None:
+        return 0
+    if len(docs) < val_docs:
+        raise DataError(f"data.path={path}: has {len(docs)} documents with text, not more than data.val_docs={val_docs} "
+                        "(the first data.val_docs are held out for validation); add documents or lower data.val_docs")
+    tokens = np.concatenate(list(tokenize_documents(tokenizer, docs)))
+    _write_shard(out_dir / "val.bin", tokens, np.dtype(manifest["dtype"]))
+    manifest["val"] = {"file": "val.bin", "tokens": int(len(tokens)), "docs": len(docs)}
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return len(tokens)
+
+
+def _write_train(out_dir: Path, manifest: dict, texts: Iterator[str], workers: int, docs_per_shard: int,
+                 vocab: int, say: Callable[[str], None]) -> int:
+    """Shard k holds training documents k * docs_per_shard onwards; shards already in the manifest are skipped
+    (their documents are read past, not tokenized). Results are entered in shard order."""
+    from tqdm import tqdm
+
+    done = {shard["index"] for shard in manifest["shards"]}
+    dtype = np.dtype(manifest["dtype"])
+    tokenized = 0
+    bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not sys.stderr.isatty(), mininterval=1.0)
+    started, last_said = time.perf_counter(), time.perf_counter()
+
+    def enter(result: dict) -> None:
+        nonlocal tokenized, last_said
+        manifest["shards"].append(result)
+        manifest["shards"].sort(key=lambda s: s["index"])
+        write_json_atomic(out_dir / MANIFEST, manifest)
+        tokenized += result["tokens"]
+        bar.update(result["tokens"])
+        if not bar.disable:
+            return
+        now = time.perf_counter()
+        if now - last_said >= 10.0:  # plain progress lines off a terminal
+            say(f"  prepare: {len(manifest['shards'])} shards, {human_count(tokenized)} tokens this call "
+                f"({tokenized / (now - started):,.0f} tokens/s)")
+            last_said = now
+
+    jobs = ((index, docs) for index, docs in enumerate(iter(lambda: _take(texts, docs_per_shard), [])) if index not in done)
+    try:
+        if workers <= 1:
+            _init_worker(str(out_dir / TOKENIZER_DIR))
+            for index, docs in jobs:
+                enter(_tokenize_shard(str(out_dir), index, docs, dtype.name, vocab))
+        else:
+            import multiprocessing
+
+            # fork where there is one: a spawned worker spends seconds importing torch and transformers. The
+            # tokenizers library turns its own thread pool off in a forked child, so a fork cannot deadlock in it.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
+                                     initargs=(str(out_dir / TOKENIZER_DIR),)) as pool:
+                pending = []
+                for index, docs in jobs:
+                    pending.append(pool.submit(_tokenize_shard, str(out_dir), index, docs, dtype.name, vocab))
+                    if len(pending) >= 2 * workers:  # bounded: a streamed corpus is never held in memory
+                        enter(pending.pop(0).result())
+                for future in pending:
+                    enter(future.result())
+    finally:
+        bar.close()
+    return tokenized
+
+
+_worker_tokenizer: Any = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    from ntp_rl.data.tokenizer import load_tokenizer
+
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _tokenize_shard(out_dir: str, index: int, docs: list[str], dtype: str, vocab: int) -> dict:
+    tokens = np.concatenate(list(tokenize_documents(_worker_tokenizer, docs)))
+    name = f"train-{index:05d}.bin"
+    # The shard's token counts go first: a shard under its name always has them beside it.
+    _write_shard(Path(out_dir) / _counts_file(name), np.bincount(tokens, minlength=vocab), np.dtype(np.int64))
+    _write_shard(Path(out_dir) / name, tokens, np.dtype(dtype))
+    return {"index": index, "file": name, "tokens": int(len(tokens)), "docs": len(docs)}
+
+
+def _counts_file(shard: str) -> str:
+    return f".{shard}.counts"
+
+
+def _write_shard(path: Path, tokens: np.ndarray, dtype: np.dtype) -> None:
+    """Beside its final name, flushed to disk, then renamed: a file under its name is always whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            tokens.astype(dtype).tofile(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"prepare.out_dir={path.parent}: no space left on the device while writing {path.name}; "
+                            "free some space and run the same command again (finished shards are kept)") from None
+        raise
+
+
+def _finish_manifest(out_dir: Path, manifest: dict, vocab: int, path: str) -> None:
+    if not manifest["shards"]:
+        raise DataError(f"data.path={path}: has no documents after the first data.val_docs="
+                        f"{manifest['source']['val_docs']}; add documents or lower data.val_docs")
+    counts = np.zeros(vocab, dtype=np.int64)
+    for shard in manifest["shards"]:
+        counts += np.fromfile(out_dir / _counts_file(shard["file"]), dtype=np.int64)
+    _write_shard(out_dir / UNIGRAM_COUNTS, counts, np.dtype(np.int64))
+    manifest["train_tokens"] = sum(s["tokens"] for s in manifest["shards"])
+    manifest["train_docs"] = sum(s["docs"] for s in manifest["shards"])
+    manifest["complete"] = True
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    for shard in manifest["shards"]:
+        (out_dir / _counts_file(shard["file"])).unlink(missing_ok=True)
+
+
+def read_manifest(directory: Path, key: str = "prepare.out_dir") -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{key}={directory}: no prepared corpus there (no {MANIFEST}); make one with `ntp-rl prepare`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{key}={directory}: {MANIFEST} cannot be read ({exc})") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise DataError(f"{key}={directory}: prepared in format {manifest.get('format')}, this ntp-rl reads "
+                        f"{FORMAT_VERSION}; prepare it again")
+    return manifest
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class WindowOrder:
+    """A pseudo-random permutation of range(n) per (seed, epoch), evaluated at any position in O(1).
+
+    A 4-round Feistel network over the smallest even power of two >= n, walked until it lands
+    inside range(n) (a bijection on the larger domain restricted by cycle walking stays one on
+    range(n); at most 4x the domain, so a few steps on average). Nothing of size n is ever built.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError("an order needs at least one window")
+        self.n = n
+        self.seed = seed
+        self.half = max(1, math.ceil(math.log2(max(n, 2)) / 2))
+        self.mask = np.uint64((1 << self.half) - 1)
+
+    def __call__(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        keys = [np.uint64(mix_seed("window-order", self.seed, epoch, r) & (2**64 - 1)) for r in range(self.ROUNDS)]
+        out = self._encrypt(positions.astype(np.uint64), keys)
+        outside = out >= self.n
+        while outside.any():
+            out[outside] = self._encrypt(out[outside], keys)
+            outside = out >= self.n
+        return out.astype(np.int64)
+
+    def _encrypt(self, x: np.ndarray, keys: list[np.uint64]) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in keys:
+            left, right = right, left ^ (_mix64(right ^ key) & self.mask)
+        return (left << half) | right
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit moves every output bit (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class PreparedSequences:
+    """Training windows of a prepared corpus in a seeded order; `take(n, rows)` reads only the rows asked for."""
+
+    def __init__(self, directory: Path, manifest: dict, seq_len: int, seed: int):
+        self.seq_len = seq_len
+        self.width = seq_len + 1
+        dtype = np.dtype(manifest["dtype"])
+        self.shards = [np.memmap(Path(directory) / s["file"], dtype=dtype, mode="r") for s in manifest["shards"]]
+        per_shard = np.array([len(shard) // self.width for shard in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(per_shard)])
+        self.num_windows = int(self.starts[-1])
+        self.order = WindowOrder(self.num_windows, seed) if self.num_windows else None
+        self.position = 0
+
+    def window_ids(self, position: int, n: int) -> np.ndarray:
+        """The corpus windows at training positions position .. position + n - 1."""
+        positions = np.arange(position, position + n, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_windows)
+        out = np.empty(n, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            out[where] = self.order(int(epoch), offsets[where])
+        return out
+
+    def take(self, n: int, rows: Optional[slice] = None) -> torch.Tensor:
+        if n < 0:
+            raise ValueError(f"cannot take {n} windows")
+        ids = self.window_ids(self.position, n)
+        self.position += n
+        ids = ids[rows] if rows is not None else ids
+        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
+        out = np.empty((len(ids), self.width), dtype=np.int64)
+        for row, (window, shard) in enumerate(zip(ids, shard_of)):
+            start = (window - self.starts[shard]) * self.width
+            out[row] = self.shards[shard][start:start + self.width]
+        return torch.from_numpy(out)
+
+    def seek(self, position: int) -> None:
+        if position < 0:
+            raise ValueError(f"cannot seek to position {position}")
+        self.position = position
+
+
+def build_prepared_data(cfg: Any, seed: int, tokenizer_name: Optional[str]) -> PretrainData:
+    """data=prepared: the corpus `ntp-rl prepare` wrote at data.path, with the tokenizer it was made with."""
+    from ntp_rl.data.tokenizer import load_tokenizer
+
+    directory = Path(cfg.path)
+    manifest = read_manifest(directory, key="data.path")
+    if not manifest.get("complete"):
+        raise DataError(f"data.path={directory}: its preparation has not finished; run the same `ntp-rl prepare` "
+                        "command again to complete it")
+    tokenizer = load_tokenizer(str(directory / TOKENIZER_DIR))
+    if tokenizer_name is not None:
+        wanted = load_tokenizer(tokenizer_name)
+        if tokenizer_digest(wanted) != manifest["tokenizer"]["sha256"]:
+            raise DataError(f"data.path={directory}: was prepared with the tokenizer {manifest['tokenizer']['name']}, "
+                            f"which differs from this run's ({tokenizer_name}); prepare the corpus with "
+                            f"data.tokenizer={tokenizer_name}, or train with the tokenizer it was made with")
+    train = PreparedSequences(directory, manifest, cfg.seq_len, seed)
+    if train.num_windows == 0:
+        raise DataError(f"data.path={directory}: no shard holds seq_len+1 = {cfg.seq_len + 1} tokens; lower "
+                        "data.seq_len or prepare with a larger prepare.docs_per_shard")
+    dtype = np.dtype(manifest["dtype"])
+    val_tokens = np.fromfile(directory / manifest["val"]["file"], dtype=dtype).astype(np.int64)
+    val = pack_windows([val_tokens], cfg.seq_len)
+    if len(val) == 0:
+        raise DataError(f"data.path={directory}: its validation documents have fewer than seq_len+1 = "
+                        f"{cfg.seq_len + 1} tokens; prepare with a larger data.val_docs or lower data.seq_len")
+    counts = torch.from_numpy(np.fromfile(directory / UNIGRAM_COUNTS, dtype=np.int64)).double() + 1.0
+    log_probs = counts.log() - counts.sum().log()
+    return PretrainData(
+        tokenizer=tokenizer, train=train, val=val,
+        unigram_nll=float(-log_probs[val.flatten()].mean()),
+        num_train_tokens=train.num_windows * train.width,
+        description=(f"{directory} (prepared from {manifest['source']['path']}): {human_count(manifest['train_tokens'])} "
+                     f"tokens in {len(manifest['shards'])} shards, {train.num_windows} windows, vocab {len(tokenizer)}"),
+        order_key=data_order_key(manifest, cfg.seq_len),
+    )
+
+
+def data_order_key(manifest: dict, seq_len: int) -> str:
+    """What the order of training windows depends on besides the seed: the corpus and the window size."""
+    shards = [(s["file"], s["tokens"]) for s in manifest["shards"]]
+    digest = hashlib.sha256(json.dumps([manifest["tokenizer"]["sha256"], shards, seq_len]).encode()).hexdigest()[:16]
+    return f"prepared:{digest}"
