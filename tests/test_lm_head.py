@@ -11,7 +11,7 @@ from ntp_rl.config.schema import GRPOConfig
 from ntp_rl.generation import Sampling
 from ntp_rl.lm_head import logits_in_chunks, token_logprobs_fused
 from ntp_rl.metrics import Sums
-from ntp_rl.rl.rollout import Group, PolicyLogprobs, build_batch
+from ntp_rl.rl.rollout import Group, PolicyLogprobs, build_batch, plan_micro_batches, split_plan
 from ntp_rl.stages import rl as rl_stage
 
 VOCAB = 61
@@ -121,3 +121,40 @@ def test_held_out_text_logits_in_chunks_are_the_models_logits(tied):
     with torch.no_grad():
         full = lm(input_ids=ids).logits.reshape(-1, VOCAB)
     assert torch.allclose(torch.cat([z for _, z in parts]), full, atol=1e-5)
+
+
+def test_micro_batches_by_tokens_pack_rows_of_like_length():
+    lengths = [5, 12, 7, 12, 3, 9]
+    assert plan_micro_batches(lengths, 4, None) == [[0, 1, 2, 3], [4, 5]], "by rows: in order"
+    plan = plan_micro_batches(lengths, 4, 24)
+    assert plan == [[1, 3], [5, 2], [0, 4]], "longest first, rows x longest <= 24"
+    assert plan_micro_batches(lengths, 4, 1) == [[1], [3], [5], [2], [0], [4]], "a row longer than the budget goes alone"
+    assert split_plan(plan, 5) == [[1], [3], [5], [2], [0, 4]] and split_plan(plan, 3) == plan
+    with pytest.raises(ValueError):
+        split_plan(plan, 7)
+
+
+@pytest.mark.parametrize("budget", [1, 20, 40, 10**6], ids=["one_row", "some_rows", "more_rows", "whole_batch"])
+def test_the_update_is_the_same_whatever_the_token_budget(budget):
+    """Rows grouped one per micro-batch, all in one, or anything between: one update (KL and an old pass on)."""
+    lm = tiny_lm(tied=False)
+    reference = copy.deepcopy(lm)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+    batch = rollout_batch(False)
+    by_rows = run_update(lm, reference, True, GRPOConfig(num_mini_batches=2, micro_batch_size=6, kl_coef=0.3), 1.0, batch)
+    rl = GRPOConfig(num_mini_batches=2, micro_batch_size=6, kl_coef=0.3, max_tokens_per_micro_batch=budget)
+    by_tokens = run_update(lm, reference, True, rl, 1.0, batch)
+    for key in ("old_logp", "ref_logp"):  # written back to each row's own place
+        assert torch.allclose(by_tokens[key], by_rows[key], atol=1e-6), key
+    for key, want in by_rows["sums"].items():
+        if key not in ("micro_tokens", "micro_slots"):
+            assert by_tokens["sums"][key] == pytest.approx(want, abs=1e-5), key
+    tokens, slots = by_tokens["sums"]["micro_tokens"], by_tokens["sums"]["micro_slots"]
+    assert tokens == by_rows["sums"]["micro_tokens"] == batch.attention_mask.sum()
+    if budget == 1:
+        assert slots == tokens, "one row per micro-batch carries no padding"
+    assert slots <= by_rows["sums"]["micro_slots"], "sorted by length, never more padding than in order"
+    for name, want in by_rows["grads"].items():
+        assert torch.allclose(by_tokens["grads"][name], want, atol=1e-5), name

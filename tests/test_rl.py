@@ -652,8 +652,11 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
     one = tmp_path / "one"
     rl_run([*common, f"run_dir={one}"])
     two = tmp_path / "two"
+    # The two processes also group their rows by a token budget (about 2 rows a micro-batch, as many
+    # micro-batches as each process's lengths need): neither the grouping nor the split changes an update.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "rl", *common, f"run_dir={two}"]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "rl", *common, f"run_dir={two}",
+           "rl.max_tokens_per_micro_batch=100"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, **ONE_THREAD})
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((two / "run.json").read_text())
@@ -666,6 +669,7 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
         for key in ("policy_loss", "entropy"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
+        assert 0 < a[step]["perf/useful_token_share"] <= b[step]["perf/useful_token_share"] <= 1, step
     assert eval_rows(two)[0] == eval_rows(one)[0], "the held-out check of the same model gives the same numbers"
     assert eval_rows(two)[3] == pytest.approx(eval_rows(one)[3])
 

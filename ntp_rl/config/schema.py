@@ -348,6 +348,10 @@ class GRPOConfig:
     # Response tokens per chunk through the LM head for log-probs and entropy: their memory is about
     # 2 x chunk x vocab x 4 bytes (0.6 GB at 512 x 151,936) whatever the response length (memory, not maths).
     logprob_chunk_size: int = 512
+    # Micro-batches by tokens instead of rows (verl's ppo_max_token_len_per_gpu): rows longest first, each
+    # micro-batch as many as fit in this many padded tokens (rows x its longest row), at least one; then
+    # micro_batch_size is not used. null: micro_batch_size rows in order. The update is the same either way.
+    max_tokens_per_micro_batch: Optional[int] = None
     advantage: str = "grpo"  # a key of ntp_rl.rl.advantages.ADVANTAGES
     scale_rewards: bool = True  # divide by the group's std; false: only subtract the group mean (Dr. GRPO)
     advantage_eps: float = 1e-6

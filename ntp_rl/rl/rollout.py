@@ -149,21 +149,64 @@ class RolloutBatch:
 
     def rows(self, start: int, stop: int) -> "RolloutBatch":
         """Rows start..stop, trimmed to their longest sequence."""
-        length = int(self.attention_mask[start:stop].sum(1).max())
-        tokens = lambda t: None if t is None else t[start:stop, : length - 1]  # noqa: E731
-        return RolloutBatch(input_ids=self.input_ids[start:stop, :length],
-                            attention_mask=self.attention_mask[start:stop, :length],
-                            response_mask=tokens(self.response_mask), advantages=self.advantages[start:stop],
+        return self.select(slice(start, stop))
+
+    def select(self, index: "slice | Sequence[int]") -> "RolloutBatch":
+        """The rows `index` picks, in that order, trimmed to their longest sequence."""
+        index = index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long,
+                                                                        device=self.input_ids.device)
+        length = int(self.attention_mask[index].sum(1).max())
+        tokens = lambda t: None if t is None else t[index, : length - 1]  # noqa: E731
+        return RolloutBatch(input_ids=self.input_ids[index, :length],
+                            attention_mask=self.attention_mask[index, :length],
+                            response_mask=tokens(self.response_mask), advantages=self.advantages[index],
                             old_logp=tokens(self.old_logp), ref_logp=tokens(self.ref_logp),
                             rollout_logp=tokens(self.rollout_logp))
 
-    def split(self, size: int) -> list["RolloutBatch"]:
-        return [self.rows(i, min(i + size, len(self))) for i in range(0, len(self), size)]
+    def lengths(self) -> list[int]:
+        """Each row's prompt + response tokens (what it costs a forward)."""
+        return self.attention_mask.sum(1).tolist()
 
     def to(self, device: torch.device) -> "RolloutBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return RolloutBatch(move(self.input_ids), move(self.attention_mask), move(self.response_mask),
                             move(self.advantages), move(self.old_logp), move(self.ref_logp), move(self.rollout_logp))
+
+
+def plan_micro_batches(lengths: Sequence[int], max_rows: int, max_tokens: Optional[int]) -> list[list[int]]:
+    """Which rows go into each micro-batch (each is padded to its longest row).
+
+    By rows (`max_tokens` None): runs of `max_rows` rows in order. By tokens: rows longest
+    first, each micro-batch taking rows while rows x its longest row stays within `max_tokens`
+    (one row at least, however long), so rows of like length share a micro-batch and padding
+    is small. The loss is a sum over tokens divided by the global count, so how rows are
+    grouped changes no update, only memory and speed.
+    """
+    if max_tokens is None:
+        return [list(range(i, min(i + max_rows, len(lengths)))) for i in range(0, len(lengths), max_rows)]
+    plan: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if plan and (len(plan[-1]) + 1) * lengths[plan[-1][0]] <= max_tokens:
+            plan[-1].append(row)
+        else:
+            plan.append([row])
+    return plan
+
+
+def split_plan(plan: list[list[int]], count: int) -> list[list[int]]:
+    """`plan` cut into exactly `count` micro-batches by halving the one of most rows, again and again.
+
+    Every process must run the same number of forwards (FSDP gathers parameters in each), while
+    a token budget packs each process's rows into as many micro-batches as they need.
+    """
+    plan = [list(m) for m in plan]
+    if not len(plan) <= count <= sum(len(m) for m in plan):
+        raise ValueError(f"cannot cut {len(plan)} micro-batches into {count}")
+    while len(plan) < count:
+        i = max(range(len(plan)), key=lambda j: len(plan[j]))
+        half = len(plan[i]) // 2
+        plan[i:i + 1] = [plan[i][:half], plan[i][half:]]
+    return plan
 
 
 def deal_groups(num_groups: int, num_mini_batches: int, world: int, rank: int) -> list[int]:

@@ -43,7 +43,8 @@ from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.rl.advantages import AdvantageInputs, compute_advantages
 from ntp_rl.rl.policy_loss import POLICY_LOSSES, PolicyLossInputs, aggregate, aggregation_count, k3_kl
 from ntp_rl.rl.rollout import (CollectedGroups, Group, PolicyLogprobs, PromptStream, RolloutBatch, build_batch,
-                               collect_groups, deal_groups, sample_groups, token_logprobs)
+                               collect_groups, deal_groups, plan_micro_batches, sample_groups, split_plan,
+                               token_logprobs)
 from ntp_rl.runtime import peak_flops, peak_memory_gib
 from ntp_rl.seeding import rl_eval_seed, rollout_seed, seed_everything
 from ntp_rl.rundir import shown_path
@@ -52,7 +53,7 @@ from ntp_rl.tasks import Task, TaskProblem, build_task
 
 # Per-step sums (and maxima) over micro-batches, reduced over processes in one call.
 STEP_SUMS = ("loss", "entropy", "tokens", "clip_low", "clip_high", "clip_tokens", "kl", "grad_norm", "seq_tokens",
-             "logp_diff", "logp_diff_tokens", "is_ratio", "is_clipped")
+             "logp_diff", "logp_diff_tokens", "is_ratio", "is_clipped", "micro_tokens", "micro_slots")
 STEP_MAXIMA = ("logp_diff_max", "is_ratio_max")
 
 
@@ -308,20 +309,31 @@ def old_logprobs(state: RLState, batch: RolloutBatch, sums: Sums) -> None:
     """Log-probs of the rollout policy (when several updates follow) and of the reference (when KL is on)."""
     if not state.separate_old_pass and state.reference is None:
         return
-    rl, width = state.cfg.rl, batch.response_mask.shape[1]
-    old, ref = [], []
-    for micro in batch.split(rl.micro_batch_size):
-        if state.separate_old_pass:
+    blank = lambda: torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.input_ids.device)  # noqa: E731
+    old = blank() if state.separate_old_pass else None
+    ref = blank() if state.reference is not None else None
+    for rows, micro in micro_batches(state, batch):
+        width = micro.response_mask.shape[1]  # a micro-batch is trimmed to its longest row
+        if old is not None:
             logp, entropy = token_logprobs(state.model, micro, state.sampling.temperature, with_entropy=True)
-            old.append(_pad_to(logp, width))
+            old[rows, :width] = logp
             sums.add(entropy=(entropy * micro.response_mask).sum(), tokens=micro.response_mask.sum())
             measure_mismatch(sums, logp, micro)
-        if state.reference is not None:
+        if ref is not None:
             with state.session.accelerator.autocast():  # the reference is not prepared, so not autocast by Accelerate
-                ref_logp = token_logprobs(state.reference, micro, state.sampling.temperature)[0]
-            ref.append(_pad_to(ref_logp, width))
-    batch.old_logp = torch.cat(old) if old else None
-    batch.ref_logp = torch.cat(ref) if ref else None
+                ref[rows, :width] = token_logprobs(state.reference, micro, state.sampling.temperature)[0]
+    batch.old_logp, batch.ref_logp = old, ref
+
+
+def micro_batches(state: RLState, batch: RolloutBatch) -> list[tuple[list[int], RolloutBatch]]:
+    """The batch's rows in micro-batches (rl.micro_batch_size rows, or rl.max_tokens_per_micro_batch
+    padded tokens), as the same number of micro-batches on every process; each with its rows' indices."""
+    rl, accelerator = state.cfg.rl, state.session.accelerator
+    plan = plan_micro_batches(batch.lengths(), rl.micro_batch_size, rl.max_tokens_per_micro_batch)
+    if state.session.world > 1:
+        most = accelerator.gather(torch.tensor([len(plan)], device=state.session.device)).max().item()
+        plan = split_plan(plan, int(most))
+    return [(rows, batch.select(rows)) for rows in plan]
 
 
 @dataclass
@@ -392,7 +404,7 @@ def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> boo
     count = accelerator.reduce(aggregation_count(minibatch.response_mask, rl.loss_aggregation), "sum")
     if count.item() == 0:  # every process sees the same global count, so all skip together
         return False
-    micros = minibatch.split(rl.micro_batch_size)
+    micros = [micro for _, micro in micro_batches(state, minibatch)]
     for i, micro in enumerate(micros):
         # Gradients are averaged over processes only on the last micro-batch.
         with nullcontext() if i == len(micros) - 1 else accelerator.no_sync(state.model):
@@ -413,6 +425,7 @@ def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> boo
             # global average, so undo the division.
             accelerator.backward(loss * world)
         mask = micro.response_mask
+        sums.add(micro_tokens=micro.attention_mask.sum(), micro_slots=micro.attention_mask.numel())
         sums.add(loss=loss.detach(), clip_low=(out.low_clipped & mask).sum(),
                  clip_high=(out.high_clipped & mask).sum(), clip_tokens=mask.sum(),
                  kl=(kl.detach() * mask).sum() if state.reference is not None else 0.0)
@@ -495,6 +508,8 @@ def update_metrics(state: RLState, totals: dict[str, float], counts: UpdateCount
             metrics["sampling/importance_sampling_ratio/mean"] = totals["is_ratio"] / totals["clip_tokens"]
             metrics["sampling/importance_sampling_ratio/max"] = totals["is_ratio_max"]
             metrics["sampling/importance_sampling_ratio/clipped_frac"] = totals["is_clipped"] / totals["clip_tokens"]
+    if totals["micro_slots"]:  # the padding the update's forwards carried
+        metrics["perf/useful_token_share"] = totals["micro_tokens"] / totals["micro_slots"]
     if counts.applied:
         metrics["policy_loss"] = totals["loss"] / counts.applied
         # every process holds the same (global) norm
@@ -540,11 +555,6 @@ def rollout_metrics(collected: CollectedGroups) -> dict[str, float]:
         "completions/clipped_ratio": sum(truncated) / len(truncated),
         "_gen_tokens": lengths.sum().item(),
     }
-
-
-def _pad_to(tokens: torch.Tensor, width: int) -> torch.Tensor:
-    """Micro-batches are trimmed to their longest row; the batch's tensors are full width."""
-    return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]))
 
 
 # ---------------------------------------------------------------------------
