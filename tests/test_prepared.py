@@ -289,3 +289,87 @@ def test_data_prepared_without_a_manifest_is_one_line(tmp_path):
     result = run_cli("pretrain", "data=prepared", f"data.path={tmp_path}")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "data.path" in result.stderr and "ntp-rl prepare" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Mixtures
+
+
+@pytest.fixture
+def two_corpora(corpus, tokenizer_dir, tmp_path) -> tuple[Path, Path]:
+    other = tmp_path / "hard.jsonl"
+    other.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_documents("pretrain", 1, 4, 120)))
+    prepare(corpus, tokenizer_dir, tmp_path / "web")
+    prepare(other, tokenizer_dir, tmp_path / "synthetic")
+    return tmp_path / "web", tmp_path / "synthetic"
+
+
+def mixture_config(paths_weights, seq_len=16) -> DataConfig:
+    from ntp_rl.config.schema import PreparedSource
+
+    return DataConfig(source=DataSource.prepared, seq_len=seq_len,
+                      sources=[PreparedSource(path=str(p), weight=w) for p, w in paths_weights])
+
+
+def test_a_mixture_draws_each_source_in_its_share_and_in_its_own_order(two_corpora, tmp_path):
+    web, synthetic = two_corpora
+    data = build_pretrain_data(mixture_config([(web, 0.95), (synthetic, 0.05)]), cache_dir=tmp_path, seed=0)
+    train = data.train
+    which, inner = train.locate(0, 4321)
+    share = np.bincount(which, minlength=2) / len(which)
+    assert abs(share[1] - 0.05) < 0.01 and abs(share[0] - 0.95) < 0.01
+    for source in range(2):  # each source advances through its own positions one by one, never skipping
+        assert inner[which == source].tolist() == list(range(int((which == source).sum())))
+    assert train.locate(0, 1000)[0].tolist().count(1) == 50, "every block of 1000 holds the exact share"
+
+    batch = train.take(40)
+    singles = {0: data.train.sources[0], 1: data.train.sources[1]}
+    for row, source, position in zip(batch, *train.locate(0, 40)):
+        assert torch.equal(row, singles[source].read(np.array([position]))[0])
+    train.seek(3000)
+    later = train.take(12)
+    train.seek(3000)
+    assert torch.equal(train.take(12, rows=slice(6, 12)), later[6:]), "a process reads only its rows"
+    seen = train.tokens_by_source()
+    assert sum(seen.values()) == 3012 * 17 and set(seen) == {"web", "synthetic"}
+    assert seen["synthetic"] == int((train.locate(0, 3012)[0] == 1).sum()) * 17
+    assert data.order_key != build_pretrain_data(mixture_config([(web, 0.9), (synthetic, 0.1)]), cache_dir=tmp_path,
+                                                 seed=0).order_key, "a resume with other weights is refused"
+
+
+def test_mixture_inputs_are_checked_in_one_line(two_corpora, corpus, docs, tmp_path):
+    from ntp_rl.config.validate import _check_data
+
+    web, synthetic = two_corpora
+    with pytest.raises(ConfigError, match="give one of the two, not both"):
+        _check_data(replace(mixture_config([(web, 1.0)]), path=str(web)))
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].weight"):
+        _check_data(mixture_config([(web, 1.0), (synthetic, 0.0)]))
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].path"):
+        _check_data(mixture_config([(web, 1.0), (tmp_path / "nowhere", 1.0)]))
+    with pytest.raises(ConfigError, match="use it with data=prepared"):
+        _check_data(replace(mixture_config([(web, 1.0)]), source=DataSource.hf, path="x"))
+    other_tokenizer = tmp_path / "other-tokenizer"
+    train_embedded_tokenizer(docs, 100).save_pretrained(other_tokenizer)
+    prepare(corpus, other_tokenizer, tmp_path / "other")
+    with pytest.raises(DataError, match=r"data.sources\[1\].path=.* differs from this run's"):
+        build_pretrain_data(mixture_config([(web, 0.5), (tmp_path / "other", 0.5)]), cache_dir=tmp_path, seed=0)
+
+
+def test_pretrain_logs_each_sources_tokens_and_the_pipeline_takes_a_mixture(two_corpora, tmp_path):
+    from ntp_rl.config.compose import compose
+    from ntp_rl.stages import STAGES
+
+    web, synthetic = two_corpora
+    sources = f"data.sources=[{{path: '{web}', weight: 0.75}}, {{path: '{synthetic}', weight: 0.25}}]"
+    args = [a for a in pretrain_args(web, tmp_path, "train.max_steps=2") if not a.startswith("data.path=")]
+    result = run_cli(*args, sources, f"run_dir={tmp_path / 'mixed'}")
+    assert result.returncode == 0, result.stderr
+    last = train_rows(tmp_path / "mixed")[2]
+    assert last["data/web_tokens"] + last["data/synthetic_tokens"] == 2 * 8 * 17
+    for stage in ("pipeline", "midtrain"):
+        extra = ["init_from=/nonexistent"] if stage == "midtrain" else []
+        cfg = compose(stage, ["data=prepared", sources, *extra])
+        assert [s.weight for s in cfg.data.sources] == [0.75, 0.25]
+        if stage == "pipeline":
+            STAGES[stage].validate(cfg)

@@ -141,6 +141,12 @@ class ModelConfig:
 
 
 @dataclass
+class PreparedSource:
+    path: str = "???"  # a directory `ntp-rl prepare` wrote
+    weight: float = 1.0  # its share of the training windows (weights are normalised)
+
+
+@dataclass
 class DataConfig:
     source: DataSource = DataSource.embedded
     seq_len: int = 256  # tokens per training sequence
@@ -153,8 +159,10 @@ class DataConfig:
     vocab_size: int = 512  # size of the locally trained BPE tokenizer
     # source=hf: a hub dataset name, a local directory, or local .jsonl/.json/.parquet/.txt
     # files (a glob works); the text in `text_field` is tokenized and packed.
-    # source=prepared: the directory `ntp-rl prepare` wrote (prepare.out_dir).
+    # source=prepared: the directory `ntp-rl prepare` wrote (prepare.out_dir), or a mixture of several in
+    # `sources`: data.sources='[{path: web, weight: 0.95}, {path: synthetic, weight: 0.05}]'.
     path: Optional[str] = None
+    sources: list[PreparedSource] = field(default_factory=list)
     name: Optional[str] = None  # the dataset's config (subset) name
     split: str = "train"
     text_field: str = "text"

@@ -199,12 +199,20 @@ def _check_data(data: Any) -> None:
         if data.vocab_size < 64:
             raise ConfigError("data.vocab_size", "must be >= 64", data.vocab_size)
     elif data.source is DataSource.prepared:
-        if not data.path:
-            raise ConfigError("data.path", "is required with data=prepared: the directory `ntp-rl prepare` wrote")
-        if not (Path(data.path).expanduser() / "manifest.json").is_file():
-            raise ConfigError("data.path", "holds no prepared corpus (no manifest.json); make one with "
-                              "`ntp-rl prepare data=hf data.path=<corpus> data.tokenizer=<tokenizer> prepare.out_dir=<dir>`",
-                              data.path)
+        if bool(data.path) == bool(data.sources):
+            raise ConfigError("data.path", "data=prepared reads one directory `ntp-rl prepare` wrote (data.path) or a "
+                              "mixture (data.sources='[{path: a, weight: 0.9}, {path: b, weight: 0.1}]'): give one of "
+                              "the two" + (", not both" if data.path else ""))
+        places = [(f"data.sources[{i}].path", s.path) for i, s in enumerate(data.sources)] or [("data.path", data.path)]
+        for key, path in places:
+            if not (Path(path).expanduser() / "manifest.json").is_file():
+                raise ConfigError(key, "holds no prepared corpus (no manifest.json); make one with `ntp-rl prepare "
+                                  "data=hf data.path=<corpus> data.tokenizer=<tokenizer> prepare.out_dir=<dir>`", path)
+        for i, source in enumerate(data.sources):
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                raise ConfigError(f"data.sources[{i}].weight", "must be a positive number", source.weight)
+    elif data.sources:
+        raise ConfigError("data.sources", "is a mixture of prepared corpora: use it with data=prepared")
     else:
         if not data.path:
             raise ConfigError("data.path", "is required with data.source=hf (a hub dataset name or local files)")

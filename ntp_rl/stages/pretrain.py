@@ -174,7 +174,7 @@ def train(cfg: Any, session: StageSession, data: PretrainData, training: Trainin
             bar.update(1)
             kill_point("step", step)
             if step % cfg.train.log_every == 0 or step == max_steps:
-                metrics = step_metrics(session, training, loss_sum, stat_sums, grad_norm, speed,
+                metrics = step_metrics(session, training, data, loss_sum, stat_sums, grad_norm, speed,
                                        time.perf_counter() - step_start)
                 tracker.log(metrics, step=step)
                 bar.set_postfix(**progress_fields(metrics))
@@ -239,8 +239,8 @@ class Throughput:
         self.world = session.world
 
 
-def step_metrics(session: StageSession, training: Training, loss_sum: torch.Tensor, stat_sums: torch.Tensor,
-                 grad_norm: torch.Tensor, speed: Throughput, elapsed: float) -> dict[str, float]:
+def step_metrics(session: StageSession, training: Training, data: PretrainData, loss_sum: torch.Tensor,
+                 stat_sums: torch.Tensor, grad_norm: torch.Tensor, speed: Throughput, elapsed: float) -> dict[str, float]:
     means = session.accelerator.reduce(torch.cat([loss_sum.view(1), stat_sums]) / training.grad_accum, reduction="mean")
     metrics = {"train/loss": means[0].item(), **{f"train/{n}": v.item() for n, v in zip(STAT_NAMES, means[1:])}}
     metrics["train/ppl"] = math.exp(min(metrics["train/nll"], 50.0))
@@ -249,6 +249,9 @@ def step_metrics(session: StageSession, training: Training, loss_sum: torch.Tens
                 "perf/tokens_per_sec": speed.tokens_per_step / elapsed, "perf/step_time_s": elapsed,
                 "perf/peak_mem_gib": peak_memory_gib(session.device),
                 "perf/tokens_seen": training.step * speed.tokens_per_step, **training.moe_metrics}
+    mixture = getattr(data.train, "tokens_by_source", None)  # data.sources: what each source has given so far
+    if mixture is not None:
+        metrics |= {f"data/{name}_tokens": tokens for name, tokens in mixture().items()}
     if speed.peak:
         metrics["perf/mfu"] = speed.flops_per_token * speed.tokens_per_step / elapsed / (speed.peak * speed.world)
     return metrics
