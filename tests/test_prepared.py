@@ -70,8 +70,9 @@ def shard_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.suffix == ".bin"}
 
 
-def test_shards_hold_the_documents_in_order_each_followed_by_eos(corpus, tokenizer_dir, docs, tmp_path):
-    report = prepare(corpus, tokenizer_dir, tmp_path / "web")
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_shards_hold_the_documents_in_order_each_followed_by_eos(streaming, corpus, tokenizer_dir, docs, tmp_path):
+    report = prepare(corpus, tokenizer_dir, tmp_path / "web", streaming=streaming)
     manifest = read_manifest(tmp_path / "web")
     tokenizer = load_tokenizer(str(tmp_path / "web" / "tokenizer"))
     assert manifest["complete"] and manifest["dtype"] == "uint16"  # a 128-token vocabulary fits two bytes
