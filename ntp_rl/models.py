@@ -112,9 +112,10 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
         config = AutoConfig.from_pretrained(name_or_path)
         set_positions(config, rope_theta, max_position_embeddings)
         # use_safetensors: weights never come through pickle, whatever else lies in the directory.
-        with moe.quiet_bias_report():
-            lm = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, attn_implementation=attn_implementation,
-                                                      dtype=dtype or torch.float32, use_safetensors=True)
+        # A bias-balanced MoE's class is ntp-rl's own (it is in config.json's auto_map): no remote code runs.
+        model_cls = moe.model_class(config) or AutoModelForCausalLM
+        lm = model_cls.from_pretrained(name_or_path, config=config, attn_implementation=attn_implementation,
+                                       dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         if "ignore_mismatched_sizes" in str(exc):
             raise DataError(f"{key}={name_or_path}: cannot load the model: its weights do not have the shapes its "
@@ -122,7 +123,7 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
         raise DataError(f"{key}={name_or_path}: cannot load the model ({first_line(exc)})") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    moe.reinstall_from(lm, name_or_path)
+    moe.reinstall_from(lm)
     return lm
 
 

@@ -10,22 +10,21 @@ The bias is added to the router's logits rather than its softmax probabilities: 
 of both is the same, and the logits' scale does not shrink with the number of experts, so one
 rate (DeepSeek-V3's 1e-3) suits 4 experts and 384 alike.
 
-It is saved as `...mlp.gate.expert_bias` in the checkpoint's safetensors, and config.json
-says `moe_balancing: bias`; `load_pretrained` re-installs it. Plain
-`AutoModelForCausalLM.from_pretrained` loads every weight and warns that the
-`expert_bias` keys are unexpected: such a model routes without the bias.
+It is saved as `...mlp.gate.expert_bias` in the checkpoint's safetensors; config.json says
+`moe_balancing: bias` and names ntp_rl/modeling_biased_moe.py (copied beside the weights) as
+the model class, so `load_pretrained`, `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` and the vLLM engine (ntp_rl/vllm_moe.py) all route with it, from a
+directory or a hub id. Plain `from_pretrained(dir)` builds transformers' own Qwen3-MoE, which
+reports the `expert_bias` keys as unexpected and routes without them.
 """
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ntp_rl.config.schema import MoeBalancing
 from ntp_rl.errors import ConfigError
@@ -33,7 +32,6 @@ from ntp_rl.errors import ConfigError
 # config.json attributes that record how a checkpoint balances its experts
 BALANCING_ATTR = "moe_balancing"
 RATE_ATTR = "moe_bias_rate"
-BIAS = "expert_bias"
 
 
 def _router_class() -> type:
@@ -54,30 +52,20 @@ def routers(lm: nn.Module) -> list[nn.Module]:
 
 
 def _balanced_router_class() -> type:
-    base = _router_class()
+    _router_class()  # the transformers check, before the module that needs it is imported
+    from ntp_rl.modeling_biased_moe import BiasedQwen3MoeTopKRouter
 
-    class BalancedRouter(base):
-        """Qwen3-MoE's router, counting each expert's load and choosing the top-k with `expert_bias` if it has one."""
+    class BalancedRouter(BiasedQwen3MoeTopKRouter):
+        """The checkpoint's router (biased if it has an `expert_bias`), counting each expert's load."""
 
         def forward(self, hidden_states: torch.Tensor):
-            bias = getattr(self, BIAS, None)
-            if bias is None:
-                router_logits, router_scores, router_indices = super().forward(hidden_states)
-            else:
-                hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-                router_logits = F.linear(hidden_states, self.weight)
-                router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
-                # The bias decides which experts; the weights are the unbiased probabilities of those.
-                router_indices = torch.topk(router_logits.detach().float() + bias, self.top_k, dim=-1).indices
-                router_scores = router_probs.gather(-1, router_indices)
-                if self.norm_topk_prob:
-                    router_scores = router_scores / router_scores.sum(dim=-1, keepdim=True)
-                router_scores = router_scores.to(router_logits.dtype)
+            router_logits, router_scores, router_indices = super().forward(hidden_states)
             if torch.is_grad_enabled():
                 # The tokens trained on: validation, sampling and RL's old log-probs run without gradients.
                 # Gradient checkpointing runs this twice per step: every count doubles, the balance does not change.
                 with torch.no_grad():
-                    load = torch.bincount(router_indices.reshape(-1), minlength=self.num_experts).float()
+                    chosen = router_indices if self.token_mask is None else router_indices[self.token_mask.reshape(-1)]
+                    load = torch.bincount(chosen.reshape(-1), minlength=self.num_experts).float()
                     self.expert_load = load if self.expert_load is None else self.expert_load + load
             return router_logits, router_scores, router_indices
 
@@ -89,16 +77,23 @@ def install(lm: nn.Module, balancing: MoeBalancing, rate: float = 0.0) -> None:
     found = routers(lm)
     if not found:
         return
+    from transformers import Qwen3MoeForCausalLM
+
+    from ntp_rl.modeling_biased_moe import BIAS, NtpRlQwen3MoeForCausalLM, add_bias
+
     balanced_cls = _balanced_router_class()
     for router in found:
-        device = router.weight.device
-        router.__class__ = balanced_cls
-        # A plain attribute, not a buffer: DDP would overwrite every process's counts with the first one's.
-        router.expert_load = None
-        if balancing is MoeBalancing.bias and getattr(router, BIAS, None) is None:
-            router.register_buffer(BIAS, torch.zeros(router.num_experts, device=device), persistent=True)
-        elif balancing is not MoeBalancing.bias and BIAS in router._buffers:
+        if balancing is MoeBalancing.bias:
+            add_bias(router)
+        elif BIAS in router._buffers:
             del router._buffers[BIAS]
+        router.__class__ = balanced_cls
+        # Plain attributes, not buffers: DDP would overwrite every process's counts with the first one's.
+        router.expert_load = None
+        router.token_mask = None
+    # The class save_pretrained records: with the bias, the one that loads it back (config.json's auto_map).
+    if isinstance(lm, Qwen3MoeForCausalLM):
+        lm.__class__ = NtpRlQwen3MoeForCausalLM if balancing is MoeBalancing.bias else Qwen3MoeForCausalLM
     # HF's forward adds its load-balancing loss only when asked for the router logits.
     lm.config.output_router_logits = balancing is MoeBalancing.aux_loss
     setattr(lm.config, BALANCING_ATTR, balancing.value)
@@ -115,54 +110,36 @@ def checkpoint_balancing(lm: nn.Module) -> Optional[MoeBalancing]:
     return MoeBalancing.aux_loss if getattr(lm.config, "output_router_logits", False) else MoeBalancing.none
 
 
-def reinstall_from(lm: nn.Module, model_dir: str) -> None:
-    """Re-install the balancing a checkpoint was saved with, with its saved expert biases."""
+def reinstall_from(lm: nn.Module) -> None:
+    """Count load on a loaded checkpoint's routers, with the balancing it was saved with (its biases came
+    with its weights)."""
     balancing = checkpoint_balancing(lm)
-    if balancing is None:
-        return
-    install(lm, balancing, getattr(lm.config, RATE_ATTR, 0.0))
-    if balancing is not MoeBalancing.bias:
-        return
-    saved = _saved_biases(Path(model_dir))
-    for name, buffer in lm.named_buffers():
-        if name.endswith(BIAS) and name in saved:
-            buffer.copy_(saved[name].to(buffer))
+    if balancing is not None:
+        install(lm, balancing, getattr(lm.config, RATE_ATTR, 0.0))
 
 
-class _OnlyBiasReport(logging.Filter):
-    """Drop transformers' load report when the expert biases (re-installed next) are all it lists."""
+def model_class(config: object) -> Optional[type]:
+    """The class that loads a checkpoint with this config faithfully, where transformers' own would not:
+    a bias-balanced Qwen3-MoE's."""
+    if getattr(config, "model_type", None) == "qwen3_moe" and getattr(config, BALANCING_ATTR, None) == MoeBalancing.bias.value:
+        _router_class()
+        from ntp_rl.modeling_biased_moe import NtpRlQwen3MoeForCausalLM
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "LOAD REPORT" not in message:
-            return True
-        rows = [line for line in message.splitlines()[1:] if "|" in line and not line.startswith(("Key", "-"))]
-        return not rows or not all(BIAS in row for row in rows)
+        return NtpRlQwen3MoeForCausalLM
+    return None
 
 
 @contextmanager
-def quiet_bias_report() -> Iterator[None]:
-    """While loading a checkpoint: its `expert_bias` keys are expected here, whatever transformers says."""
-    hf_logger = logging.getLogger("transformers.modeling_utils")
-    only_bias = _OnlyBiasReport()
-    hf_logger.addFilter(only_bias)
+def counting_only(lm: nn.Module, mask: Optional[torch.Tensor]) -> Iterator[None]:
+    """Within: the routers count the load of the positions where `mask` is true (real tokens, not padding)."""
+    found = routers(lm)
+    for router in found:
+        router.token_mask = mask
     try:
         yield
     finally:
-        hf_logger.removeFilter(only_bias)
-
-
-def _saved_biases(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The `expert_bias` tensors of a local checkpoint's safetensors files (one file or shards)."""
-    from safetensors import safe_open
-
-    found: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith(BIAS):
-                    found[key] = handle.get_tensor(key)
-    return found
+        for router in found:
+            router.token_mask = None
 
 
 @torch.no_grad()
@@ -182,12 +159,12 @@ def after_step(lm: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor], st
     imbalance = (loads.max(dim=-1).values / mean.squeeze(-1)).mean()
     rate = float(getattr(lm.config, RATE_ATTR, 0.0))
     for router, load, layer_mean in zip(found, loads, mean):
-        bias = getattr(router, BIAS, None)
+        bias = getattr(router, "expert_bias", None)
         if bias is not None and stepped:
             bias += rate * torch.sign(layer_mean - load)
         router.expert_load = None
     metrics = {"moe/load_imbalance": imbalance.item()}
-    biases = [router.expert_bias for router in found if getattr(router, BIAS, None) is not None]
+    biases = [router.expert_bias for router in found if getattr(router, "expert_bias", None) is not None]
     if biases:
         metrics["moe/bias_abs_max"] = torch.stack(biases).abs().max().item()
     return metrics

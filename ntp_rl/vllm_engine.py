@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -135,6 +136,13 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
         enable_prefix_caching=config.enable_prefix_caching,
         seed=0,  # unused: every generate call reseeds
     )
+    if _routes_with_bias(model_path):
+        from ntp_rl.modeling_biased_moe import ARCHITECTURE
+        from ntp_rl.vllm_moe import register
+
+        register()
+        # Checkpoints saved before config.json named the class say Qwen3MoeForCausalLM: vLLM's, without the bias.
+        kwargs["hf_overrides"] = {"architectures": [ARCHITECTURE]}
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
     if config.max_num_batched_tokens is not None:
@@ -163,17 +171,40 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
     return llm
 
 
-def _repack_cpu_lm_head(worker: Any) -> None:
-    """Runs in the engine's worker. The CPU backend multiplies by a packed copy of the LM head;
-    when the head is tied to the embeddings, `reload_weights` updates the embeddings (the shared
-    tensor) but never repacks the head ("ParallelLMHead: Failed to load weights"), so the
-    engine would keep sampling from the old output layer."""
+def _routes_with_bias(model_path: str) -> bool:
+    from transformers import AutoConfig
+
+    from ntp_rl.moe import model_class
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return False  # vLLM says why it cannot load it, in one line
+    return model_class(config) is not None
+
+
+def _repack_cpu_weights(worker: Any) -> None:
+    """Runs in the engine's worker after `reload_weights` on CPU, where the backend multiplies by
+    packed copies that a reload does not redo (vLLM 0.32), so the engine would sample from
+    garbage or stale weights:
+    - the LM head, when tied to the embeddings: `reload_weights` updates the embeddings (the
+      shared tensor) but never repacks the head ("ParallelLMHead: Failed to load weights");
+    - the MoE experts: the reload writes them in the plain layout into the prepacked tensors
+      (it packs only on the first load)."""
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     for module in worker.model_runner.model.modules():
         if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and not experts._use_zentorch:
+            for name in ("w13_weight", "w2_weight"):
+                weight = getattr(module, name)
+                weight.data.copy_(cpu_prepack_moe_weight(weight.data, experts.isa))
 
 
 def _check_cpu_attention(llm: Any, model_path: str) -> None:
@@ -377,9 +408,17 @@ class VLLMGenerator:
         """
         self.wake_up()
         with torch.no_grad():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+            except (ValueError, KeyError, AttributeError, AssertionError) as exc:
+                # A weight the engine cannot place: sampling on would be from a model that is not the policy.
+                message = first_line(exc)
+                unknown = re.search(r"There is no module or parameter named '([^']+)'", message)
+                if unknown:  # vLLM goes on to list every parameter of the module
+                    message = f"it has no parameter for {unknown.group(1)!r} (names relative to the model)"
+                raise UserError(f"the vLLM engine does not take the policy's weights: {message}") from None
             if not torch.cuda.is_available():
-                self.llm.collective_rpc(_repack_cpu_lm_head)
+                self.llm.collective_rpc(_repack_cpu_weights)
         self.llm.reset_prefix_cache()  # cached KV came from the old weights
 
     def sync_weights(self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:

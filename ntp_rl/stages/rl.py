@@ -18,6 +18,7 @@ saved in each checkpoint, so `resume=auto` reproduces the run from its last chec
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import time
 import warnings
@@ -243,7 +244,9 @@ def sync_engine(state: RLState) -> None:
 
 
 def policy_weights(accelerator: Any, model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    """The policy's full weights under their Hugging Face names, on every process (each has an engine).
+    """The policy's full weights under their Hugging Face names, on every process (each has an engine):
+    its parameters and its saved buffers (an MoE router's `expert_bias`), as transformers holds them
+    (fused experts); the engine's model maps them to its own.
 
     Under FSDP each process gathers the full parameters for the copy (this path has not run on
     GPUs yet); otherwise every process already holds them.
@@ -257,7 +260,15 @@ def policy_weights(accelerator: Any, model: torch.nn.Module) -> Iterable[tuple[s
         with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
                                   FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
             return [(name.removeprefix("lm."), value) for name, value in model.state_dict().items()]
-    return accelerator.unwrap_model(model).lm.named_parameters()
+    lm = accelerator.unwrap_model(model).lm
+    return itertools.chain(lm.named_parameters(), _saved_buffers(lm))
+
+
+def _saved_buffers(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), buffer
 
 
 def sample_round(state: RLState, round_: int) -> list[Group]:
