@@ -95,13 +95,7 @@ def test_the_engine_routes_with_the_bias_as_the_trainer_does(engine, model, toke
 def test_the_trainers_fused_experts_and_biases_reach_the_engine(engine, model, tokenizer, task):
     import copy
 
-    from ntp_rl.stages.rl import policy_weights
-
-    class Unwrapped:  # one process, no FSDP: the model as the trainer holds it
-        distributed_type = None
-
-        def unwrap_model(self, m):
-            return m
+    from ntp_rl.stages.rl import lm_weights  # what the rl stage sends the engine, from one process
 
     batch = prompts(task, 6)
     responses = [cs[0].token_ids for cs in engine.generate(batch, 1, Sampling(temperature=1.0, max_new_tokens=24), 5)]
@@ -113,10 +107,10 @@ def test_the_trainers_fused_experts_and_biases_reach_the_engine(engine, model, t
             param.add_(torch.randn(param.shape, generator=generator) * 0.05)
         for router in moe.routers(perturbed):
             router.expert_bias.add_(torch.randn(router.expert_bias.shape, generator=generator))
-    names = [name for name, _ in policy_weights(Unwrapped(), perturbed)]
+    names = [name for name, _ in lm_weights(perturbed)]
     assert any(n.endswith("mlp.experts.gate_up_proj") for n in names) and any(n.endswith("expert_bias") for n in names)
     try:
-        engine.load_weights(policy_weights(Unwrapped(), perturbed))
+        engine.load_weights(lm_weights(perturbed))
         after = engine_logprobs(engine, batch, responses)
         assert (after - trainer_logprobs(perturbed, tokenizer, batch, responses)).abs().max() < 1e-4
         assert (after - before).abs().max() > 0.05
@@ -124,7 +118,7 @@ def test_the_trainers_fused_experts_and_biases_reach_the_engine(engine, model, t
         hf = HFGenerator(perturbed, tokenizer, task.stop_strings).generate(batch, 1, Sampling(0.0, 1.0, 24), 5)
         assert fields(again) == fields(hf)
     finally:
-        engine.load_weights(policy_weights(Unwrapped(), model))
+        engine.load_weights(lm_weights(model))
     assert (engine_logprobs(engine, batch, responses) - before).abs().max() < 1e-5
 
 

@@ -260,7 +260,11 @@ def policy_weights(accelerator: Any, model: torch.nn.Module) -> Iterable[tuple[s
         with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
                                   FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
             return [(name.removeprefix("lm."), value) for name, value in model.state_dict().items()]
-    lm = accelerator.unwrap_model(model).lm
+    return lm_weights(accelerator.unwrap_model(model).lm)
+
+
+def lm_weights(lm: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """A model's parameters and saved buffers, as its checkpoint would name them (tied weights once)."""
     return itertools.chain(lm.named_parameters(), _saved_buffers(lm))
 
 
