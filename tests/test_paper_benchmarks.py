@@ -94,3 +94,87 @@ def test_every_preset_runs_end_to_end_on_local_rows(preset, tokenizer, tmp_path)
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples[0]["samples"] == [BENCHMARKS[preset][2]] * 2
     assert samples[0]["prompt"].endswith("within \\boxed{}.\nSolution:")
+
+
+# ---------------------------------------------------------------------------
+# eval=paper_suite: the six in one run, a row each and their mean
+
+# The model always answers \boxed{204}; each benchmark's rows (its real format) hold 204 as gold this many times
+# out of its rows, so each benchmark's Avg@n is known: 1/2, 0/1, 2/2, 1/3, 1/2, 1/2.
+SUITE_ROWS = {
+    "aime24": ("train.jsonl", [{"problem": "Find n.", "answer": "204"}, {"problem": "Find m.", "answer": "33"}]),
+    "aime25": ("train.jsonl", [{"problem": "Find n.", "answer": "37"}]),
+    "amc23": ("test.jsonl", [{"question": "How many?", "answer": 204.0}, {"question": "Or?", "answer": 204.0}]),
+    "math500": ("test.jsonl", [{"problem": "A?", "answer": "204"}, {"problem": "B?", "answer": "\\frac{1}{2}"},
+                               {"problem": "C?", "answer": "[-2,7]"}]),
+    "minerva": ("test.jsonl", [{"question": "Find c.", "answer": "2.04e2"}, {"question": "Find d.", "answer": "5.8e-3"}]),
+    "olympiadbench": ("train.jsonl", [{"question": "Find S.", "final_answer": ["$204$"]},
+                                      {"question": "Find T.", "final_answer": ["$(0,1]$"]}]),
+}
+SUITE_AVG = {"aime24": 1 / 2, "aime25": 0.0, "amc23": 1.0, "math500": 1 / 3, "minerva": 1 / 2, "olympiadbench": 1 / 2}
+
+
+def test_the_paper_suite_preset_and_what_cfg_job_shows():
+    from conftest import run_cli
+
+    cfg = compose("eval", ["model=hf", "model.name_or_path=x", "eval=paper_suite"])
+    assert list(cfg.eval.benchmarks) == ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
+    assert (cfg.eval.n, list(cfg.eval.ks), cfg.sampling.temperature, cfg.sampling.top_p) == \
+        (128, [1, 2, 4, 8, 16, 32, 64], 0.7, 0.95)
+    shown = run_cli("eval", "model=Qwen/Qwen3-0.6B", "eval=paper_suite", "eval.n=8", "eval.ks=[1,8]",
+                    "eval.benchmarks=[math500,amc23]", "--cfg", "job")
+    assert shown.returncode == 0, shown.stderr
+    assert "'n': 8" in shown.stdout and "- math500\n" in shown.stdout and "- amc23\n" in shown.stdout
+    bad = run_cli("eval", "model=Qwen/Qwen3-0.6B", "eval=paper_suite", "eval.benchmarks=[math500,aime]")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "ntp-rl: error: eval.benchmarks=['math500', 'aime']: aime is no task preset; choose from: aime24, aime25")
+
+
+def test_the_suite_runs_every_benchmark_into_one_table_one_record_and_one_wandb_run(tokenizer, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from ntp_rl.stages import run_stage
+    from ntp_rl.stages.compare import compare
+
+    logged = {}
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, payload, step=None):
+            logged.update(payload)
+
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, project, config=None, init_kwargs=None: None)
+    monkeypatch.setattr(Accelerator, "get_tracker", lambda self, name, unwrap=False: FakeRun())
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None: logged.update(values))
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: None)
+    for name, (filename, rows) in SUITE_ROWS.items():
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / filename).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model_dir = writing_model(tmp_path / "model", tokenizer, r" \boxed{204}")
+    overrides = [*eval_overrides(tmp_path, model_dir, "eval=paper_suite", f"eval.benchmarks_dir={tmp_path / 'data'}",
+                                 "logger.wandb.mode=offline"), "eval.n=2", "eval.ks=[1,2]", "eval.keep_samples=false"]
+    record = run_stage("eval", compose("eval", overrides), overrides=overrides)
+
+    assert list(record["benchmarks"]) == list(SUITE_AVG)
+    for name, avg in SUITE_AVG.items():
+        assert record["benchmarks"][name]["avg@2"] == pytest.approx(avg), name
+        assert record["benchmarks"][name]["problems"] == len(SUITE_ROWS[name][1])
+    mean = sum(SUITE_AVG.values()) / 6  # each benchmark weighs the same, whatever its size
+    assert record["summary"]["avg@2"] == pytest.approx(mean) and record["summary"]["problems"] == 12
+    assert record["task"]["olympiadbench"]["path"] == str(tmp_path / "data" / "olympiadbench")
+    (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("results.json")]
+    assert json.loads((run_dir / "results.json").read_text())["benchmarks"] == record["benchmarks"]
+    with open(run_dir / "benchmarks.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [row["benchmark"] for row in table] == [*SUITE_AVG, "mean"]
+    assert float(table[-1]["avg@2"]) == pytest.approx(mean) and float(table[2]["pass@2"]) == 1.0
+    for name in SUITE_AVG:
+        assert (run_dir / name / "problems.csv").exists()
+    # One W&B run: a summary per benchmark, the mean under the plain names, and the table.
+    assert FakeRun.summary["eval/amc23/avg@2"] == 1.0 and FakeRun.summary["eval/avg@2"] == pytest.approx(mean)
+    assert len(logged["eval/benchmarks"].data) == 7 and "eval/math500/per_problem" in logged
+
+    # compare reads the suite: the mean and every benchmark's scores
+    rows = compare([str(run_dir)], str(tmp_path / "compare"))["rows"]
+    assert rows[0]["eval avg@2"] == pytest.approx(mean) and rows[0]["eval math500 avg@2"] == pytest.approx(1 / 3)

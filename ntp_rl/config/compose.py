@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.config_store import ConfigStore
 
-
-def conf_dir() -> Path:
-    """conf/ of the checkout this code runs from, else the copy installed as ntp_rl.conf."""
-    checkout = Path(__file__).resolve().parents[2] / "conf"
-    if (checkout / "pretrain.yaml").exists():
-        return checkout
-    import ntp_rl.conf  # a wheel install: conf/ is shipped as this package (pyproject.toml)
-
-    return Path(ntp_rl.conf.__path__[0]).resolve()
+from ntp_rl.config.paths import conf_dir
 
 
 def register_schemas() -> None:

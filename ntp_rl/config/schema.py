@@ -411,6 +411,10 @@ class EvalSettings:
     split: str = "test"  # the task's split; "test" is held out from pretrain and rl alike
     keep_samples: bool = False  # also write every completion to samples.jsonl
     precision: Precision = Precision.auto  # auto: bf16 weights on GPU, fp32 on CPU
+    # task presets measured one after another in one run, a row each and their mean (`eval=paper_suite`:
+    # aime24, aime25, amc23, math500, minerva, olympiadbench); empty: `task` alone
+    benchmarks: list[str] = field(default_factory=list)
+    benchmarks_dir: Optional[str] = None  # local copies of the benchmarks: <dir>/<name>/<split file> (task.subset=null)
 
 
 @dataclass

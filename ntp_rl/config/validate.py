@@ -109,6 +109,23 @@ def _finite(value: float, key: str) -> None:
         raise ConfigError(key, "must be a finite number", value)
 
 
+def _check_benchmarks(ev: Any) -> None:
+    from ntp_rl.config.paths import conf_dir
+
+    presets = sorted(path.stem for path in (conf_dir() / "task").glob("*.yaml"))
+    for name in ev.benchmarks:
+        if name not in presets:
+            raise ConfigError("eval.benchmarks", f"{name} is no task preset; choose from: {', '.join(presets)}",
+                              list(ev.benchmarks))
+    if len(set(ev.benchmarks)) != len(ev.benchmarks):
+        raise ConfigError("eval.benchmarks", "names a benchmark twice", list(ev.benchmarks))
+    if ev.benchmarks_dir:
+        missing = [name for name in ev.benchmarks if not (Path(ev.benchmarks_dir).expanduser() / name).is_dir()]
+        if missing:
+            raise DataError(f"eval.benchmarks_dir={ev.benchmarks_dir}: no directory {missing[0]}/ (one per benchmark, "
+                            f"holding its split's file)")
+
+
 def _check_scoring(task: Any) -> None:
     _positive(task.score_time_limit_s, "task.score_time_limit_s")
     _finite(task.score_time_limit_s, "task.score_time_limit_s")
@@ -280,6 +297,7 @@ def _check_evaluation(ev: Any, sampling: Any, diag: Any, data: Any) -> None:
                           f"{too_big[0]} is not", list(ev.ks))
     if ev.split not in TASK_SPLITS:
         raise ConfigError("eval.split", f"must be one of: {', '.join(TASK_SPLITS)}", ev.split)
+    _check_benchmarks(ev)
     if diag.enabled:
         _check_data(data)
         for key in ("num_sequences", "batch_size", "k", "bins"):

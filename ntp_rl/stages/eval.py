@@ -5,6 +5,10 @@ take the task's first problems; sample n completions for each and score them; me
 next-token distribution on held-out text; then write results.json, problems.csv and the
 figures into a run directory of its own, log them to W&B, and end with a table.
 
+With `eval.benchmarks` (`eval=paper_suite`: the paper's six maths benchmarks) one run measures
+each of those task presets in turn with the same model, samples and metrics, and reports a
+row per benchmark and their unweighted mean, as the paper's tables do.
+
 Under `accelerate launch` the problems are dealt out in chunks of one generate call each
 (chunk c to process c mod P), and every chunk is sampled with a seed of its own. So the
 samples depend on (seed, chunk), never on how many processes there are, and once gathered
@@ -46,11 +50,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
 
     # Everything a user can get wrong is found before the run directory exists.
     subject = load_subject(cfg, session)
-    task = build_task(cfg.task)
-    problems = task.problems(cfg.eval.split, cfg.eval.num_problems)
-    if not problems:
-        raise DataError(f"task={cfg.task.name}: the {cfg.eval.split} split has no problems to evaluate")
-    session.note_unread_answers(task)
+    benchmarks = load_benchmarks(cfg, session)
     session.note_source_run("model", cfg.model.name_or_path, subject.path)
     text = load_held_out_text(cfg, session, subject)
     # Named after the model evaluated, e.g. eval-model=<run>_step_00000400, not after its full path.
@@ -62,33 +62,86 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             session.run_dir.checkpoints.rmdir()  # made for every run; an eval saves no model
         sampling = Sampling(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             max_new_tokens=cfg.sampling.max_new_tokens)
-        announce(cfg, session, subject, problems, sampling)
+        announce(cfg, session, subject, benchmarks, sampling)
+        ks = sorted(set(cfg.eval.ks))
         started = time.perf_counter()
-        results = sample_problems(cfg, session, subject, task, problems, sampling)
+        results = {name: sample_problems(cfg, session, subject, task, problems, sampling)
+                   for name, (task, problems) in benchmarks.items()}
         sampling_s = time.perf_counter() - started
-        summary = summarize(results, sorted(set(cfg.eval.ks)))
+        summaries = {name: summarize(rs, ks) for name, rs in results.items()}
+        suite = bool(cfg.eval.benchmarks)
+        summary = mean_over_benchmarks(summaries) if suite else next(iter(summaries.values()))
         if summary["scoring_timeouts"]:
             session.notice("scoring_timeouts", summary["scoring_timeouts"],
                            f"{summary['scoring_timeouts']} completion(s) took longer than task.score_time_limit_s="
                            f"{cfg.task.score_time_limit_s} to check and were scored wrong")
-        perf = {"sampling_time_s": sampling_s,
-                "tokens_per_sec": sum(r.mean_length * r.n for r in results) / max(sampling_s, 1e-9)}
+        generated = sum(r.mean_length * r.n for rs in results.values() for r in rs)
+        perf = {"sampling_time_s": sampling_s, "tokens_per_sec": generated / max(sampling_s, 1e-9)}
         diagnostics = measure_text(cfg, session, subject, text) if text is not None else None
         perf["wall_time_s"] = time.perf_counter() - started
+        tasks = {name: OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True)
+                 for name, task_cfg in benchmark_configs(cfg).items()}
         record = {"stage": "eval", "model": subject.path, "model_arg": cfg.model.name_or_path,
-                  "checkpoint_step": subject.step, "task": OmegaConf.to_container(cfg.task, resolve=True, enum_to_str=True),
+                  "checkpoint_step": subject.step, "task": tasks if suite else next(iter(tasks.values())),
                   "split": cfg.eval.split, "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
-                  "n": cfg.eval.n, "ks": sorted(set(cfg.eval.ks)), "summary": summary, "diagnostics": diagnostics,
+                  "n": cfg.eval.n, "ks": ks, "summary": summary, "diagnostics": diagnostics,
                   "num_processes": session.world, "perf": perf}
-        log_metrics(tracker, subject, summary, perf, diagnostics)
+        if suite:
+            record["benchmarks"] = summaries
+        log_metrics(tracker, subject, summary, perf, diagnostics, summaries if suite else None)
         if session.is_main:
-            record["files"] = write_files(cfg, session, tracker, subject, problems, results, summary, diagnostics,
-                                          sampling)
+            record["files"] = write_files(cfg, session, tracker, subject, benchmarks, results, summaries, summary,
+                                          diagnostics, sampling)
         session.finish(record, checkpoint=subject.path)
         session.say(f"done in {perf['wall_time_s']:.0f}s ({perf['tokens_per_sec']:.0f} generated tokens/s) -> "
                     f"{shown_path(session.run_dir.path)}")
-        session.say(_table(summary, diagnostics, cfg.eval.n, sorted(set(cfg.eval.ks))))
+        if suite:
+            session.say(_benchmark_table(summaries, summary, cfg.eval.n, ks))
+        session.say(_table(summary, diagnostics, cfg.eval.n, ks))
         return record
+
+
+def benchmark_configs(cfg: Any) -> dict[str, Any]:
+    """name -> task config: the `task` itself, or each of `eval.benchmarks` (a task preset, read from local
+    copies under `eval.benchmarks_dir` when it is set), checked with the run's own scoring settings."""
+    if not cfg.eval.benchmarks:
+        return {cfg.task.name: cfg.task}
+    from ntp_rl.config.paths import conf_dir
+    from ntp_rl.config.schema import TaskConfig
+
+    configs = {}
+    for name in cfg.eval.benchmarks:
+        task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(conf_dir() / "task" / f"{name}.yaml"))
+        task_cfg.score_workers, task_cfg.score_time_limit_s = cfg.task.score_workers, cfg.task.score_time_limit_s
+        if cfg.eval.benchmarks_dir:
+            task_cfg.path, task_cfg.subset = str(Path(cfg.eval.benchmarks_dir).expanduser() / name), None
+        configs[name] = task_cfg
+    return configs
+
+
+def load_benchmarks(cfg: Any, session: StageSession) -> dict[str, tuple[Task, list[TaskProblem]]]:
+    """Each benchmark's task and its first eval.num_problems problems of eval.split."""
+    benchmarks = {}
+    for name, task_cfg in benchmark_configs(cfg).items():
+        task = build_task(task_cfg)
+        problems = task.problems(cfg.eval.split, cfg.eval.num_problems)
+        if not problems:
+            raise DataError(f"task={name}: the {cfg.eval.split} split has no problems to evaluate")
+        session.note_unread_answers(task)
+        benchmarks[name] = (task, problems)
+    return benchmarks
+
+
+def mean_over_benchmarks(summaries: dict[str, dict]) -> dict:
+    """The paper's "average" column: each score's unweighted mean over the benchmarks (a benchmark of 30
+    problems weighs as much as one of 500); counts are summed."""
+    rows = list(summaries.values())
+    summed = ("problems", "scoring_timeouts")
+    mean = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]
+            if key not in summed and key != "n" and key != "max_length" and key != "min_length"}
+    return {"problems": sum(row["problems"] for row in rows), "n": rows[0]["n"], **mean,
+            "min_length": min(row["min_length"] for row in rows), "max_length": max(row["max_length"] for row in rows),
+            "scoring_timeouts": sum(row["scoring_timeouts"] for row in rows)}
 
 
 @dataclass
@@ -130,13 +183,15 @@ def load_held_out_text(cfg: Any, session: StageSession, subject: Subject) -> Opt
                                    seed=cfg.seed, tokenizer_name_or_path=subject.path)
 
 
-def announce(cfg: Any, session: StageSession, subject: Subject, problems: list[TaskProblem], sampling: Sampling) -> None:
+def announce(cfg: Any, session: StageSession, subject: Subject, benchmarks: dict[str, tuple[Task, list[TaskProblem]]],
+             sampling: Sampling) -> None:
     step = f" (step {subject.step})" if subject.step is not None else ""
     session.say(f"ntp-rl eval -> {shown_path(session.run_dir.path)}")
     session.say(f"  model: {subject.path}{step}, {count_parameters(subject.lm) / 1e6:.2f}M params | "
                 f"{session.world} process(es), {session.device.type}")
-    session.say(f"  task:  {cfg.task.name} ({cfg.eval.split} split), {len(problems)} problems x n={cfg.eval.n} samples, "
-                f"T={sampling.temperature}, top-p {sampling.top_p}, at most {sampling.max_new_tokens} new tokens")
+    for name, (_, problems) in benchmarks.items():
+        session.say(f"  task:  {name} ({cfg.eval.split} split), {len(problems)} problems x n={cfg.eval.n} samples, "
+                    f"T={sampling.temperature}, top-p {sampling.top_p}, at most {sampling.max_new_tokens} new tokens")
 
 
 def sample_problems(cfg: Any, session: StageSession, subject: Subject, task: Task, problems: list[TaskProblem],
@@ -170,8 +225,12 @@ def measure_text(cfg: Any, session: StageSession, subject: Subject, text: Pretra
             "unigram_nll": text.unigram_nll, **meter.result()}
 
 
-def log_metrics(tracker: Any, subject: Subject, summary: dict, perf: dict, diagnostics: Optional[dict]) -> None:
+def log_metrics(tracker: Any, subject: Subject, summary: dict, perf: dict, diagnostics: Optional[dict],
+                benchmarks: Optional[dict[str, dict]] = None) -> None:
+    """eval/<metric> (a suite: the mean over benchmarks), eval/<benchmark>/<metric> for each benchmark of a suite."""
     metrics = {f"eval/{k}": v for k, v in summary.items()} | {f"perf/{k}": v for k, v in perf.items()}
+    for name, scores in (benchmarks or {}).items():
+        metrics |= {f"eval/{name}/{k}": v for k, v in scores.items()}
     if diagnostics:
         settings = {"k", "forking_threshold", "sequences", "seq_len"}
         metrics |= {f"val/{k}": v for k, v in diagnostics.items() if isinstance(v, (int, float)) and k not in settings}
@@ -179,19 +238,44 @@ def log_metrics(tracker: Any, subject: Subject, summary: dict, perf: dict, diagn
     tracker.summary(metrics)
 
 
-def write_files(cfg: Any, session: StageSession, tracker: Any, subject: Subject, problems: list[TaskProblem],
-                results: list[ProblemResult], summary: dict, diagnostics: Optional[dict], sampling: Sampling) -> dict:
-    """problems.csv, samples.jsonl, the figures, and the same to W&B (main process); returns the files' names."""
+def write_files(cfg: Any, session: StageSession, tracker: Any, subject: Subject,
+                benchmarks: dict[str, tuple[Task, list[TaskProblem]]], results: dict[str, list[ProblemResult]],
+                summaries: dict[str, dict], summary: dict, diagnostics: Optional[dict], sampling: Sampling) -> dict:
+    """problems.csv (a suite: <benchmark>/problems.csv and benchmarks.csv), samples.jsonl, the figures, and the
+    same to W&B (main process); returns the files' names."""
     n, ks, run_path = cfg.eval.n, sorted(set(cfg.eval.ks)), session.run_dir.path
-    columns, rows = _problem_table(results, ks)
-    write_csv_atomic(run_path / "problems.csv", columns, rows)
+    suite = bool(cfg.eval.benchmarks)
+    files: dict[str, Any] = {}
+    tables = {}
+    for name, (_, problems) in benchmarks.items():
+        folder = run_path / name if suite else run_path
+        folder.mkdir(exist_ok=True)
+        columns, rows = _problem_table(results[name], ks)
+        write_csv_atomic(folder / "problems.csv", columns, rows)
+        tables[f"eval/{name}/per_problem" if suite else "eval/per_problem"] = (columns, rows)
+        if cfg.eval.keep_samples:
+            _write_samples(folder / "samples.jsonl", problems, results[name])
+    prefix = "<benchmark>/" if suite else ""
+    files["problems"] = f"{prefix}problems.csv"
     if cfg.eval.keep_samples:
-        _write_samples(run_path / "samples.jsonl", problems, results)
-    figures = {"eval/pass_at_k": plot_pass_at_k(
-        run_path / "passk.png", {f"pass@k (unbiased, n={n})": {k: summary[f"pass@{k}"] for k in ks}},
-        title=f"{_short(subject.path)}\n{cfg.task.name} ({cfg.eval.split}): {len(problems)} problems, "
-              f"T={sampling.temperature}, top-p {sampling.top_p}",
-        references={f"Avg@{n}": summary[f"avg@{n}"], f"Cons@{n}": summary[f"cons@{n}"]})}
+        files["samples"] = f"{prefix}samples.jsonl"
+    if suite:
+        columns, rows = _benchmark_rows(summaries, summary, n, ks)
+        write_csv_atomic(run_path / "benchmarks.csv", columns, rows)
+        tables["eval/benchmarks"] = (columns, rows)
+        files["benchmarks"] = "benchmarks.csv"
+        curves = {name: {k: s[f"pass@{k}"] for k in ks} for name, s in summaries.items()}
+        problems_shown = ", ".join(f"{name} {len(p)}" for name, (_, p) in benchmarks.items())
+        title = f"{_short(subject.path)}\nproblems: {problems_shown}; T={sampling.temperature}, top-p {sampling.top_p}"
+        references = {f"mean Avg@{n}": summary[f"avg@{n}"]}
+    else:
+        (name, (_, problems)), = benchmarks.items()
+        curves = {f"pass@k (unbiased, n={n})": {k: summary[f"pass@{k}"] for k in ks}}
+        title = (f"{_short(subject.path)}\n{name} ({cfg.eval.split}): {len(problems)} problems, "
+                 f"T={sampling.temperature}, top-p {sampling.top_p}")
+        references = {f"Avg@{n}": summary[f"avg@{n}"], f"Cons@{n}": summary[f"cons@{n}"]}
+    figures = {"eval/pass_at_k": plot_pass_at_k(run_path / "passk.png", curves, title=title, references=references)}
+    files["pass_at_k"] = "passk.png"
     if diagnostics:
         hist = diagnostics["entropy_histogram"]
         figures["val/entropy_histogram"] = plot_histogram(
@@ -200,10 +284,9 @@ def write_files(cfg: Any, session: StageSession, tracker: Any, subject: Subject,
             xlabel="entropy (nats)",
             marker=(f"forking > {cfg.diagnostics.forking_threshold} ({diagnostics['forking_share']:.1%})",
                     cfg.diagnostics.forking_threshold))
-    tracker.media(subject.step or 0, tables={"eval/per_problem": (columns, rows)}, images=figures)
-    return {"problems": "problems.csv", "pass_at_k": "passk.png",
-            **({"entropy_histogram": "entropy.png"} if diagnostics else {}),
-            **({"samples": "samples.jsonl"} if cfg.eval.keep_samples else {})}
+        files["entropy_histogram"] = "entropy.png"
+    tracker.media(subject.step or 0, tables=tables, images=figures)
+    return files
 
 
 def _trained_steps(model_path: str) -> int | None:
@@ -226,6 +309,26 @@ def _problem_table(results: Sequence[ProblemResult], ks: Sequence[int]) -> tuple
     rows = [[r.id, r.answer, r.n, r.correct, r.majority if r.majority is not None else "", r.majority_correct,
              *[r.pass_at_k[k] for k in ks], r.mean_length, r.max_length, r.truncated] for r in results]
     return columns, rows
+
+
+def _benchmark_rows(summaries: dict[str, dict], mean: dict, n: int, ks: Sequence[int]) -> tuple[list[str], list[list]]:
+    """The paper's table: a row per benchmark and the mean over them."""
+    columns = ["benchmark", "problems", f"avg@{n}", f"cons@{n}", *[f"pass@{k}" for k in ks], "mean_length",
+               "truncated_frac"]
+    rows = [[name, s["problems"], *[s[c] for c in columns[2:]]] for name, s in [*summaries.items(), ("mean", mean)]]
+    return columns, rows
+
+
+def _benchmark_table(summaries: dict[str, dict], mean: dict, n: int, ks: Sequence[int]) -> str:
+    """A row per benchmark and the mean, for a person to read (percentages, as papers print them)."""
+    columns, rows = _benchmark_rows(summaries, mean, n, ks)
+    shown = [columns[:2] + [c for c in columns[2:-2]]]
+    shown += [[str(row[0]), str(row[1]), *[f"{100 * v:.1f}" for v in row[2:-2]]] for row in rows]
+    widths = [max(len(r[i]) for r in shown) for i in range(len(shown[0]))]
+    lines = ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in shown]
+    lines.insert(1, "  " + "  ".join("-" * w for w in widths))
+    lines.insert(len(lines) - 1, lines[1])
+    return "\n".join(lines)
 
 
 def _write_samples(path: Path, problems: Sequence[Any], results: Sequence[ProblemResult]) -> None:

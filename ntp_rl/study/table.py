@@ -9,6 +9,7 @@ metrics are separate questions and are not adjusted against each other.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
@@ -19,6 +20,7 @@ from ntp_rl.study.predictors import gains
 from ntp_rl.study.records import Record
 
 SAMPLED = ("avg@", "cons@", "pass@")
+SUITE_COLUMN = re.compile(r"^\S+ (\S+) ((?:avg|cons|pass)@\d+|mean_length)$")
 FILLED_GROUPS = "dynamic_sampling/filled_groups"
 
 
@@ -41,7 +43,10 @@ def record_values(record: Record) -> dict[str, float]:
     evals = (("eval_base", "base"), ("eval_rl", "rl"), ("eval", "eval"))
     if any(stage in record.stages for stage, _ in evals):
         for stage, prefix in evals:
-            values |= _sampled(record.results(stage).get("summary"), prefix)
+            results = record.results(stage)
+            values |= _sampled(results.get("summary"), prefix)  # a suite's: the mean over its benchmarks
+            for name, summary in (results.get("benchmarks") or {}).items():
+                values |= _sampled(summary, f"{prefix} {name}")
     else:  # an rl run without linked evals: its own held-out checks before and after training
         for when, prefix in (("eval_before", "base"), ("eval_after", "rl")):
             values |= _sampled(record.results("rl").get(when), prefix)
@@ -72,10 +77,13 @@ def column_order(columns: Iterable[str]) -> list[str]:
     def key(name: str) -> tuple:
         group = next((i for i, p in enumerate(("pretrain", "base", "eval", "rl", "gain")) if name.startswith(p)), 9)
         metric = name.split(" ", 1)[1] if " " in name else name
+        benchmark = SUITE_COLUMN.match(name)  # "base aime24 avg@128": after the means, by benchmark, then metric
+        if benchmark:
+            metric = benchmark.group(2)
         kind = next((i for i, p in enumerate(("nll", "ppl", "entropy", "avg@", "cons@", "pass@", "mean_length"))
                      if metric.startswith(p)), 9)
         k = int(metric.split("@")[1]) if "@" in metric and metric.split("@")[1].isdigit() else 0
-        return group, kind, k, name
+        return group, benchmark.group(1) if benchmark else "", kind, k, name
 
     return sorted(set(columns), key=key)
 
