@@ -50,11 +50,11 @@ class RewardShaping:
     lambda_top: float = 0.0
     lambda_tail: float = 0.0
     k: int = 100
-    positive_form: str = "exponent"  # or "multiplicative"
+    positive_form: str = "exponent"  # or "multiplicative", "constant"
 
     def __post_init__(self) -> None:
-        if self.positive_form not in ("exponent", "multiplicative"):
-            raise ValueError(f"positive_form must be exponent or multiplicative, not {self.positive_form!r}")
+        if self.positive_form not in ("exponent", "multiplicative", "constant"):
+            raise ValueError(f"positive_form must be exponent, multiplicative or constant, not {self.positive_form!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, not {self.k}")
         for name in ("beta", "lambda_top", "lambda_tail"):
@@ -78,11 +78,14 @@ class LossOutput(NamedTuple):
 
 
 def positive_weight(log_p_target: torch.Tensor, shaping: RewardShaping) -> torch.Tensor:
-    """w_y = p_y * r_pos(p_y), in fp32. Exactly 1 when beta = 0, in both forms."""
+    """w_y = p_y * r_pos(p_y), in fp32. Exactly 1 (cross-entropy) when beta = 0 in the exponent and
+    multiplicative forms; p_y (DFT) in the constant form."""
     one_minus_p = (-torch.expm1(log_p_target)).clamp_min(ONE_MINUS_P_MIN)
     scale = torch.exp(shaping.beta * torch.log(one_minus_p))  # (1 - p) ** beta
     if shaping.positive_form == "multiplicative":
         return scale  # p * (1/p) * (1 - p)**beta
+    if shaping.positive_form == "constant":
+        return torch.exp(log_p_target) * scale  # p * (1 - p)**beta
     return torch.exp(log_p_target * (1.0 - scale))  # p * (1/p) ** ((1 - p)**beta)
 
 

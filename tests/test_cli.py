@@ -259,6 +259,9 @@ def test_eval_of_a_run_directory_named_by_its_overrides(tmp_path, shared_cache):
     (["loss=tail_penalty", "loss.k=20"], "custom"),  # here it does
     (["loss=precision", "loss.positive_form=multiplicative"], "custom"),
     (["loss=ce", "loss.positive_form=multiplicative"], "ce"),  # both forms are 1/p at beta 0
+    (["loss=ce", "loss.positive_form=constant"], "dft"),  # constant is 1, not 1/p, even at beta 0
+    (["loss=dft", "loss.positive_form=exponent"], "ce"),
+    (["loss=dft", "loss.beta=0.5"], "custom"),
     (["loss.lambda_top=0.1", "loss.k=100"], "head_reward"),
     (["loss.beta=-0.1", "loss.name=mine"], "mine"),  # a name of the user's own is kept
     (["loss.beta=-0.1", "loss.name=diversity"], "custom"),  # a preset's name on other numbers is not

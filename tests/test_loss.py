@@ -47,8 +47,10 @@ def literal_surrogate(logits, labels, shaping):
                 pa = p[a]
                 if shaping.positive_form == "exponent":
                     r = (1 / pa) ** ((1 - pa) ** shaping.beta)
-                else:
+                elif shaping.positive_form == "multiplicative":
                     r = (1 / pa) * (1 - pa) ** shaping.beta
+                else:  # constant
+                    r = (1 - pa) ** shaping.beta
             else:
                 r = shaping.lambda_top if a in top else shaping.lambda_tail
             weights.append(p[a] * r)
@@ -94,7 +96,7 @@ def test_cross_entropy_gradient_is_p_minus_onehot():
     assert torch.allclose(grad, expected, atol=1e-7)
 
 
-@pytest.mark.parametrize("form", ["exponent", "multiplicative"])
+@pytest.mark.parametrize("form", ["exponent", "multiplicative", "constant"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_reference_matches_the_paper_token_by_token(preset, form):
     logits, labels = make_inputs(seed=1, batch=2, seq=5, vocab=23)
@@ -109,7 +111,7 @@ def test_reference_matches_the_paper_token_by_token(preset, form):
     assert torch.allclose(ga, gb.to(ga.dtype), atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("form", ["exponent", "multiplicative"])
+@pytest.mark.parametrize("form", ["exponent", "multiplicative", "constant"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_chunked_and_fused_gradients_match_autograd_of_the_surrogate(preset, form):
     torch.manual_seed(2)
@@ -374,3 +376,37 @@ def test_fused_with_bf16_weights_is_close_to_fp32(compiled, request):
     assert approx.loss.item() == pytest.approx(exact.loss.item(), rel=2e-2)
     for got, want in ((hb.grad, h.grad), (wb.grad, w.grad)):
         assert (got.float() - want).norm() / want.norm() < 0.02
+
+
+def test_dft_preset_is_dfts_loss_in_value_and_gradient_on_every_path():
+    """loss=dft against DFT written plainly: -sg(p_y) * log p_y, averaged over the tokens that count."""
+    from ntp_rl.config.compose import compose
+
+    cfg = compose("pretrain", ["loss=dft"]).loss
+    assert cfg.name == "dft" and cfg.positive_form.value == "constant"
+    shaping = RewardShaping.from_config(cfg)
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 7, 8, dtype=torch.float64) * 2
+    weight = torch.randn(41, 8, dtype=torch.float64)
+    labels = torch.randint(0, 41, (2, 7))
+    labels[0, ::2] = -100
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    log_p = torch.log_softmax(h @ w.t(), -1)
+    counted = labels != -100
+    log_p_y = log_p[counted].gather(1, labels[counted][:, None]).squeeze(1)
+    plain = -(log_p_y.exp().detach() * log_p_y).mean()
+    plain_grads = torch.autograd.grad(plain, (h, w))
+
+    for path in ("reference", "chunked", "fused"):
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if path == "fused":
+            loss = shaped_ntp_loss_fused(h2, w2, labels, shaping, chunk_size=3).loss
+        elif path == "chunked":
+            loss = shaped_ntp_loss(h2 @ w2.t(), labels, shaping, chunk_size=3).loss
+        else:
+            loss = shaped_ntp_loss_reference(h2 @ w2.t(), labels, shaping).loss
+        grads = torch.autograd.grad(loss, (h2, w2))
+        assert loss.item() == pytest.approx(plain.item(), rel=1e-6), path  # the paths compute in fp32
+        for got, want in zip(grads, plain_grads):
+            assert torch.allclose(got, want.to(got.dtype), rtol=1e-5, atol=1e-7), path

@@ -61,12 +61,16 @@ def loss_name(loss: Any) -> str:
     a run's name never contradicts its settings.
 
     k counts only when lambda_top != lambda_tail (otherwise the top-k set changes nothing), and the
-    positive form only when beta != 0 (both forms are 1/p at beta 0).
+    positive form when beta != 0 or either form is `constant` (exponent and multiplicative are both
+    1/p at beta 0; constant is 1).
     """
+    form = loss.positive_form.value
+
     def same(preset: dict) -> bool:
         numbers = ["beta", "lambda_top", "lambda_tail"] + (["k"] if loss.lambda_top != loss.lambda_tail else [])
-        form = loss.beta == 0 or getattr(loss.positive_form, "value", loss.positive_form) == preset["positive_form"]
-        return form and all(float(loss[key]) == float(preset[key]) for key in numbers)
+        form_counts = loss.beta != 0 or "constant" in (form, preset["positive_form"])
+        return (not form_counts or form == preset["positive_form"]) and \
+            all(float(loss[key]) == float(preset[key]) for key in numbers)
 
     presets = loss_presets()
     for name, preset in presets.items():

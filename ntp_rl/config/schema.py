@@ -20,6 +20,7 @@ class PositiveForm(Enum):
 
     exponent = "exponent"  # r = (1/p) ** ((1-p) ** beta), the paper's typeset equation
     multiplicative = "multiplicative"  # r = (1/p) * (1-p) ** beta
+    constant = "constant"  # r = (1-p) ** beta: at beta 0 the constant reward of DFT (arXiv 2508.05629), w = p
 
 
 class LossImpl(Enum):
