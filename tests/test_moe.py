@@ -113,12 +113,13 @@ def moe_run(tiny):
 
 
 def test_pretrain_with_bias_logs_load_and_its_checkpoint_reloads_the_bias(moe_run):
-    results, ckpt = moe_run("model.moe_bias_rate=0.01")
+    results, ckpt = moe_run("model.moe_bias_rate=0.1")
     run_dir = ckpt.parents[1]
     rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
     assert len(rows) == 6 and all(r["moe/load_imbalance"] >= 1.0 for r in rows)
-    assert 0 < rows[-1]["moe/bias_abs_max"] <= 6 * 0.01 + 1e-6, "+-rate per step"
-    assert json.loads((ckpt / "config.json").read_text())["moe_balancing"] == "bias"
+    assert 0 < rows[-1]["moe/bias_abs_max"] <= 6 * 0.1 + 1e-6, "+-rate per step"
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["moe_balancing"] == "bias" and config["architectures"] == ["NtpRlQwen3MoeForCausalLM"]
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as saved:
         stored = {k: saved.get_tensor(k) for k in saved.keys() if k.endswith("expert_bias")}
     assert len(stored) == 2 and all(t.abs().max() > 0 for t in stored.values())
@@ -128,11 +129,51 @@ def test_pretrain_with_bias_logs_load_and_its_checkpoint_reloads_the_bias(moe_ru
             torch.testing.assert_close(buffer, stored.pop(name))
     assert not stored, "every saved bias is re-installed"
 
+
+def test_a_bias_checkpoint_routes_with_its_bias_from_every_loader(moe_run, tmp_path):
+    """ntp-rl's loader, transformers with the checkpoint's own code, and a hub id all give ntp-rl's logits;
+    plain transformers (no remote code) loads every weight but routes without the bias."""
+    import shutil
+    import subprocess
+    import sys
+
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(str(ckpt))  # transformers alone: every weight, no bias
-    for (name, a), (_, b) in zip(plain.named_parameters(), reloaded.named_parameters()):
-        torch.testing.assert_close(a, b, msg=name)
+    _, ckpt = moe_run("model.moe_bias_rate=0.1")
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_pretrained(str(ckpt)).eval()(ids).logits
+        remote = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
+        torch.testing.assert_close(remote(ids).logits, expected, rtol=0, atol=1e-6)
+        plain = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+        assert (plain(ids).logits - expected).abs().max() > 1e-4, "without the bias the routing differs"
+
+    # A hub id, offline, from the hub cache's layout: a bias on the hub arrives as one in a directory.
+    snapshot = tmp_path / "hub" / "models--someone--tiny-moe" / "snapshots" / ("0123abc" * 6)[:40]
+    snapshot.mkdir(parents=True)
+    for file in ckpt.iterdir():
+        if file.suffix in (".json", ".safetensors", ".py"):
+            shutil.copy(file, snapshot / file.name)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = ("import sys, torch\n"
+              "from transformers import AutoModelForCausalLM\n"
+              "from ntp_rl.models import load_pretrained\n"
+              "ids = torch.load(sys.argv[1])\n"
+              "with torch.no_grad():\n"
+              "    ours = load_pretrained('someone/tiny-moe').eval()(ids).logits\n"
+              "    theirs = AutoModelForCausalLM.from_pretrained('someone/tiny-moe', trust_remote_code=True).eval()(ids).logits\n"
+              "torch.save({'ntp_rl': ours, 'remote_code': theirs}, sys.argv[2])\n")
+    import os
+
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+                                 "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name, logits in torch.load(tmp_path / "logits.pt").items():
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6, msg=name)
 
 
 def test_pretrain_with_the_aux_loss_logs_load_and_saves_no_bias(moe_run):

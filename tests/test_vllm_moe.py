@@ -148,3 +148,14 @@ def test_a_weight_the_engine_cannot_place_fails_in_one_line(engine, model):
             engine.load_weights([(name, torch.zeros(8))])
         message = str(info.value)
         assert "\n" not in message and len(message) < 200 and name.removeprefix("model.").rsplit(".", 1)[0] in message
+
+
+def test_vllm_outside_ntp_rl_finds_the_model_through_the_plugin():
+    """`vllm serve <checkpoint>` loads pyproject's vllm.general_plugins: the bias checkpoint's architecture is known."""
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    from ntp_rl.modeling_biased_moe import ARCHITECTURE
+
+    load_general_plugins()
+    assert ARCHITECTURE in ModelRegistry.get_supported_archs()
