@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import re
 import typing
+from enum import Enum
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
@@ -56,7 +57,8 @@ def _shown(cfg: Any, key: str) -> str:
     if OmegaConf.is_missing(node, leaf):
         return "(required)"
     value = node[leaf]
-    value = getattr(value, "value", value)
+    if isinstance(value, Enum):  # shown as a user types it: wsd, not Schedule.wsd
+        value = value.value
     return "null" if value is None else str(list(value) if OmegaConf.is_list(value) else value)
 
 

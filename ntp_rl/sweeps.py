@@ -299,7 +299,7 @@ def compare_lineages(lineages: list[str], cfg: Any, overrides: Sequence[str], sw
         return
     label = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
     out_dir = Path(cfg.out_dir) / "experiments" / label if label else sweep_dir / "compare"
-    wandb = WandbOptions(mode=getattr(cfg.logger.wandb.mode, "value", cfg.logger.wandb.mode),
+    wandb = WandbOptions(mode=cfg.logger.wandb.mode.value,
                          project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
                          group=cfg.logger.wandb.group or label or sweep_dir.name)  # the verdict beside its lineages
     summary = compare(sorted(set(lineages)), str(out_dir), wandb=wandb)

@@ -236,7 +236,8 @@ def sync_engine(state: RLState) -> None:
     """The sampling engine takes the policy's current weights, if it has changed since the engine last did.
 
     With `generator=hf` the engine is the policy itself; a vLLM engine gets a copy (TRL once
-    shipped a version that sampled from stale weights: tests/test_rl_vllm.py checks this one).
+    shipped a version that sampled from stale weights; here
+    tests/test_vllm.py::test_rl_samples_with_the_policys_current_weights checks it).
     """
     if state.engine_stale:
         state.rollouts.sync_weights(functools.partial(policy_weights, state.session.accelerator, state.model))
