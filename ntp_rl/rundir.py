@@ -65,7 +65,10 @@ def run_name(stage: str, overrides: Sequence[str], explicit: Optional[str] = Non
 # Keys that say where or how a run is recorded, not what it computes.
 BOOKKEEPING_KEYS = {"run_dir", "resume", "out_dir", "data.cache_dir", "logger.wandb.mode", "logger.wandb.project",
                     "logger.wandb.entity", "logger.wandb.group", "logger.wandb.name", "logger.wandb.tags",
-                    "logger.progress_bar", "objective"}
+                    "logger.progress_bar", "objective", "resume_allow_changes"}
+# Keys a resumed run may change freely besides those: how often it logs, evaluates and saves.
+CADENCE_KEYS = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "rl.log_every",
+                "rl.save_every"}
 
 
 def setting_overrides(overrides: Sequence[str]) -> list[str]:
@@ -88,6 +91,7 @@ class RunDir:
     name: str
     resume_from: Optional[Path] = None  # the checkpoint this run continues from
     info: dict = field(default_factory=dict)
+    config_changes: list = field(default_factory=list)  # keys resumed with another value (resume_allow_changes)
 
     @property
     def checkpoints(self) -> Path:
@@ -137,7 +141,34 @@ def choose_run_dir(cfg: Any, stage: str, overrides: Sequence[str]) -> RunDir:
         lock(path, key)
 
     info = read_run_info(path) if resume_from else {}
-    return RunDir(path=path, name=name, resume_from=resume_from, info=info)
+    changes = config_changes(path, cfg) if resume_from else []
+    if changes and not cfg.get("resume_allow_changes", False):
+        shown = ", ".join(f"{c['key']}={c['was']} (now {c['now']})" for c in changes)
+        raise ConfigError("resume", f"{shown_path(path)} was trained with another config: {shown}; run the command "
+                          "it was started with, start a new run, or pass resume_allow_changes=true to continue it "
+                          "with this config (recorded in its run.json)", cfg.resume)
+    return RunDir(path=path, name=name, resume_from=resume_from, info=info, config_changes=changes)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def config_changes(path: Path, cfg: Any) -> list[dict]:
+    """The keys, other than bookkeeping and cadence, whose value differs from the run's own config.yaml.
+
+    A key only one side has (a config from another ntp-rl version) is not a change of this run's computation.
+    """
+    try:
+        was = _flat(OmegaConf.to_container(OmegaConf.load(Path(path) / CONFIG_FILE), resolve=True))
+    except Exception:  # noqa: BLE001 -- no config.yaml, or one YAML cannot read: nothing to compare with
+        return []
+    now = _flat(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    free = BOOKKEEPING_KEYS | CADENCE_KEYS
+    return [{"key": key, "was": was[key], "now": now[key]} for key in sorted(was.keys() & now.keys())
+            if key not in free and not key.startswith("logger.") and was[key] != now[key]]
 
 
 # Run directories this process writes: the open descriptor of each one's lock file (held for
@@ -235,8 +266,12 @@ def create(run: RunDir, cfg: Any, stage: str, overrides: Sequence[str], world_si
     run.checkpoints.mkdir(exist_ok=True)
     run.write_config(cfg)
     started = run.info.get("started_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    changes = run.info.get("config_changes", [])
+    if run.config_changes:  # each resume that changed the config, with the step it changed at
+        changes = [*changes, {"resumed_from": str(run.resume_from), "changes": run.config_changes}]
     run.update(stage=stage, name=run.name, status="running", started_at=started, overrides=list(overrides),
-               world_size=world_size, resumed_from=str(run.resume_from) if run.resume_from else None)
+               world_size=world_size, resumed_from=str(run.resume_from) if run.resume_from else None,
+               **({"config_changes": changes} if changes else {}))
 
 
 # Runs this process marked interrupted (Ctrl-C, SIGTERM), newest last: the CLI's one line names the last.

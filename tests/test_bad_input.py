@@ -77,7 +77,9 @@ CASES = [
     ("pretrain data=hf data.path={root}/corpus.jsonl data.text_field=body data.tokenizer={no_eos}", "eos"),
     # checkpoints: truncated, of another architecture, missing
     ("pretrain resume={truncated}", "resume"),
-    ("pretrain model.hidden_size=48 run_dir={run} resume=auto train.max_steps=4", "does not match the checkpoint"),
+    ("pretrain model.hidden_size=48 run_dir={run} resume=auto train.max_steps=4", "model.hidden_size=32 (now 48)"),
+    ("pretrain model.hidden_size=48 run_dir={run} resume=auto resume_allow_changes=true train.max_steps=4",
+     "does not match the checkpoint"),
     ("pretrain resume=/no/such/checkpoint", "resume"),
     ("pretrain run_dir={run}", "run_dir"),  # holds checkpoints already: never overwritten
     # MoE balancing and mid-training

@@ -109,12 +109,13 @@ def test_corrupt_or_foreign_checkpoints_are_refused_in_one_line(tiny, tmp_path):
     run_dir = tmp_path / "run"
     pretrain([*tiny, f"run_dir={run_dir}"])
     other_model = run_cli("pretrain", *tiny, "model.hidden_size=48", "train.max_steps=9", f"run_dir={run_dir}",
-                          "resume=auto")
+                          "resume=auto", "resume_allow_changes=true")
     assert other_model.returncode == 2
     assert "model: does not match the checkpoint" in other_model.stderr and "hidden_size=48" in other_model.stderr
     weights = latest_checkpoint(run_dir / "checkpoints") / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    truncated = run_cli("pretrain", *tiny, "train.max_steps=9", f"run_dir={run_dir}", "resume=auto")
+    truncated = run_cli("pretrain", *tiny, "train.max_steps=9", f"run_dir={run_dir}", "resume=auto",
+                        "resume_allow_changes=true")
     assert truncated.returncode == 2
     assert truncated.stderr.startswith("ntp-rl: error: resume=") and truncated.stderr.count("\n") == 1
 
@@ -131,6 +132,37 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny, tmp_path):
     assert "resumed from" in resumed.stdout and "step 3" in resumed.stdout
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000006"
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys_unless_allowed(tiny, tmp_path, capsys):
+    """A CE run killed at step 4, resumed with loss.beta=-0.25: refused in one line, or, with
+    resume_allow_changes=true, continued with the change said and recorded."""
+    from ntp_rl.cli import main
+
+    run_dir = tmp_path / "run"
+    killed = run_cli("pretrain", *tiny, f"run_dir={run_dir}", env={"NTP_RL_KILL_AT": "step:4"})
+    assert killed.returncode == -9
+    before = (run_dir / "run.json").read_text()
+    changed = ["pretrain", *tiny, "loss.beta=-0.25", "train.log_every=1", f"run_dir={run_dir}", "resume=auto"]
+    with pytest.raises(SystemExit) as refused:
+        main(changed)
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ntp-rl: error: resume=auto: {run_dir} was trained with another config: loss.beta=0.0 (now -0.25), "
+        "loss.name=ce (now precision); run the command it was started with, start a new run, or pass "
+        "resume_allow_changes=true to continue it with this config (recorded in its run.json)")
+    assert (run_dir / "run.json").read_text() == before, "the refused command touched nothing"
+
+    results = pretrain([*changed[1:], "resume_allow_changes=true"])
+    changes = [{"key": "loss.beta", "was": 0.0, "now": -0.25}, {"key": "loss.name", "was": "ce", "now": "precision"}]
+    out = capsys.readouterr().out
+    assert (f"note: resume_allow_changes=true: {run_dir} continues from {run_dir / 'checkpoints' / 'step_00000003'} "
+            "with a changed config: loss.beta 0.0 -> -0.25, loss.name ce -> precision (recorded in its run.json)") in out
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished"
+    assert info["config_changes"] == [{"resumed_from": str(run_dir / "checkpoints" / "step_00000003"),
+                                       "changes": changes}]
+    assert results["notices"]["config_changes"] == changes
 
 
 def test_resume_auto_finds_the_unfinished_run_by_name(tiny, tmp_path):

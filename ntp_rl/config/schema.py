@@ -294,6 +294,10 @@ class RunConfig:
     out_dir: str = "outputs"
     run_dir: Optional[str] = None  # null: <out_dir>/<stage>/<time>-<overrides>
     resume: Optional[str] = None  # null: fresh run; auto: latest checkpoint of this run; or a path
+    # Resuming with a config that changes the computation (any key but where the run is recorded and how often it
+    # logs, evaluates and saves) is refused, naming the keys; true continues with the new config, recorded in
+    # run.json's `config_changes` and said on the console.
+    resume_allow_changes: bool = False
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 

@@ -99,6 +99,11 @@ class StageSession:
         if chosen[1] is not None:
             raise chosen[1]
         self.run_dir = chosen[0]
+        if self.run_dir.config_changes:
+            shown = ", ".join(f"{c['key']} {c['was']} -> {c['now']}" for c in self.run_dir.config_changes)
+            self.notice("config_changes", self.run_dir.config_changes, f"resume_allow_changes=true: "
+                        f"{rundir.shown_path(self.run_dir.path)} continues from {self.run_dir.resume_from} with a "
+                        f"changed config: {shown} (recorded in its run.json)")
         if self.cfg.resume == "auto" and self.run_dir.resume_from is None:
             if rundir.read_run_info(self.run_dir.path):
                 self.notice("resume_auto_restarted", True, f"resume=auto: {rundir.shown_path(self.run_dir.path)} has "
