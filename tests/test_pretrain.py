@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, TINY, run_cli
 from ntp_rl.checkpoint import latest_checkpoint, list_checkpoints
 from ntp_rl.config.compose import compose
 from ntp_rl.errors import ConfigError, TrainingDiverged
@@ -302,3 +302,31 @@ def test_hf_text_files_and_streaming(tiny, tmp_path, shared_cache):
                             "data.seq_len=32", "data.val_docs=20", f"data.streaming={streaming}",
                             f"run_dir={tmp_path / streaming}"])
         assert results["step"] == 6
+
+
+def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients():
+    from types import SimpleNamespace
+
+    from ntp_rl.models import ShapedLossLM
+    from ntp_rl.stages.pretrain import build_lm
+
+    class Tokenizer:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return 64
+
+    ids = torch.randint(2, 64, (3, 17), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for on in (False, True):
+        cfg = compose("pretrain", [*TINY, "data.seq_len=16", f"model.gradient_checkpointing={str(on).lower()}"])
+        torch.manual_seed(0)
+        lm = build_lm(cfg, SimpleNamespace(tokenizer=Tokenizer()), None)
+        calls = []
+        # a pre-hook: the recompute stops once backward has what it needs, before forward hooks would run
+        lm.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        ShapedLossLM(lm, cfg.loss)(ids[:, :-1], ids[:, 1:]).loss.backward()
+        runs[on] = (len(calls), {name: p.grad for name, p in lm.named_parameters()})
+    assert runs[False][0] == 1 and runs[True][0] == 2, "with the switch on, the layer runs again in backward"
+    for name, want in runs[False][1].items():
+        assert torch.allclose(runs[True][1][name], want, atol=1e-6), name

@@ -512,6 +512,38 @@ def test_starting_from_an_unfinished_run_and_a_resume_that_finds_nothing_are_sai
     assert "note: resume=auto found no unfinished run of this command to resume; a new run starts in" in out
 
 
+def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_update(policy, tmp_path):
+    from ntp_rl.metrics import Sums
+    from ntp_rl.stages import rl as rl_stage
+    from ntp_rl.stages.session import StageSession
+    from ntp_rl.tasks import build_task
+
+    runs = {}
+    for on in (False, True):
+        args = [*RL_TINY, f"init_from={policy}", f"out_dir={tmp_path}", "rl.num_mini_batches=1",
+                f"rl.gradient_checkpointing={str(on).lower()}"]
+        cfg = compose("rl", args)
+        session = StageSession("rl", cfg, args, precision=cfg.rl.precision)
+        task = build_task(cfg.task)
+        problems = task.problems("train", 4)
+        lm, tokenizer, reference, model_dir = rl_stage.load_models(cfg, session, latest_checkpoint(policy / "checkpoints"))
+        state = rl_stage.setup(cfg, session, task, lm, tokenizer, reference, problems, problems[:2], model_dir)
+        # sampling still runs with the KV cache (the generator's eval mode) and is unchanged
+        samples = state.rollouts.generate([problems[0].prompt], 2, state.sampling, seed=0)[0]
+        calls = []
+        # a pre-hook: the recompute stops once backward has what it needs, before forward hooks would run
+        state.lm.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        prompt = tokenizer(problems[0].prompt, add_special_tokens=False)["input_ids"]
+        group = Group("p", prompt, [s.token_ids for s in samples], [1.0, 0.0], [True, False], [False, False])
+        batch = build_batch([group], torch.tensor([[1.0, -1.0]]), tokenizer.pad_token_id, mask_truncated=False)
+        assert rl_stage.update_minibatch(state, batch, Sums(rl_stage.STEP_SUMS, maxima=rl_stage.STEP_MAXIMA))
+        runs[on] = ([s.token_ids for s in samples], len(calls), {n: p.grad for n, p in state.lm.named_parameters()})
+    assert runs[True][0] == runs[False][0]
+    assert runs[False][1] == 1 and runs[True][1] == 2, "with the switch on, the layer runs again in backward"
+    for name, want in runs[False][2].items():
+        assert torch.allclose(runs[True][2][name], want, atol=1e-6), name
+
+
 def test_truncated_importance_weights_scale_each_tokens_gradient_in_the_update(policy, tmp_path):
     """rl.tis_cap through the update path: when the engine's log-probs of the sampled tokens differ from the
     trainer's, each token's policy gradient is weighted by min(pi_trainer / pi_engine, cap). The gradient the

@@ -109,6 +109,7 @@ def build_lm(cfg: Any, data: PretrainData, resume_from: Optional[Path]) -> torch
     check_seq_len(cfg.data.seq_len, lm)
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
+        lm.train()  # transformers checkpoints only in training mode, and a loaded model is in eval mode
     return lm
 
 

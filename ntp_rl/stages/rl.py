@@ -175,6 +175,11 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
           reference: Optional[torch.nn.Module], train_pool: list[TaskProblem], eval_problems: list[TaskProblem],
           model_dir: str) -> RLState:
     rl = cfg.rl
+    if rl.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        # transformers checkpoints only in training mode (a loaded model is in eval mode); the hf
+        # generator switches to eval mode for sampling, where the KV cache is needed.
+        policy.train()
     optimizer = build_adamw(policy, cfg.optim, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
     model, optimizer = session.accelerator.prepare(PolicyLogprobs(policy, rl.logprob_chunk_size), optimizer)
