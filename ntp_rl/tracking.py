@@ -19,19 +19,72 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from ntp_rl.config.schema import WandbMode
+from ntp_rl.errors import ConfigError, first_line
 from ntp_rl.io import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def wandb_mode(requested: WandbMode) -> str:
-    """Resolve `auto` to online/offline; an explicit WANDB_MODE in the environment wins over auto."""
-    if requested is not WandbMode.auto:
-        return requested.value
+# How long the check that the W&B server answers may take: an unreachable one (a compute node without internet)
+# costs this, not W&B's own 90 s wait and a traceback.
+REACH_TIMEOUT_S = 5.0
+
+
+def resolve_wandb(requested: WandbMode) -> tuple[str, str]:
+    """The mode a run logs in, and why it logs offline when it would have logged online ("" otherwise).
+
+    `auto` is online when logged in and the server answers, else offline (the Tracker says why, once); an
+    explicit online (logger.wandb.mode, or WANDB_MODE, which wins over auto) without a login or a server that
+    answers is refused in one line, before any run directory exists.
+    """
+    explicit = "logger.wandb.mode" if requested is not WandbMode.auto else None
+    mode = requested.value
     env_mode = os.environ.get("WANDB_MODE")
-    if env_mode in ("online", "offline", "disabled", "dryrun"):
-        return "offline" if env_mode == "dryrun" else env_mode
-    return "online" if wandb_logged_in() else "offline"
+    if explicit is None and env_mode in ("online", "offline", "disabled", "dryrun"):
+        mode = "offline" if env_mode == "dryrun" else env_mode
+        explicit = "WANDB_MODE" if mode == "online" else None
+    elif explicit is None:
+        mode = "online" if wandb_logged_in() else "offline"
+    if mode != "online":
+        return mode, ""
+    problem = None if explicit is None else _login_problem()
+    problem = problem or _reach_problem()
+    if problem is None:
+        return "online", ""
+    if explicit:
+        raise ConfigError(explicit, f"{problem}; use logger.wandb.mode=auto (or offline) to log offline and "
+                          "`wandb sync` later", "online")
+    return "offline", problem
+
+
+def _login_problem() -> Optional[str]:
+    return None if wandb_logged_in() else "not logged in to W&B (run `wandb login`, or set WANDB_API_KEY)"
+
+
+def _reach_problem() -> Optional[str]:
+    """Why the W&B server cannot be reached, or None: any HTTP answer counts, within REACH_TIMEOUT_S (name
+    resolution included, hence the thread)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    outcome: list[Optional[str]] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(url, timeout=REACH_TIMEOUT_S).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # the server answered
+        except Exception as exc:  # noqa: BLE001 -- no route, no such host, refused, timed out
+            reason = getattr(exc, "reason", exc)
+            outcome.append(f"cannot reach the W&B server {url} ({reason})")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(REACH_TIMEOUT_S)
+    return outcome[0] if outcome else f"cannot reach the W&B server {url} (no answer in {REACH_TIMEOUT_S:g} s)"
 
 
 def wandb_logged_in() -> bool:
@@ -87,7 +140,8 @@ class Tracker:
     """Created on every process; only the main process writes anything."""
 
     def __init__(self, accelerator: Any, run_dir: Path, mode: str, *, stage: str, run_name: str, group: Optional[str],
-                 tags: Sequence[str], cfg: Any, resume_step: Optional[int], wandb_id: Optional[str], logger_cfg: Any):
+                 tags: Sequence[str], cfg: Any, resume_step: Optional[int], wandb_id: Optional[str], logger_cfg: Any,
+                 offline_because: str = ""):
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.mode = mode
@@ -104,25 +158,25 @@ class Tracker:
         if mode == "disabled":
             return
         if mode == "offline":
-            print(f"W&B: offline (not logged in, or logger.wandb.mode=offline), run files in {self.run_dir / 'wandb'} "
-                  f"(upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)", file=sys.stderr)
-        accelerator.init_trackers(
-            logger_cfg.wandb.project,
-            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            init_kwargs={"wandb": {
-                "name": run_name,
-                "group": group or run_name,
-                "job_type": stage,
-                "tags": list(tags),
-                "dir": str(self.run_dir),
-                "mode": mode,
-                "id": wandb_id,
-                "resume": "allow",
-                "entity": logger_cfg.wandb.entity,
-                "settings": {"console": "off", "quiet": True, "silent": True},
-            }},
-        )
+            self._say_offline(offline_because or "not logged in, or logger.wandb.mode=offline")
+        init = {"name": run_name, "group": group or run_name, "job_type": stage, "tags": list(tags),
+                "dir": str(self.run_dir), "mode": mode, "id": wandb_id, "resume": "allow",
+                "entity": logger_cfg.wandb.entity, "settings": {"console": "off", "quiet": True, "silent": True}}
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        try:
+            accelerator.init_trackers(logger_cfg.wandb.project, config=config, init_kwargs={"wandb": init})
+        except Exception as exc:  # noqa: BLE001 -- W&B online failed after all (a key the server refuses)
+            if mode != "online" or logger_cfg.wandb.mode is not WandbMode.auto:
+                raise
+            self._say_offline(f"W&B online failed: {first_line(exc)}")
+            accelerator.trackers = []
+            accelerator.init_trackers(logger_cfg.wandb.project, config=config,
+                                      init_kwargs={"wandb": {**init, "mode": "offline"}})
         self.wandb_run = accelerator.get_tracker("wandb", unwrap=True)
+
+    def _say_offline(self, why: str) -> None:
+        print(f"W&B: offline ({why}), run files in {self.run_dir / 'wandb'} "
+              f"(upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)", file=sys.stderr)
 
     def _drop_rows_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint; keep one record of each."""

@@ -31,7 +31,7 @@ from ntp_rl.errors import TrainingDiverged
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import RESULTS_FILE, RunDir
 from ntp_rl.runtime import environment, make_accelerator
-from ntp_rl.tracking import Tracker, wandb_mode
+from ntp_rl.tracking import Tracker, resolve_wandb
 
 
 class StageSession:
@@ -41,7 +41,7 @@ class StageSession:
         self.stage = stage
         self.cfg = cfg
         self.overrides = list(overrides)
-        self.wandb_mode = wandb_mode(cfg.logger.wandb.mode)
+        self.wandb_mode, self.wandb_offline_because = resolve_wandb(cfg.logger.wandb.mode)
         self.accelerator = make_accelerator(precision, self.wandb_mode)
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
@@ -148,7 +148,8 @@ class StageSession:
             tags = list(dict.fromkeys([*rundir.setting_overrides(self.overrides), *cfg.logger.wandb.tags]))
             with Tracker(self.accelerator, run.path, self.wandb_mode, stage=self.stage, run_name=run.name,
                          group=cfg.logger.wandb.group, tags=tags, cfg=cfg, resume_step=resume_step,
-                         wandb_id=run.info.get("wandb_id"), logger_cfg=cfg.logger) as tracker:
+                         wandb_id=run.info.get("wandb_id"), logger_cfg=cfg.logger,
+                         offline_because=self.wandb_offline_because) as tracker:
                 self.tracker = tracker
                 yield tracker
 

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from ntp_rl.config.schema import WandbMode
 from ntp_rl.errors import UserError, first_line
 from ntp_rl.study.records import Record
-from ntp_rl.tracking import wandb_mode
+from ntp_rl.tracking import resolve_wandb
 
 DEFAULT_PROJECT = "ntp-rl"
 DEFAULT_GROUP = "compare"
@@ -33,14 +33,15 @@ class WandbOptions:
 def log_study(out_dir: Path, options: WandbOptions, records: Sequence[Record],
               tables: dict[str, tuple[list[str], list[list]]], images: Sequence[Path], config: dict) -> Optional[str]:
     """Log the tables (name -> (columns, rows)) and PNGs as one run; returns the run's directory, or None if disabled."""
-    mode = wandb_mode(WandbMode(options.mode))
+    mode, offline_because = resolve_wandb(WandbMode(options.mode))
     if mode == "disabled":
         return None
     import wandb
 
     group = options.group or _common(records, "group") or DEFAULT_GROUP
     if mode == "offline":
-        print(f"W&B: offline (not logged in, or --wandb offline), run files in {out_dir / 'wandb'} "
+        why = offline_because or "not logged in, or --wandb offline"
+        print(f"W&B: offline ({why}), run files in {out_dir / 'wandb'} "
               f"(upload later with `wandb sync {out_dir / 'wandb'}/offline-run-*`)", file=sys.stderr)
     try:
         run = wandb.init(project=options.project or _common(records, "project") or DEFAULT_PROJECT,
