@@ -52,6 +52,38 @@ def make_accelerator(precision: Precision, wandb_mode_resolved: str) -> Any:
                        step_scheduler_with_optimizer=False)
 
 
+def parallelism(accelerator: Any) -> dict[str, Any]:
+    """How this run is split over processes, as run.json records it: fsdp2, fsdp1, ddp or single."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind is DistributedType.FSDP:
+        name = "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
+    elif kind is DistributedType.NO:
+        name = "single"
+    else:
+        name = "ddp"  # MULTI_CPU, MULTI_GPU, ...: every process holds the whole model
+    return {"kind": name, "world_size": accelerator.num_processes}
+
+
+def check_parallelism(accelerator: Any) -> None:
+    """A launch that asked for FSDP (`accelerate launch --config_file scripts/accelerate/fsdp.yaml`) and got
+    anything else stops here: Accelerate falls back to DDP on CPU with FSDP1, without a word."""
+    from accelerate.utils import DistributedType
+    from accelerate.utils.environment import str_to_bool
+
+    from ntp_rl.errors import UserError
+
+    asked = str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false"))
+    if asked and accelerator.distributed_type is not DistributedType.FSDP:
+        version = os.environ.get("FSDP_VERSION", "1")
+        hint = ("Accelerate shards with FSDP on GPUs only; on CPU run without the FSDP config (each process then "
+                "holds the whole model, as with scripts/accelerate/ddp.yaml)") if not torch.cuda.is_available() \
+            else "check the launch config against scripts/accelerate/fsdp.yaml"
+        raise UserError(f"accelerate launch asked for FSDP (fsdp_version {version}) but the run was set up as "
+                        f"{parallelism(accelerator)['kind']}, which would not shard anything; {hint}")
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -75,9 +107,10 @@ def flops_per_token(num_params_no_embedding: int, num_layers: int, num_heads: in
     return 6 * num_params_no_embedding + 12 * num_layers * num_heads * head_dim * seq_len
 
 
-def environment(device: Any) -> dict[str, Any]:
+def environment(device: Any, distributed: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What a run's numbers depend on beyond its config, recorded in run.json: library versions, the
-    CPU threads torch uses (reductions are summed in another order with another count), the device."""
+    CPU threads torch uses (reductions are summed in another order with another count), the device,
+    and how the run is split over processes (`parallelism`)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -92,4 +125,4 @@ def environment(device: Any) -> dict[str, Any]:
             "ntp_rl": installed("ntp-rl"), "accelerate": installed("accelerate"), "torch_threads": torch.get_num_threads(),
             "device": device.type, "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                                    else platform.processor() or platform.machine()),
-            "cuda": torch.version.cuda}
+            "cuda": torch.version.cuda, "distributed": distributed or {"kind": "single", "world_size": 1}}

@@ -252,6 +252,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((two / "run.json").read_text())
     assert info["status"] == "finished" and info["world_size"] == 2
+    assert info["environment"]["distributed"] == {"kind": "ddp", "world_size": 2}
     assert len(run_dirs(tmp_path)) == 2, "rank 1 must not create a run directory of its own"
     a, b = train_rows(one), train_rows(two)
     for step in range(1, 7):

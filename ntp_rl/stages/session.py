@@ -30,7 +30,7 @@ from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
 from ntp_rl.errors import TrainingDiverged
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import RESULTS_FILE, RunDir
-from ntp_rl.runtime import environment, make_accelerator
+from ntp_rl.runtime import check_parallelism, environment, make_accelerator, parallelism
 from ntp_rl.tracking import Tracker, resolve_wandb
 
 
@@ -43,6 +43,7 @@ class StageSession:
         self.overrides = list(overrides)
         self.wandb_mode, self.wandb_offline_because = resolve_wandb(cfg.logger.wandb.mode)
         self.accelerator = make_accelerator(precision, self.wandb_mode)
+        check_parallelism(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -141,7 +142,7 @@ class StageSession:
                 if "wandb_id" not in run.info and self.wandb_mode != "disabled":
                     run.info["wandb_id"] = secrets.token_hex(6)  # kept in run.json: a resumed run logs to the same W&B run
                 rundir.create(run, cfg, self.stage, self.overrides, self.world)
-                run.update(environment=environment(self.device))
+                run.update(environment=environment(self.device, parallelism(self.accelerator)))
             self.accelerator.wait_for_everyone()
             run.info = rundir.read_run_info(run.path)  # the other ranks learn the W&B id here
             # A pipeline stage's overrides and its configured tags both carry the lineage's settings.
