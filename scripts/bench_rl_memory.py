@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Extra peak memory of one RL update against response length: materialised logits vs the chunked head.
 
-One sequence of --prompt prompt tokens and T response tokens, a 1-layer Qwen3 with the given
-vocabulary, fp32 unless --dtype bf16. "One RL update" is the stage's own code
+One sequence of --prompt prompt tokens and T response tokens, a Qwen3 of --layers layers (1) with
+the given vocabulary, fp32 unless --dtype bf16. "One RL update" is the stage's own code
 (`ntp_rl.stages.rl.update_minibatch`): a forward of the policy, its per-token log-probs at
 the sampling temperature and the entropy, the clipped surrogate, and the backward into every
 parameter. Two paths:
@@ -46,10 +46,14 @@ def make_model(args: argparse.Namespace, tokens: int) -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         num_hidden_layers=args.layers, num_attention_heads=2, num_key_value_heads=1,
                          head_dim=args.hidden // 2, max_position_embeddings=args.prompt + tokens,
                          tie_word_embeddings=False)
-    return Qwen3ForCausalLM(config).to(args.device, DTYPES[args.dtype])
+    lm = Qwen3ForCausalLM(config).to(args.device, DTYPES[args.dtype])
+    if args.gradient_checkpointing:  # as rl.gradient_checkpointing=true sets it up
+        lm.gradient_checkpointing_enable()
+        lm.train()
+    return lm
 
 
 def make_batch(args: argparse.Namespace, tokens: int):
@@ -101,6 +105,8 @@ def main() -> None:
     parser.add_argument("--tokens", default="1024,4096", help="comma-separated response lengths")
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="as rl.gradient_checkpointing=true")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before the response")
     parser.add_argument("--chunk-size", type=int, default=GRPOConfig.logprob_chunk_size)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -125,7 +131,8 @@ def main() -> None:
         print(json.dumps(measure(args.only, lengths[0], args)))
         return
     if not args.json:
-        print(f"# one RL update, batch 1, prompt {args.prompt} tokens, 1 layer, hidden {args.hidden}, vocab {args.vocab}, "
+        print(f"# one RL update, batch 1, prompt {args.prompt} tokens, {args.layers} layer(s), hidden {args.hidden}, "
+              f"vocab {args.vocab}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
               f"{args.dtype}, chunk {args.chunk_size}, {args.device}, torch {torch.__version__}")
         print(f"# {'tokens':>7} {'materialised GiB':>17} {'chunked GiB':>12} {'max abs diff':>13}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +142,8 @@ def main() -> None:
             for path in paths:
                 saved[path] = Path(tmp) / f"{path}-{tokens}.pt"
                 flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                         if k not in ("only", "save", "tokens", "paths", "json") and v is not None]
+                         if k not in ("only", "save", "tokens", "paths", "json", "gradient_checkpointing") and v is not None]
+                flags += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
                 flags += [f"--tokens={tokens}", f"--only={path}", f"--save={saved[path]}"]
                 if args.device.startswith("cuda"):
                     args_ns = argparse.Namespace(**{**vars(args), "save": saved[path]})

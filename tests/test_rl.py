@@ -446,6 +446,19 @@ def test_the_default_first_update_through_the_chunked_head_equals_the_full_logit
         assert torch.allclose(chunked[key], want, atol=1e-5, rtol=0), key
 
 
+def test_rollout_calls_hold_a_sequence_count_with_hf_and_every_prompt_with_vllm(tmp_path):
+    from ntp_rl.stages.rl import rollout_prompts_per_call
+
+    (tmp_path / "config.json").write_text("{}")
+    common = [f"init_from={tmp_path}", "rl.num_generations=16", "rl.sampling.batch_size=64"]
+    assert rollout_prompts_per_call(compose("rl", common), 32) == 4, "hf: 64 sequences a call"
+    assert rollout_prompts_per_call(compose("rl", [*common, "rl.num_generations=128"]), 32) == 1
+    vllm = [*common, "generator=vllm"]
+    assert rollout_prompts_per_call(compose("rl", vllm), 32) == 32, "vllm: the round's prompts in one call"
+    for args in (common, vllm):
+        assert rollout_prompts_per_call(compose("rl", [*args, "rl.prompts_per_generate_call=3"]), 32) == 3
+
+
 def test_one_update_per_rollout_batch_never_clips(rl_args):
     results = rl_run([*rl_args, "rl.max_steps=2", "rl.num_mini_batches=1", "rl.eval_every=10"])
     for row in step_rows(Path(results["checkpoint"]).parents[1]).values():

@@ -426,7 +426,7 @@ def test_rl_on_two_processes_with_an_engine_each_matches_one_process(engine, che
     samples its share with its own engine; with the same samples, the update is the one-process update."""
     # Two generate calls per round (2 prompts x 4 samples each), so each process makes exactly the calls
     # the single process makes for its half of the prompts; the held-out checks likewise.
-    common = [f"init_from={checkpoint}", *RL_ARGS, "rl.sampling.batch_size=8", "rl.eval_sampling.batch_size=8"]
+    common = [f"init_from={checkpoint}", *RL_ARGS, "rl.prompts_per_generate_call=2", "rl.eval_sampling.batch_size=8"]
     one = tmp_path / "one"
     try:
         run_stage("rl", compose("rl", [*common, f"run_dir={one}"]), overrides=common)

@@ -368,6 +368,11 @@ class GRPOConfig:
     # Keep only each decoder layer's input and recompute the layer in backward: activation memory of one
     # layer instead of all, for about a third more compute in the update (memory, not maths).
     gradient_checkpointing: bool = False
+    # Rollout prompts per generate call. null: generator=hf takes rl.sampling.batch_size sequences a call
+    # (batch_size / G prompts); generator=vllm takes every prompt of the process's round in one call, so its
+    # scheduler batches them by sequences and KV-cache tokens. The samples depend on how prompts are split into
+    # calls: N processes draw what one draws when each one's share is a whole number of calls.
+    prompts_per_generate_call: Optional[int] = None
     advantage: str = "grpo"  # a key of ntp_rl.rl.advantages.ADVANTAGES
     scale_rewards: bool = True  # divide by the group's std; false: only subtract the group mean (Dr. GRPO)
     advantage_eps: float = 1e-6

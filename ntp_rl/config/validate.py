@@ -334,8 +334,9 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
                 "logprob_chunk_size", "max_sampling_rounds", "train_problems", "log_every", "save_every", "keep_last", "eval_every",
                 "eval_problems", "eval_samples"):
         _positive(rl[key], f"rl.{key}")
-    if rl.max_tokens_per_micro_batch is not None:
-        _positive(rl.max_tokens_per_micro_batch, "rl.max_tokens_per_micro_batch")
+    for key in ("max_tokens_per_micro_batch", "prompts_per_generate_call"):
+        if rl[key] is not None:
+            _positive(rl[key], f"rl.{key}")
     if rl.num_generations < 2:
         raise ConfigError("rl.num_generations", "must be >= 2: group-relative advantages compare samples of a prompt",
                           rl.num_generations)

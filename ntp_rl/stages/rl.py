@@ -31,7 +31,7 @@ import torch
 
 from ntp_rl import checkpoint as ckpt
 from ntp_rl import moe, stopping
-from ntp_rl.config.schema import NonFinitePolicy
+from ntp_rl.config.schema import GeneratorKind, NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.engines import make_generator
@@ -288,13 +288,23 @@ def sample_round(state: RLState, round_: int) -> list[Group]:
     cfg, session = state.cfg, state.session
     offset = state.prompt_position + session.rank * state.per_rank
     problems = state.stream.take(offset, state.per_rank)
-    prompts_per_call = max(1, cfg.rl.sampling.batch_size // cfg.rl.num_generations)
+    prompts_per_call = rollout_prompts_per_call(cfg, len(problems))
     step = state.step
     groups = sample_groups(state.rollouts, state.task, state.tokenizer, problems, cfg.rl.num_generations, state.sampling,
                            prompts_per_call, lambda i: rollout_seed(cfg.seed, step, round_, offset + i),
                            cfg.task.format_reward)
     state.prompt_position += cfg.rl.prompts_per_step
     return gather_object(groups)
+
+
+def rollout_prompts_per_call(cfg: Any, prompts: int) -> int:
+    """rl.prompts_per_generate_call, else: hf a sequence count (rl.sampling.batch_size / G prompts), vllm all of them."""
+    rl = cfg.rl
+    if rl.prompts_per_generate_call is not None:
+        return rl.prompts_per_generate_call
+    if cfg.generator.name is GeneratorKind.vllm:
+        return max(1, prompts)
+    return max(1, rl.sampling.batch_size // rl.num_generations)
 
 
 def score(state: RLState, collected: CollectedGroups) -> RolloutBatch:
