@@ -22,8 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-from ntp_rl.errors import DataError
+from ntp_rl.errors import DataError, StorageError
 from ntp_rl.faults import kill_point
+from ntp_rl.io import writing
 from ntp_rl.seeding import rng_state, set_rng_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -92,6 +93,30 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
+    previous = latest_checkpoint(root)
+    then = (f"the previous checkpoint {previous} stays the latest: free some space, then resume=auto continues from it"
+            if previous else "free some space, then resume=auto starts the run again")
+    try:
+        with writing(tmp, f"the checkpoint of step {step}", then):
+            _write_checkpoint(tmp, step, accelerator, model, lm_of, optimizer, tokenizer, trainer_state)
+    except StorageError:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it took is what the run's failure record needs
+        raise
+    if accelerator.is_main_process:
+        if final.exists():  # a re-run of the same step: replace it only now that the new one is whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    kill_point("checkpoint_done", step)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, accelerator: Any, model: torch.nn.Module, lm_of: Any,
+                      optimizer: torch.optim.Optimizer, tokenizer: Any, trainer_state: dict[str, Any]) -> None:
+    """Every file of a checkpoint, into its hidden directory; trainer_state.pt, which makes it complete, last."""
     full_state = accelerator.get_state_dict(model)  # gathers shards under FSDP; every rank calls it
     if accelerator.is_main_process:
         lm = lm_of(accelerator.unwrap_model(model))
@@ -104,18 +129,9 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     kill_point("checkpoint_write", step)
     accelerator.wait_for_everyone()
-
     if accelerator.is_main_process:
         torch.save(trainer_state, tmp / TRAINER_STATE)
         (tmp / "trainer_state.json").write_text(json.dumps(_jsonable(trainer_state), indent=2) + "\n")
-        if final.exists():  # a re-run of the same step: replace it only now that the new one is whole
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    kill_point("checkpoint_done", step)
-    return final
 
 
 def _prefix_of(module: torch.nn.Module, lm: torch.nn.Module) -> str:

@@ -28,6 +28,13 @@ class DataError(UserError):
     """A dataset, file or checkpoint the run needs is missing, empty or unreadable."""
 
 
+class StorageError(UserError):
+    """A file could not be written for want of space (a full disk, a quota). Not a mistake in the command, but
+    like one the user's to fix, and said in one line naming the file and what it held."""
+
+    exit_code = 1
+
+
 class TrainingDiverged(Exception):
     """The loss or the gradients became non-finite; the run stops without saving."""
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 from omegaconf import OmegaConf
 
 from ntp_rl.checkpoint import latest_checkpoint
-from ntp_rl.errors import ConfigError, TrainingDiverged, first_line
+from ntp_rl.errors import ConfigError, StorageError, TrainingDiverged, first_line
 from ntp_rl.io import write_atomic, write_json_atomic
 
 RUN_FILE = "run.json"
@@ -304,5 +304,8 @@ def recording_failures(run: RunDir, is_main: bool) -> Iterator[None]:
         raise  # already recorded, with the step and the last good checkpoint
     except BaseException as exc:
         if is_main and run.path.is_dir():
-            mark_stopped(run, exc)
+            try:
+                mark_stopped(run, exc)
+            except StorageError:
+                pass  # a disk too full for run.json too: the error being raised says why the run stopped
         raise

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from ntp_rl.config.schema import WandbMode
 from ntp_rl.errors import ConfigError, first_line
-from ntp_rl.io import write_atomic
+from ntp_rl.io import write_atomic, writing
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -191,7 +191,9 @@ class Tracker:
         values = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
         _warn_nonfinite(values, step)
         row = {"step": step, **{k: _clean(v) for k, v in values.items()}}
-        self._metrics_file.write(json.dumps(row) + "\n")
+        with writing(self._metrics_path, f"the metrics of step {step}",
+                     "free some space, then resume=auto continues from the last complete checkpoint"):
+            self._metrics_file.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
 

@@ -81,7 +81,8 @@ def build_embedded_data(cfg: Any, cache_dir: Path, seed: int, tokenizer_name: st
     if settings["tokenizer"] is None:
         tokenizer_name = None  # the cache's own tokenizer, the same one by content
     if not target.is_dir():
-        build_directory_atomically(target, lambda tmp: _write_embedded(cfg, settings, tmp, tokenizer_name))
+        build_directory_atomically(target, lambda tmp: _write_embedded(cfg, settings, tmp, tokenizer_name),
+                                   what="the corpus cache")
     tokenizer = load_tokenizer(tokenizer_name or str(target / "tokenizer"))
     train = torch.load(target / "train.pt", weights_only=True)
     val = torch.load(target / "val.pt", weights_only=True)

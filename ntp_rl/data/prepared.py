@@ -158,7 +158,7 @@ def _save_tokenizer(out_dir: Path, tokenizer: Any) -> None:
 
     target = out_dir / TOKENIZER_DIR
     if not target.is_dir():
-        build_directory_atomically(target, tokenizer.save_pretrained)
+        build_directory_atomically(target, tokenizer.save_pretrained, what="the tokenizer")
 
 
 def _take(items: Iterator[str], n: int) -> list[str]:
