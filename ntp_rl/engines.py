@@ -11,16 +11,34 @@ from ntp_rl.generation import Generator, HFGenerator
 
 
 def make_generator(generator_cfg: Any, model: Any, tokenizer: Any, stop_strings: Sequence[str], batch_size: int,
-                   model_path: str) -> Generator:
+                   model_path: str, session: Any = None) -> Generator:
     """The configured engine: `model` itself (hf, `batch_size` sequences per generate call), or a vLLM
-    engine started from the checkpoint in `model_path` (vllm, which batches by itself)."""
+    engine started from the checkpoint in `model_path` (vllm, which batches by itself). With the stage's
+    `session`, the engine computes in the stage's precision unless generator.vllm.dtype says otherwise
+    (recorded in run.json), and vLLM's own output goes to the run directory's vllm.log."""
     if generator_cfg.name is GeneratorKind.vllm:
-        from omegaconf import OmegaConf
-
         from ntp_rl.vllm_engine import VLLMGenerator
 
-        settings = generator_cfg.vllm
-        if OmegaConf.is_config(settings):
-            settings = OmegaConf.to_object(settings)
-        return VLLMGenerator(model_path, tokenizer, stop_strings, settings)
+        if session is None:
+            return VLLMGenerator(model_path, tokenizer, stop_strings, engine_settings(generator_cfg, "no"))
+        settings = engine_settings(generator_cfg, session.accelerator.mixed_precision)
+        if session.is_main:
+            session.run_dir.update(generator={"name": "vllm", "dtype": settings.dtype})
+        log = session.run_dir.path / ("vllm.log" if session.rank == 0 else f"vllm.rank{session.rank}.log")
+        return VLLMGenerator(model_path, tokenizer, stop_strings, settings, log_file=log, say=session.say)
     return HFGenerator(model, tokenizer, stop_strings, batch_size=batch_size)
+
+
+def engine_settings(generator_cfg: Any, mixed_precision: str) -> Any:
+    """generator.vllm with its dtype decided: unset, the trainer's (vLLM's "auto" would sample an fp32
+    checkpoint in bf16 while the trainer scores it in fp32: a log-prob gap of ~0.1 nats at worst)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    settings = generator_cfg.vllm
+    if OmegaConf.is_config(settings):
+        settings = OmegaConf.to_object(settings)
+    if settings.dtype is None:
+        settings = dataclasses.replace(settings, dtype="bfloat16" if mixed_precision == "bf16" else "float32")
+    return settings

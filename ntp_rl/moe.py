@@ -20,8 +20,7 @@ reports the `expert_bias` keys as unexpected and routes without them.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -129,17 +128,11 @@ def model_class(config: object) -> Optional[type]:
     return None
 
 
-@contextmanager
-def counting_only(lm: nn.Module, mask: Optional[torch.Tensor]) -> Iterator[None]:
-    """Within: the routers count the load of the positions where `mask` is true (real tokens, not padding)."""
-    found = routers(lm)
-    for router in found:
+def count_only(lm: nn.Module, mask: Optional[torch.Tensor]) -> None:
+    """The routers count the load of the positions where `mask` [batch, seq] is true (real tokens, not
+    padding) in the forwards that follow, and in a gradient checkpoint's recomputation of them."""
+    for router in routers(lm):
         router.token_mask = mask
-    try:
-        yield
-    finally:
-        for router in found:
-            router.token_mask = None
 
 
 @torch.no_grad()

@@ -24,11 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import random
 import re
 import socket
+import sys
+import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -76,15 +81,77 @@ class _Engine:
 _ENGINE: Optional[_Engine] = None
 
 
-def get_engine(model_path: str, config: VLLMConfig) -> _Engine:
-    """This process's engine, started on first use; the same engine for the same checkpoint and settings."""
+def get_engine(model_path: str, config: VLLMConfig, log_file: Optional[Path] = None,
+               say: Optional[Callable[[str], None]] = None) -> _Engine:
+    """This process's engine, started on first use; the same engine for the same checkpoint and settings.
+
+    With a `log_file`, vLLM's own output (its log, warnings, progress bars) goes there, and `say`
+    gets one line per engine start."""
     global _ENGINE
     if _ENGINE is not None and _ENGINE.model_path == str(model_path) and _ENGINE.config == config:
+        if log_file is not None:  # another stage of a pipeline: what the engine logs now belongs to its run
+            _log_vllm_to(log_file)
         return _ENGINE
     _import_vllm()
     shutdown_engine()  # vLLM allows one engine per process: another checkpoint or settings replace it
-    _ENGINE = _Engine(_start_engine(str(model_path), config), str(model_path), config)
+    started = time.perf_counter()
+    _log_vllm_to(log_file)
+    with _output_to(log_file):
+        llm = _start_engine(str(model_path), config)
+    _log_vllm_to(log_file)  # starting, vLLM configures its logging again, back onto the console
+    _ENGINE = _Engine(llm, str(model_path), config)
+    if say is not None:
+        say(f"  vLLM engine: {config.dtype}, started in {time.perf_counter() - started:.0f}s on {model_path}"
+            + (f" (its log: {log_file})" if log_file else ""))
     return _ENGINE
+
+
+_VLLM_HANDLERS: list[logging.Handler] = []  # vLLM's own console handlers while its log goes to a file
+
+
+def _log_vllm_to(log_file: Optional[Path]) -> None:
+    """vLLM's logger writes to `log_file` (for the engine's life: weight syncs log too), or to the console again."""
+    vllm_logger = logging.getLogger("vllm")
+    for handler in [h for h in vllm_logger.handlers if isinstance(h, logging.FileHandler)]:
+        vllm_logger.removeHandler(handler)
+        handler.close()
+    if log_file is None:
+        for handler in _VLLM_HANDLERS:
+            vllm_logger.addHandler(handler)
+        _VLLM_HANDLERS.clear()
+        return
+    if not _VLLM_HANDLERS:
+        _VLLM_HANDLERS.extend(vllm_logger.handlers)
+    for handler in list(vllm_logger.handlers):
+        vllm_logger.removeHandler(handler)
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"))
+    vllm_logger.addHandler(file_handler)
+
+
+@contextlib.contextmanager
+def _output_to(log_file: Optional[Path]) -> Iterator[None]:
+    """Everything written to stdout and stderr, C++ included (the engine's start prints from its
+    kernels, tqdm bars and Python warnings), goes to `log_file`."""
+    if log_file is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_file, "a") as log, warnings.catch_warnings():
+        warnings.simplefilter("default")  # shown (into the file) rather than escalated or lost
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def shutdown_engine() -> None:
@@ -99,6 +166,7 @@ def shutdown_engine() -> None:
     engine, _ENGINE = _ENGINE, None
     llm, engine.llm, engine.closed = engine.llm, None, True
     _close(llm)
+    _log_vllm_to(None)
 
 
 def _close(llm: Any) -> None:
@@ -129,7 +197,7 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
         distributed_executor_backend="external_launcher",  # in this process: starts in seconds, no __main__ guard
         generation_config="vllm",  # vLLM's neutral defaults, not the checkpoint's sampling settings
         logprobs_mode="processed_logprobs",  # log-probs after temperature/top-p: what was sampled from
-        dtype=config.dtype,
+        dtype=config.dtype or "float32",
         enforce_eager=config.enforce_eager,
         tensor_parallel_size=config.tensor_parallel_size,
         max_num_seqs=config.max_num_seqs,
@@ -301,9 +369,10 @@ class VLLMGenerator:
     """`Generator` on the process's vLLM engine, started from the checkpoint in `model_path`."""
 
     def __init__(self, model_path: str, tokenizer: Any, stop_strings: Sequence[str] = (),
-                 config: Optional[VLLMConfig] = None):
-        self.config = config or VLLMConfig()
-        self.engine = get_engine(str(model_path), self.config)
+                 config: Optional[VLLMConfig] = None, log_file: Optional[Path] = None,
+                 say: Optional[Callable[[str], None]] = None):
+        self.config = config or VLLMConfig(dtype="float32")
+        self.engine = get_engine(str(model_path), self.config, log_file, say)
         self.tokenizer = tokenizer
         self.stop_strings = tuple(stop_strings)
 

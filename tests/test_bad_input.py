@@ -95,6 +95,7 @@ CASES = [
     # rl
     ("rl init_from=/no/such/run", "init_from"),
     ("rl init_from={run} rl.num_generations=1", "rl.num_generations"),
+    ("rl init_from={run} rl.max_logp_gap=0", "rl.max_logp_gap"),
     ("rl init_from={run} rl.num_mini_batches=3", "rl.prompts_per_step"),
     ("rl init_from={run} rl.clip_eps_low=1.5", "rl.clip_eps_low"),
     ("rl init_from={run} task=nonexistent", "task=nonexistent"),

@@ -57,16 +57,46 @@ def test_the_bias_evens_the_load_and_without_it_the_load_stays_uneven():
     assert sum(biased[-10:]) / 10 < 1.15, biased
 
 
-def test_the_bias_chooses_experts_but_not_their_weights():
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_the_bias_chooses_experts_but_not_their_weights(norm_topk_prob):
     lm, _ = tiny_moe()
     router = moe.routers(lm)[0]
+    router.norm_topk_prob = norm_topk_prob
     hidden = torch.randn(10, router.hidden_dim)
     router.expert_bias[0] = 100.0  # expert 0 wins every token's choice...
     logits, weights, chosen = router(hidden)
     assert (chosen == 0).any(dim=-1).all()
     probs = torch.softmax(logits.float(), dim=-1).gather(-1, chosen)  # ...but is weighted by its own probability
-    expected = probs / probs.sum(-1, keepdim=True) if router.norm_topk_prob else probs
+    expected = probs / probs.sum(-1, keepdim=True) if norm_topk_prob else probs
     torch.testing.assert_close(weights, expected.to(weights.dtype))
+    assert torch.allclose(weights.sum(-1), torch.ones(10)) == norm_topk_prob
+
+    # Without a bias the rule is transformers' own Qwen3-MoE router, renormalised or not.
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    router.expert_bias.zero_()
+    plain = Qwen3MoeTopKRouter(lm.config)
+    plain.norm_topk_prob = norm_topk_prob
+    plain.weight.data.copy_(router.weight)
+    _, plain_weights, plain_chosen = plain(hidden)
+    _, weights, chosen = router(hidden)
+    torch.testing.assert_close(chosen.sort(-1).values, plain_chosen.sort(-1).values)
+    torch.testing.assert_close(weights.gather(-1, chosen.argsort(-1)), plain_weights.gather(-1, plain_chosen.argsort(-1)))
+
+
+def test_the_load_counts_real_tokens_not_padding():
+    from ntp_rl.rl.rollout import PolicyLogprobs
+
+    lm, _ = tiny_moe()
+    ids = torch.randint(2, 100, (3, 12))
+    attention = torch.ones(3, 12, dtype=torch.long)
+    attention[0, :5] = 0  # left padding, as rollouts have it
+    attention[1, 9:] = 0
+    response = torch.zeros(3, 11, dtype=torch.bool)
+    response[:, 6:8] = True
+    PolicyLogprobs(lm, chunk_size=64)(ids, attention, response, 1.0)
+    for router in moe.routers(lm):
+        assert router.expert_load.sum().item() == attention.sum().item() * router.top_k
 
 
 def test_the_bias_gets_no_gradient_and_moves_only_by_the_update_rule():

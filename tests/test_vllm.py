@@ -329,9 +329,10 @@ def test_accelerate_processes_sample_their_own_prompts(engine, checkpoint, task,
 # ---------------------------------------------------------------------------
 # The stages with generator=vllm
 
-# The engine settings of CONFIG as overrides: the stages then reuse this module's engine.
+# The engine settings of CONFIG as overrides: the stages then reuse this module's engine. The dtype is
+# left to its default, the trainer's precision: fp32 on CPU, CONFIG's.
 ENGINE_OVERRIDES = ["generator=vllm", *(f"generator.vllm.{k}={str(v).lower() if isinstance(v, bool) else v}"
-                                         for k, v in CONFIG.items())]
+                                         for k, v in CONFIG.items() if k != "dtype")]
 RL_ARGS = [*TASK, "rl.max_steps=3", "rl.prompts_per_step=4", "rl.num_mini_batches=2", "rl.num_generations=4",
            "rl.micro_batch_size=8", "rl.sampling.max_new_tokens=24", "rl.sampling.batch_size=16", "rl.train_problems=64",
            "rl.eval_problems=8", "rl.eval_samples=4", "rl.eval_ks=[1,4]", "rl.eval_every=3", "rl.save_every=3",
@@ -362,9 +363,12 @@ def test_rl_samples_with_the_policys_current_weights(engine, checkpoint, model, 
         assert (expected - initial).abs().max() > 1e-3, "three steps must move the policy for the check to mean anything"
     finally:
         engine.load_weights(model.named_parameters())  # the other tests expect the checkpoint's weights
-    steps = [row for row in read_metrics(Path(result["checkpoint"]).parents[1]) if "reward" in row]
+    run_dir = Path(result["checkpoint"]).parents[1]
+    steps = [row for row in read_metrics(run_dir) if "reward" in row]
     assert len(steps) == 3
-    # fp32 on both sides: the engine's log-probs of its samples are the trainer's, at every step
+    # No generator.vllm.dtype: the engine computes in the trainer's precision (fp32 here), and says so in run.json;
+    # the engine's log-probs of its samples are then the trainer's, at every step (vLLM's "auto": up to 0.15 off).
+    assert json.loads((run_dir / "run.json").read_text())["generator"] == {"name": "vllm", "dtype": "float32"}
     assert all(row["sampling/sampling_logp_difference/max"] < 1e-4 for row in steps)
 
 

@@ -390,6 +390,9 @@ _VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def _check_generator(generator: Any, rl: Any = None) -> None:
     """The sampling engine's settings (and rl.tis_cap, which needs an engine that reports its log-probs)."""
+    if rl is not None and rl.max_logp_gap is not None and not rl.max_logp_gap > 0:
+        raise ConfigError("rl.max_logp_gap", "must be > 0 (nats), or null for the default of the engine's precision",
+                          rl.max_logp_gap)
     if rl is not None and rl.tis_cap is not None:
         if not math.isfinite(rl.tis_cap) or rl.tis_cap < 1:
             raise ConfigError("rl.tis_cap", "must be a finite number >= 1 (the largest importance weight), or null",
@@ -407,7 +410,7 @@ def _check_generator(generator: Any, rl: Any = None) -> None:
     for key in ("kv_cache_gib", "max_model_len", "max_num_batched_tokens"):
         if engine[key] is not None:
             _positive(engine[key], f"generator.vllm.{key}")
-    if engine.dtype not in _VLLM_DTYPES:
+    if engine.dtype is not None and engine.dtype not in _VLLM_DTYPES:
         raise ConfigError("generator.vllm.dtype", f"must be one of: {', '.join(_VLLM_DTYPES)}", engine.dtype)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ntp_rl import moe
 from ntp_rl.generation import Generator, Sampling
 from ntp_rl.lm_head import has_plain_linear_head, token_logprobs_fused
 from ntp_rl.seeding import mix_seed
@@ -266,6 +267,7 @@ class PolicyLogprobs(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                 temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        moe.count_only(self.lm, attention_mask.bool())  # an MoE's load metric: padding is no load
         if not self.chunked:
             return materialised_logprobs(self.lm, input_ids, attention_mask, response_mask, temperature, with_entropy)
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

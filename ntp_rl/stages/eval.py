@@ -244,7 +244,7 @@ def sample_problems(cfg: Any, session: StageSession, subject: Subject, task: Tas
     """This process's chunks of problems, sampled and scored, then everyone's results in problem order."""
     n, ks = cfg.eval.n, sorted(set(cfg.eval.ks))
     generator = make_generator(cfg.generator, subject.lm, subject.tokenizer, task.stop_strings, cfg.sampling.batch_size,
-                               subject.path)
+                               subject.path, session)
     per_call = max(1, cfg.sampling.batch_size // n)
     mine = deal_chunks(len(problems), per_call, session.rank, session.world)
     bar = session.progress(total=sum(len(c) for c in mine), desc="eval: sampling", unit="problem")

@@ -35,6 +35,7 @@ from ntp_rl.config.schema import GeneratorKind, NonFinitePolicy
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.engines import make_generator
+from ntp_rl.errors import UserError
 from ntp_rl.evaluation import sample_and_score_chunks, summarize
 from ntp_rl.faults import kill_point
 from ntp_rl.generation import Generator, Sampling
@@ -188,7 +189,8 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         cfg=cfg, session=session, task=task, tokenizer=tokenizer, model=model, lm=lm, optimizer=optimizer,
         scheduler=scheduler, reference=reference, stream=PromptStream(train_pool, cfg.seed), eval_problems=eval_problems,
         # A vLLM engine starts from the policy's own checkpoint, so it holds the policy's weights until the first update.
-        rollouts=make_generator(cfg.generator, lm, tokenizer, task.stop_strings, rl.sampling.batch_size, model_dir),
+        rollouts=make_generator(cfg.generator, lm, tokenizer, task.stop_strings, rl.sampling.batch_size, model_dir,
+                                session),
         sampling=Sampling(rl.sampling.temperature, rl.sampling.top_p, rl.sampling.max_new_tokens),
         eval_sampling=Sampling(rl.eval_sampling.temperature, rl.eval_sampling.top_p, rl.eval_sampling.max_new_tokens),
         per_rank=rl.prompts_per_step // session.world, model_dir=model_dir,
@@ -509,6 +511,7 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
     }
     metrics |= throughput_metrics(state, totals["seq_tokens"], generated_tokens, timing["train"], metrics["perf/step_time_s"])
     metrics |= update_metrics(state, totals, counts)
+    check_engine_gap(state, metrics)
     # An MoE policy's expert load over the step; its router biases stay as pre-training left them.
     metrics |= moe.after_step(state.lm, lambda t: session.accelerator.reduce(t, reduction="sum"), stepped=False)
     state.first_step_metrics = state.first_step_metrics or metrics
@@ -519,6 +522,26 @@ def log(state: RLState, collected: CollectedGroups, batch: RolloutBatch, sums: S
                         drop=metrics["dynamic_sampling/dropped_groups"],
                         **({"mfu": f"{metrics['perf/mfu']:.1%}"} if "perf/mfu" in metrics else {}))
     return metrics
+
+
+# The mean engine/trainer log-prob gap that precision alone explains, by the engine's dtype (rl.max_logp_gap).
+DEFAULT_MAX_LOGP_GAP = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+
+
+def check_engine_gap(state: RLState, metrics: dict[str, float]) -> None:
+    """Stop the run when the engine's log-probs of its own samples are far from the trainer's: it samples
+    from another model than the one trained, and every update would be off-policy without a word."""
+    gap = metrics.get("sampling/sampling_logp_difference/mean")
+    if gap is None or state.sampling.top_p < 1:  # top-p renormalises the engine's numbers: a gap by design
+        return
+    dtype = getattr(getattr(state.rollouts, "config", None), "dtype", None)
+    limit = state.cfg.rl.max_logp_gap or DEFAULT_MAX_LOGP_GAP.get(dtype, 0.1)
+    if gap > limit:
+        raise UserError(f"rl step {state.step}: the vLLM engine's log-probs of its samples are {gap:.3g} nats from the "
+                        f"trainer's on average (max {metrics['sampling/sampling_logp_difference/max']:.3g}), beyond the "
+                        f"{limit:g} that a {dtype} engine explains: it is not sampling from the policy (weights that did "
+                        "not reach it, or a model vLLM computes differently, such as an unsupported MoE routing); "
+                        "rl.max_logp_gap sets the limit")
 
 
 def update_metrics(state: RLState, totals: dict[str, float], counts: UpdateCounts) -> dict[str, float]:
@@ -602,7 +625,7 @@ def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
     rl, session, seed = state.cfg.rl, state.session, state.cfg.seed
     sync_engine(state)
     evaluator = make_generator(state.cfg.generator, state.lm, state.tokenizer, state.task.stop_strings,
-                               rl.eval_sampling.batch_size, state.model_dir)  # vLLM: the same engine
+                               rl.eval_sampling.batch_size, state.model_dir, session)  # vLLM: the same engine
     per_call = max(1, rl.eval_sampling.batch_size // rl.eval_samples)
     results = sample_and_score_chunks(evaluator, state.task, state.eval_problems, rl.eval_samples, state.eval_sampling,
                                       list(rl.eval_ks), lambda chunk: rl_eval_seed(seed, chunk), session.rank,
