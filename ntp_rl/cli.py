@@ -230,7 +230,7 @@ def check_command_line(stage: str, hydra_args: list[str]) -> CheckedCommand:
     """
     from hydra._internal.utils import get_args_parser
 
-    from ntp_rl.sweeps import check_search, plan_from_hydra, require_search_extra, sweep_points
+    from ntp_rl.sweeps import check_launcher, check_search, plan_from_hydra, require_search_extra, sweep_points
 
     try:
         args = get_args_parser().parse_args(hydra_args)
@@ -250,6 +250,7 @@ def check_command_line(stage: str, hydra_args: list[str]) -> CheckedCommand:
         raise UserError(first_line(exc)) from None
     require_search_extra(fixed)
     hydra_cfg = _composed(stage, fixed, hydra=True).hydra  # the sweeper, its params and the launcher
+    check_launcher(hydra_cfg)
     given = {o.split("=", 1)[0] for o in overrides}
     params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items() if k not in given]
     jobs = sweep_points([*params, *overrides])

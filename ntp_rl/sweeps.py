@@ -92,6 +92,16 @@ def require_search_extra(overrides: list[str]) -> None:
         raise UserError(f"hydra/sweeper={sweeper} needs the [search] extra: pip install -e \".[search]\"")
 
 
+def check_launcher(hydra_cfg: Any) -> None:
+    """hydra/launcher=slurm submits with sbatch: without it nothing could be submitted, so say so before anything."""
+    import shutil
+
+    if str(hydra_cfg.launcher.get("_target_", "")).endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+        raise UserError("hydra/launcher=slurm: this machine has no SLURM (no sbatch on PATH), so no job can be "
+                        "submitted; run the command on the cluster's login node, or run the points here as local "
+                        "processes with hydra/launcher=local")
+
+
 def check_search(stage: str, plan: SweepPlan, hydra_cfg: Any, cfg: Any) -> None:
     """A search optimises a pipeline's `objective`, all of which are better higher except the NLL."""
     if not plan.search:
@@ -275,7 +285,7 @@ def finish_sweep(stage: str, plan: SweepPlan, first_cfg: Any, overrides: Sequenc
               file=sys.stderr)
     missing = plan.num_points - len(records)
     logs = sweep_dir / ".submitit"
-    if missing > 0 and logs.is_dir() and any(logs.iterdir()):
+    if missing > 0 and any(logs.rglob("*_log.*")):
         print(f"ntp-rl: error: {missing} point(s) left no result (a job that was killed or never ran); "
               f"their logs are under {shown_path(logs)}", file=sys.stderr)
     elif missing > 0:  # the launcher stopped before any job started (no sbatch, a refused submission): said above

@@ -35,6 +35,7 @@ def inputs(tmp_path_factory):
         special.write_text(json.dumps({k: v for k, v in json.loads(special.read_text()).items() if k != "eos_token"}))
     (root / "empty.jsonl").write_text("")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"body": "Question: 1 + 1?"}) + "\n" for _ in range(50)))
+    (root / "one.jsonl").write_text(json.dumps({"text": "Question: 1 + 1? Answer: 2. #### 2"}) + "\n")
     (root / "few.jsonl").write_text("".join(json.dumps({"text": "Question: 1 + 1?"}) + "\n" for _ in range(3)))
     (root / "numbers.jsonl").write_text("".join(json.dumps({"text": "Question: 1 + 1?" if i != 7 else 12}) + "\n"
                                                 for i in range(50)))
@@ -158,8 +159,13 @@ EXACT = [
     (["pretrain", "seed=-1"], "seed=-1: must be an integer in 0..4294967295 (0..2**32-1)"),
     (["rl", "init_from={run}", "seed=4294967296"], "seed=4294967296: must be an integer in 0..4294967295 (0..2**32-1)"),
     (["pretrain", "data=hf", "data.path={root}/few.jsonl", "data.tokenizer={checkpoint}", "data.val_docs=5"],
-     "data.path={root}/few.jsonl: has 3 documents, not more than data.val_docs=5 (the first data.val_docs documents "
-     "are held out for validation, the rest trained on); lower data.val_docs or add documents"),
+     "data.path={root}/few.jsonl: has 3 document(s) with text, not more than data.val_docs=5 (the first "
+     "data.val_docs are held out for validation, the rest trained on); set data.val_docs to at most 2 "
+     "(e.g. data.val_docs=1) or add documents"),
+    (["pretrain", "data=hf", "data.path={root}/one.jsonl", "data.tokenizer={checkpoint}", "data.val_docs=1"],
+     "data.path={root}/one.jsonl: has 1 document(s) with text, not more than data.val_docs=1 (the first "
+     "data.val_docs are held out for validation, the rest trained on); data.val_docs is at least 1, so a corpus "
+     "of 1 document(s) cannot be split: add documents (2 or more: one held out, the rest trained on)"),
     (["pretrain", "data=hf", "data.path={root}/numbers.jsonl", "data.tokenizer={checkpoint}", "data.val_docs=5"],
      "data.text_field=text: row 7 of data.path={root}/numbers.jsonl holds int 12, not text"),
     (["pretrain", "out_dir={root}/a_file"], "out_dir={root}/a_file: is a file, not a directory"),
@@ -204,3 +210,19 @@ def test_a_checkpoint_whose_config_disagrees_with_its_weights_costs_our_line_onl
     result = run_cli("eval", f"model={inputs['root']}/bad_config", f"out_dir={tmp_path}", "logger.wandb.mode=disabled")
     assert result.returncode == 2
     assert result.stderr.strip() == f"ntp-rl: error: {BAD_CONFIG.format(root=inputs['root'])}"
+
+
+def test_generator_vllm_without_vllm_is_refused_before_a_run_directory_exists(inputs, tmp_path, monkeypatch, capsys):
+    """Not after the engine's start, leaving a failed run directory and a W&B run: at validation, in one line."""
+    import sys
+
+    from ntp_rl.vllm_engine import INSTALL_HINT
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails, as where it is not installed
+    with pytest.raises(SystemExit) as exc:
+        main(["rl", f"init_from={inputs['run']}", "generator=vllm", f"out_dir={tmp_path}", "logger.wandb.mode=offline"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ntp-rl: error: generator=vllm: vllm needs vLLM, which is not installed (or fails to import): "
+        f"{INSTALL_HINT}; or sample with generator=hf")
+    assert not list(tmp_path.rglob("*")), "no run directory, no W&B files"

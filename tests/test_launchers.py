@@ -165,7 +165,8 @@ def test_the_slurm_job_script_asks_for_the_gpus_and_nodes_and_runs_each_task(tmp
                      env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     assert result.returncode != 0  # nothing was submitted, and the CLI says so
     assert "ntp-rl: error: sbatch: error: no cluster here" in result.stderr
-    assert "2 point(s) left no result" in result.stderr
+    assert ("2 point(s) left no result: no job was started, so there are no job logs; the error above says why"
+            in result.stderr), "not a log directory that does not exist"
     script = kept.read_text()
     for line in ("#SBATCH --gpus-per-node=4", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
                  "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --qos=high", "#SBATCH --array=0-1",
@@ -174,6 +175,18 @@ def test_the_slurm_job_script_asks_for_the_gpus_and_nodes_and_runs_each_task(tmp
     # srun starts one process per task; each runs its sweep point through submitit with this Python
     assert f"srun --unbuffered --output {tmp_path / 'out'}" in script
     assert f"{sys.executable} -u -m submitit.core._submit" in script
+
+
+def test_the_slurm_launcher_without_slurm_says_so_before_anything(tmp_path, monkeypatch):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no sbatch, as on a laptop
+    with pytest.raises(UserError) as refused:
+        check_command_line("pretrain", ["-m", "hydra/launcher=slurm", "seed=0,1", f"out_dir={tmp_path / 'out'}"])
+    assert str(refused.value) == (
+        "hydra/launcher=slurm: this machine has no SLURM (no sbatch on PATH), so no job can be submitted; run the "
+        "command on the cluster's login node, or run the points here as local processes with hydra/launcher=local")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.search

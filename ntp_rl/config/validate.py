@@ -135,6 +135,8 @@ def _check_harness(harness: Any) -> None:
     require_harness()
     if harness.backend not in ("hf", "vllm"):
         raise ConfigError("harness.backend", "must be hf or vllm", harness.backend)
+    if harness.backend == "vllm":
+        _require_vllm("harness.backend", "harness.backend=hf")
     _positive(harness.batch_size, "harness.batch_size")
     if harness.limit is not None:
         _positive(harness.limit, "harness.limit")
@@ -388,6 +390,15 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
 _VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def _require_vllm(key: str, instead: str) -> None:
+    """Found at validation, not when the engine starts: before any run directory or W&B run exists."""
+    from ntp_rl.vllm_engine import INSTALL_HINT, vllm_available
+
+    if not vllm_available():
+        raise ConfigError(key, f"vllm needs vLLM, which is not installed (or fails to import): {INSTALL_HINT}; "
+                          f"or {instead}", "vllm")
+
+
 def _check_generator(generator: Any, rl: Any = None) -> None:
     """The sampling engine's settings (and rl.tis_cap, which needs an engine that reports its log-probs)."""
     if rl is not None and rl.max_logp_gap is not None and not rl.max_logp_gap > 0:
@@ -402,6 +413,7 @@ def _check_generator(generator: Any, rl: Any = None) -> None:
                               "(generator=hf samples with the trained model itself)", rl.tis_cap)
     if generator.name is not GeneratorKind.vllm:
         return
+    _require_vllm("generator", "sample with generator=hf")
     engine = generator.vllm
     if not 0 < engine.gpu_memory_utilization <= 1:
         raise ConfigError("generator.vllm.gpu_memory_utilization", "must be in (0, 1]", engine.gpu_memory_utilization)

@@ -76,6 +76,18 @@ def build_hf_data(cfg: Any, seed: int, tokenizer: PreTrainedTokenizerBase) -> Pr
     )
 
 
+def too_few_documents(path: str, docs: int, val_docs: int) -> DataError:
+    """A corpus with no document left to train on after the validation ones: what is true, and what will work
+    (a smaller data.val_docs only when there are two documents or more)."""
+    if docs < 2:
+        fix = (f"data.val_docs is at least 1, so a corpus of {docs} document(s) cannot be split: add documents "
+               "(2 or more: one held out, the rest trained on)")
+    else:
+        fix = f"set data.val_docs to at most {docs - 1} (e.g. data.val_docs={max(1, docs // 10)}) or add documents"
+    return DataError(f"data.path={path}: has {docs} document(s) with text, not more than data.val_docs={val_docs} "
+                     f"(the first data.val_docs are held out for validation, the rest trained on); {fix}")
+
+
 def _split_val_train(ds: Any, val_docs: int, max_train_docs: int | None, path: str) -> tuple[Any, Any]:
     """The first val_docs documents, and up to max_train_docs of the rest."""
     import datasets
@@ -84,9 +96,7 @@ def _split_val_train(ds: Any, val_docs: int, max_train_docs: int | None, path: s
         train = ds.skip(val_docs)
         return ds.take(val_docs), train if max_train_docs is None else train.take(max_train_docs)
     if len(ds) <= val_docs:
-        raise DataError(f"data.path={path}: has {len(ds)} documents, not more than data.val_docs={val_docs} (the first "
-                        "data.val_docs documents are held out for validation, the rest trained on); lower "
-                        "data.val_docs or add documents")
+        raise too_few_documents(path, len(ds), val_docs)
     cut = val_docs
     end = len(ds) if max_train_docs is None else min(len(ds), cut + max_train_docs)
     return ds.select(range(cut)), ds.select(range(cut, end))

@@ -170,8 +170,9 @@ def _write_val(out_dir: Path, manifest: dict, texts: Iterator[str], val_docs: in
     if manifest["val"] is not None:
         return 0
     if len(docs) < val_docs:
-        raise DataError(f"data.path={path}: has {len(docs)} documents with text, not more than data.val_docs={val_docs} "
-                        "(the first data.val_docs are held out for validation); add documents or lower data.val_docs")
+        from ntp_rl.data.hf import too_few_documents
+
+        raise too_few_documents(path, len(docs), val_docs)
     tokens = np.concatenate(list(tokenize_documents(tokenizer, docs)))
     _write_shard(out_dir / "val.bin", tokens, np.dtype(manifest["dtype"]))
     manifest["val"] = {"file": "val.bin", "tokens": int(len(tokens)), "docs": len(docs)}
@@ -274,8 +275,10 @@ def _write_shard(path: Path, tokens: np.ndarray, dtype: np.dtype) -> None:
 
 def _finish_manifest(out_dir: Path, manifest: dict, vocab: int, path: str) -> None:
     if not manifest["shards"]:
-        raise DataError(f"data.path={path}: has no documents after the first data.val_docs="
-                        f"{manifest['source']['val_docs']}; add documents or lower data.val_docs")
+        from ntp_rl.data.hf import too_few_documents
+
+        val_docs = manifest["source"]["val_docs"]
+        raise too_few_documents(path, val_docs, val_docs)
     counts = np.zeros(vocab, dtype=np.int64)
     for shard in manifest["shards"]:
         counts += np.fromfile(out_dir / _counts_file(shard["file"]), dtype=np.int64)
