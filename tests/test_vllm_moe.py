@@ -183,7 +183,8 @@ def test_vllm_outside_ntp_rl_finds_the_model_through_the_plugin():
 @pytest.mark.slow
 def test_pipeline_with_an_moe_policy_and_vllm_runs_end_to_end(tmp_path, shared_cache):
     """`ntp-rl pipeline model=tiny_moe generator=vllm` as a user runs it, with the engine's defaults (its dtype
-    the trainer's, torch.compile on): vLLM's output goes to each run's vllm.log, one console line per engine."""
+    the trainer's, torch.compile on): vLLM's output goes to each run's vllm.log, one console line per engine.
+    (Six pre-training steps leave every RL group with equal rewards: the gap is checked in the tests above.)"""
     from conftest import run_cli
     from test_pipeline import PIPE
 
@@ -199,6 +200,3 @@ def test_pipeline_with_an_moe_policy_and_vllm_runs_end_to_end(tmp_path, shared_c
     console = result.stdout + result.stderr
     assert console.count("vLLM engine: float32, started in") == 2, console[-3000:]
     assert "Downcasting" not in console and "WARNING" not in console and "INFO" not in console, console[-3000:]
-    rows = [json.loads(line) for line in (lineage / "rl" / "metrics.jsonl").read_text().splitlines()]
-    gaps = [r["sampling/sampling_logp_difference/max"] for r in rows if "reward" in r]
-    assert gaps and max(gaps) < 1e-3
