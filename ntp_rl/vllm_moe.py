@@ -88,9 +88,11 @@ def _vllm_class() -> type:
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
             params = dict(self.named_parameters())
+            sent: set[str] = set()
 
             def checked() -> Iterator[tuple[str, torch.Tensor]]:
                 for name, tensor in weights:
+                    sent.add(name)
                     if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
                         yield from _split_experts(name, tensor)
                     elif name.endswith(_SKIPPED_SUFFIXES) and _stacked(name) not in params:
@@ -98,7 +100,14 @@ def _vllm_class() -> type:
                     else:
                         yield name, tensor
 
-            return super().load_weights(checked())
+            loaded = super().load_weights(checked())
+            # A router that got its weight but not its bias would route with whatever the reload left there.
+            missing = sorted(name.replace(".weight", f".{BIAS}") for name in sent
+                             if name.endswith(".mlp.gate.weight") and name.replace(".weight", f".{BIAS}") not in sent)
+            if missing:
+                raise ValueError(f"the weights sent lack the router bias {missing[0]} (and {len(missing) - 1} more): "
+                                 "send the model's saved buffers with its parameters")
+            return loaded
 
     NtpRlQwen3MoeForCausalLM.__name__ = NtpRlQwen3MoeForCausalLM.__qualname__ = ARCHITECTURE
     return NtpRlQwen3MoeForCausalLM

@@ -167,6 +167,9 @@ def test_a_weight_the_engine_cannot_place_fails_in_one_line(engine, model):
             engine.load_weights([(name, torch.zeros(8))])
         message = str(info.value)
         assert "\n" not in message and len(message) < 200 and name.removeprefix("model.").rsplit(".", 1)[0] in message
+    # Parameters without the saved buffers: the routers' biases would be left undefined.
+    with pytest.raises(UserError, match=r"lack the router bias model\.layers\.0\.mlp\.gate\.expert_bias \(and 1 more\)"):
+        engine.load_weights(model.named_parameters())
 
 
 def test_vllm_outside_ntp_rl_finds_the_model_through_the_plugin():
