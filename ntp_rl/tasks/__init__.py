@@ -12,6 +12,8 @@ Scoring is one layer for every stage (`score`, `score_all`): each completion is 
 time limit (`task.score_time_limit_s`); one that runs past it scores 0 and is counted. Tasks whose
 checks are costly (math-verify: 0.01-0.5 s a completion, and some answers such as 10^{10^{10}} hang
 it in C code, where no signal reaches) are checked in worker processes (`task.score_workers`).
+The workers start by multiprocessing's forkserver, which imports the parent's main script: a
+script that scores this way needs the `if __name__ == "__main__":` guard (the CLI has it).
 """
 
 from __future__ import annotations
