@@ -158,3 +158,21 @@ def test_the_update_is_the_same_whatever_the_token_budget(budget):
     assert slots <= by_rows["sums"]["micro_slots"], "sorted by length, never more padding than in order"
     for name, want in by_rows["grads"].items():
         assert torch.allclose(by_tokens["grads"][name], want, atol=1e-5), name
+
+
+def test_under_bf16_autocast_the_head_computes_in_bf16_as_the_models_own_does():
+    lm = tiny_lm(tied=False)
+    batch = rollout_batch(False)
+    out = {}
+    for chunked in (True, False):
+        model = PolicyLogprobs(copy.deepcopy(lm), chunk_size=4)
+        model.chunked = chunked
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, entropy = model(batch.input_ids, batch.attention_mask, batch.response_mask, 0.7, with_entropy=True)
+        logp.sum().backward()
+        out[chunked] = logp, entropy, model.lm.get_output_embeddings().weight.grad
+    assert out[True][0].dtype == torch.float32
+    for got, want in zip(out[True], out[False]):
+        assert torch.allclose(got, want, rtol=2e-2, atol=2e-2), "both round the logits to bf16"
+    exact = PolicyLogprobs(lm, chunk_size=4)(batch.input_ids, batch.attention_mask, batch.response_mask, 0.7)[0]
+    assert (out[True][0] - exact).abs().max() > 1e-4, "autocast reached the chunked head"
