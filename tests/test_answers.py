@@ -185,3 +185,4 @@ def test_scoring_settings_come_from_the_task_config():
         cfg = compose("eval", ["model=hf", "model.name_or_path=Qwen/Qwen3-0.6B", f"{key}={value}"])
         with pytest.raises(ConfigError, match=f"^{key}={value}(.0)?: {message}"):
             validate_eval(cfg)
+

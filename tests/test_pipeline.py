@@ -95,8 +95,14 @@ def test_paper_study_runs_five_paired_seeds_per_setting_on_a_forking_corpus():
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
-def test_every_experiment_composes_and_validates_at_every_point(experiment):
-    # the GPU experiment included: its sizes are checked here even where it cannot run
+def test_every_experiment_composes_and_validates_at_every_point(experiment, monkeypatch):
+    # the GPU experiment included: its sizes are checked here even where it cannot run (its SLURM launcher
+    # is refused without sbatch, which a cluster has)
+    import shutil
+
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kw: "/cluster/bin/sbatch" if name == "sbatch"
+                        else which(name, *args, **kw))
     checked = check_command_line("pipeline", ["-m", f"experiment={experiment}"])
     assert checked.plan.num_points >= 10
 

@@ -211,7 +211,12 @@ def _pool(workers: int) -> Any:
         import multiprocessing
 
         # forkserver: a fork of this process would copy its threads (torch, vLLM) and their locks.
-        _POOLS[workers] = multiprocessing.get_context("forkserver").Pool(workers, initializer=_ignore_interrupts)
+        pool = multiprocessing.get_context("forkserver").Pool(workers, initializer=_start_worker)
+        # Wait, without a limit, until a worker has started and imported what a check needs: the limits below
+        # time the checks, and a worker's start (seconds on a busy machine) counted against them would score
+        # every completion of the first chunks as timed out.
+        pool.map(_started, range(workers), chunksize=1)
+        _POOLS[workers] = pool
     return _POOLS[workers]
 
 
@@ -221,8 +226,17 @@ def _end_pool(workers: int) -> None:
         pool.terminate()
 
 
-def _ignore_interrupts() -> None:
+def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
+    import math_verify
+
+    import ntp_rl.tasks.hf_math  # noqa: F401  (math-verify and datasets: imported here, not inside a timed check)
+
+    math_verify.verify(math_verify.parse("$1$"), math_verify.parse("$1$"))  # its first check builds its parsers
+
+
+def _started(_: int) -> bool:
+    return True
 
 
 def _score_in_workers(task: Task, items: list[tuple[str, TaskProblem]], format_weight: float, limit: float,
