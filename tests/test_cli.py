@@ -58,13 +58,13 @@ def test_each_stage_help_names_its_own_groups_presets_and_keys(stage, capsys):
         assert "  init_from                    (required)" in out
 
 
-def test_help_and_readme_give_the_same_multi_process_command(capsys):
+def test_help_and_docs_give_the_same_multi_process_command(capsys):
     from conftest import REPO
     from ntp_rl.cli import MULTI_PROCESS_EXAMPLE
 
     main(["--help"])
     assert MULTI_PROCESS_EXAMPLE in capsys.readouterr().out
-    assert MULTI_PROCESS_EXAMPLE in (REPO / "README.md").read_text()
+    assert MULTI_PROCESS_EXAMPLE in (REPO / "docs" / "many-gpus.md").read_text()
 
 
 @pytest.mark.parametrize(
