@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 PROG = "ntp-rl"
 
-# The README shows this same line (a test checks it): --multi_gpu is how accelerate is told to
+# docs/many-gpus.md shows this same line (a test checks it): --multi_gpu is how accelerate is told to
 # start several processes when it sees no GPU; on GPUs it is harmless.
 MULTI_PROCESS_EXAMPLE = "accelerate launch --multi_gpu --num_processes 2 -m ntp_rl pretrain"
 

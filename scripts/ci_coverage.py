@@ -7,7 +7,7 @@ Means over 3-10 seeds: the Student-t interval `ntp-rl compare` uses, against sci
 bootstrap percentile interval. Rank correlations over 8-25 lineages: the Fisher-z interval
 with Bonett & Wright's variance (compare's), Fisher's plain 1/(n-3) variance, and the
 bootstrap percentile interval. A 95% interval should cover about 95% of the time; the
-figures are in the README's compare section.
+figures are in docs/studies.md (compare).
 """
 
 from __future__ import annotations

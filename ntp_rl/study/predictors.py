@@ -5,7 +5,7 @@ against the gain RL brought (after minus before, in Avg@n and in pass@k at the l
 Spearman's rank correlation, because the relation need not be linear and a few lineages
 must not dominate; its interval and p-value come from ntp_rl.stats. All pairs form one
 family, adjusted with Benjamini-Hochberg: this is a screen for candidates, where a false
-discovery rate is the useful guarantee (the README says more).
+discovery rate is the useful guarantee (docs/studies.md says more).
 """
 
 from __future__ import annotations

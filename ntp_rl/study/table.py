@@ -2,7 +2,7 @@
 setting against a baseline with the difference, its interval, a p-value and a verdict.
 
 Settings are compared one metric at a time. Within a metric the comparisons against the
-baseline form one family, adjusted with Holm's method by default (the README says why);
+baseline form one family, adjusted with Holm's method by default (docs/studies.md says why);
 metrics are separate questions and are not adjusted against each other.
 """
 
