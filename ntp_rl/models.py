@@ -147,6 +147,15 @@ def check_same_architecture(lm: nn.Module, model_cfg: Any, source: str) -> None:
         raise ConfigError("model", f"does not match the checkpoint {source}: {'; '.join(diffs)}")
 
 
+def enable_activation_checkpointing(lm: nn.Module) -> None:
+    """Keep only each decoder layer's input and recompute the layer in backward. transformers 5.2x renamed
+    `gradient_checkpointing_enable` (deprecated, gone in v6) to `activation_checkpointing_enable`. It checkpoints
+    only in training mode, and a loaded model is in eval mode."""
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    enable()
+    lm.train()
+
+
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False, active: bool = False) -> int:
     """Parameters of the model; `active`: those one token computes with, each routed expert counted at
     top-k / experts (what MoE names like 10B-A0.5B give, and what a token's FLOPs are proportional to)."""

@@ -324,8 +324,9 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients()
         torch.manual_seed(0)
         lm = build_lm(cfg, SimpleNamespace(tokenizer=Tokenizer()), None)
         calls = []
-        # a pre-hook: the recompute stops once backward has what it needs, before forward hooks would run
-        lm.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        # on a module inside the layer, as a pre-hook: transformers from 5.2x checkpoints the layer's forward, not
+        # its __call__, so the layer's own hooks do not run again; the recompute stops once backward has what it needs
+        lm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         ShapedLossLM(lm, cfg.loss)(ids[:, :-1], ids[:, 1:]).loss.backward()
         runs[on] = (len(calls), {name: p.grad for name, p in lm.named_parameters()})
     assert runs[False][0] == 1 and runs[True][0] == 2, "with the switch on, the layer runs again in backward"

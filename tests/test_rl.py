@@ -544,8 +544,9 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_update(poli
         # sampling still runs with the KV cache (the generator's eval mode) and is unchanged
         samples = state.rollouts.generate([problems[0].prompt], 2, state.sampling, seed=0)[0]
         calls = []
-        # a pre-hook: the recompute stops once backward has what it needs, before forward hooks would run
-        state.lm.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        # on a module inside the layer, as a pre-hook: transformers from 5.2x checkpoints the layer's forward, not
+        # its __call__, so the layer's own hooks do not run again; the recompute stops once backward has what it needs
+        state.lm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         prompt = tokenizer(problems[0].prompt, add_special_tokens=False)["input_ids"]
         group = Group("p", prompt, [s.token_ids for s in samples], [1.0, 0.0], [True, False], [False, False])
         batch = build_batch([group], torch.tensor([[1.0, -1.0]]), tokenizer.pad_token_id, mask_truncated=False)

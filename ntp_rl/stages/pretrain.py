@@ -28,7 +28,7 @@ from ntp_rl.errors import DataError
 from ntp_rl.faults import kill_point
 from ntp_rl.losses import STAT_NAMES
 from ntp_rl.models import (ShapedLossLM, build_model, check_same_architecture, check_vocab, count_parameters,
-                           load_pretrained, rope_theta_of, set_balancing)
+                           enable_activation_checkpointing, load_pretrained, rope_theta_of, set_balancing)
 from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.runtime import flops_per_token, peak_flops, peak_memory_gib
 from ntp_rl.seeding import seed_everything
@@ -108,8 +108,7 @@ def build_lm(cfg: Any, data: PretrainData, resume_from: Optional[Path]) -> torch
     check_vocab(lm, tokenizer)
     check_seq_len(cfg.data.seq_len, lm)
     if cfg.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
-        lm.train()  # transformers checkpoints only in training mode, and a loaded model is in eval mode
+        enable_activation_checkpointing(lm)
     return lm
 
 

@@ -40,7 +40,7 @@ from ntp_rl.evaluation import sample_and_score_chunks, summarize
 from ntp_rl.faults import kill_point
 from ntp_rl.generation import Generator, Sampling
 from ntp_rl.metrics import Sums
-from ntp_rl.models import check_vocab, count_parameters, load_pretrained
+from ntp_rl.models import check_vocab, count_parameters, enable_activation_checkpointing, load_pretrained
 from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.rl.advantages import AdvantageInputs, compute_advantages
 from ntp_rl.rl.policy_loss import POLICY_LOSSES, PolicyLossInputs, aggregate, aggregation_count, k3_kl
@@ -177,10 +177,8 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
           model_dir: str) -> RLState:
     rl = cfg.rl
     if rl.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        # transformers checkpoints only in training mode (a loaded model is in eval mode); the hf
-        # generator switches to eval mode for sampling, where the KV cache is needed.
-        policy.train()
+        # the hf generator switches to eval mode for sampling, where the KV cache is needed
+        enable_activation_checkpointing(policy)
     optimizer = build_adamw(policy, cfg.optim, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
     model, optimizer = session.accelerator.prepare(PolicyLogprobs(policy, rl.logprob_chunk_size), optimizer)

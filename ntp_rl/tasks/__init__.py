@@ -206,7 +206,7 @@ def _score_chunk(task: Task, items: list[tuple[str, TaskProblem]], format_weight
 _POOLS: dict[int, Any] = {}  # worker count -> a multiprocessing pool, kept for the process's later calls
 
 
-def _pool(workers: int) -> Any:
+def _pool(workers: int, task: Task) -> Any:
     if workers not in _POOLS:
         import multiprocessing
 
@@ -215,7 +215,7 @@ def _pool(workers: int) -> Any:
         # Wait, without a limit, until a worker has started and imported what a check needs: the limits below
         # time the checks, and a worker's start (seconds on a busy machine) counted against them would score
         # every completion of the first chunks as timed out.
-        pool.map(_started, range(workers), chunksize=1)
+        pool.map(_started, [task] * workers, chunksize=1)  # unpickling the task imports its module
         _POOLS[workers] = pool
     return _POOLS[workers]
 
@@ -230,12 +230,10 @@ def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
     import math_verify
 
-    import ntp_rl.tasks.hf_math  # noqa: F401  (math-verify and datasets: imported here, not inside a timed check)
-
     math_verify.verify(math_verify.parse("$1$"), math_verify.parse("$1$"))  # its first check builds its parsers
 
 
-def _started(_: int) -> bool:
+def _started(_: Any) -> bool:
     return True
 
 
@@ -250,7 +248,7 @@ def _score_in_workers(task: Task, items: list[tuple[str, TaskProblem]], format_w
     size = max(1, math.ceil(len(items) / (4 * workers)))
     chunks = [list(range(start, min(start + size, len(items)))) for start in range(0, len(items), size)]
     while chunks:
-        pool = _pool(workers)
+        pool = _pool(workers, task)
         pending = [(chunk, pool.apply_async(_score_chunk, (task, [items[i] for i in chunk], format_weight, limit)))
                    for chunk in chunks]
         chunks = []
