@@ -32,7 +32,7 @@ from ntp_rl.config.compose import compose  # noqa: E402
 from ntp_rl.config.schema import DataConfig, DataSource  # noqa: E402
 from ntp_rl.data import build_pretrain_data  # noqa: E402
 from ntp_rl.data.corpus import sample_documents  # noqa: E402
-from ntp_rl.data.prepared import prepare_corpus  # noqa: E402
+from ntp_rl.data.shard_writer import prepare_corpus  # noqa: E402
 from ntp_rl.data.tokenizer import load_tokenizer, train_embedded_tokenizer  # noqa: E402
 
 

@@ -14,9 +14,10 @@ import torch
 from conftest import REPO, TINY, run_cli
 from ntp_rl.config.schema import DataConfig, DataSource
 from ntp_rl.data import build_pretrain_data
-from ntp_rl.data import prepared
+from ntp_rl.data import prepared, shard_writer
 from ntp_rl.data.corpus import sample_documents
-from ntp_rl.data.prepared import PreparedSequences, WindowOrder, prepare_corpus, read_manifest
+from ntp_rl.data.prepared import PreparedSequences, WindowOrder, read_manifest
+from ntp_rl.data.shard_writer import prepare_corpus
 from ntp_rl.data.tokenizer import load_tokenizer, train_embedded_tokenizer
 from ntp_rl.errors import ConfigError, DataError, UserError
 from ntp_rl.tracking import read_metrics
@@ -101,7 +102,7 @@ def test_a_killed_prepare_leaves_only_whole_shards_and_continues(corpus, tokeniz
     straight = tmp_path / "straight"
     prepare(corpus, tokenizer_dir, straight)
     killed = tmp_path / "killed"
-    real = prepared._write_shard
+    real = shard_writer._write_shard
 
     def dies_in_shard_3(path, tokens, dtype):
         if path.name == "train-00003.bin":
@@ -109,7 +110,7 @@ def test_a_killed_prepare_leaves_only_whole_shards_and_continues(corpus, tokeniz
             raise KeyboardInterrupt
         real(path, tokens, dtype)
 
-    monkeypatch.setattr(prepared, "_write_shard", dies_in_shard_3)
+    monkeypatch.setattr(shard_writer, "_write_shard", dies_in_shard_3)
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, tokenizer_dir, killed)
     manifest = read_manifest(killed)
@@ -119,10 +120,10 @@ def test_a_killed_prepare_leaves_only_whole_shards_and_continues(corpus, tokeniz
         build_pretrain_data(DataConfig(source=DataSource.prepared, path=str(killed), seq_len=16), cache_dir=tmp_path,
                             seed=0)
 
-    monkeypatch.setattr(prepared, "_write_shard", real)
+    monkeypatch.setattr(shard_writer, "_write_shard", real)
     tokenized = []
-    monkeypatch.setattr(prepared, "_tokenize_shard",
-                        lambda *args, real=prepared._tokenize_shard: tokenized.append(args[1]) or real(*args))
+    monkeypatch.setattr(shard_writer, "_tokenize_shard",
+                        lambda *args, real=shard_writer._tokenize_shard: tokenized.append(args[1]) or real(*args))
     prepare(corpus, tokenizer_dir, killed)
     assert tokenized == list(range(3, len(read_manifest(straight)["shards"]))), "finished shards are not tokenized again"
     assert shard_files(killed) == shard_files(straight)
@@ -137,14 +138,14 @@ def test_prepare_again_is_a_no_op_and_other_settings_are_refused(corpus, tokeniz
 
 
 def test_a_full_disk_is_one_line_and_no_shard_is_left_looking_whole(corpus, tokenizer_dir, tmp_path, monkeypatch):
-    real_replace = prepared.os.replace
+    real_replace = shard_writer.os.replace
 
     def disk_full(src, dst):
         if Path(dst).name == "train-00001.bin":
             raise OSError(errno.ENOSPC, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr(prepared.os, "replace", disk_full)
+    monkeypatch.setattr(shard_writer.os, "replace", disk_full)
     with pytest.raises(UserError) as caught:
         prepare(corpus, tokenizer_dir, tmp_path / "web")
     message = str(caught.value)

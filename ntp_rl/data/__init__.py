@@ -5,7 +5,8 @@
     packing.py    tokenizing, packing into windows, resumable training order
     embedded.py   the embedded corpus, tokenized and cached on disk
     hf.py         text from any `datasets` source; the dataset loader tasks share
-    prepared.py   corpora tokenized once into token shards (`ntp-rl prepare`), read by position
+    prepared.py   corpora tokenized once into token shards: the format, read by position
+    shard_writer.py  `ntp-rl prepare`: writing those shards, resumably, with worker processes
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ntp_rl.data.packing import human_count
-from ntp_rl.data.prepared import prepare_corpus
+from ntp_rl.data.shard_writer import prepare_corpus
 from ntp_rl.data.tokenizer import load_tokenizer
 
 
