@@ -266,10 +266,14 @@ def test_pretrain_resumes_a_killed_run_exactly_and_refuses_other_data(web, tmp_p
     for step in range(1, 7):
         assert a[step]["train/loss"] == b[step]["train/loss"], step  # bit-identical on CPU
 
-    other = run_cli(*pretrain_args(web, tmp_path, "train.max_steps=8", "data.seq_len=8"),
-                    f"run_dir={tmp_path / 'straight'}", "resume=auto")
-    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
-    assert "was trained on other data or another data.seq_len" in other.stderr
+    other = [*pretrain_args(web, tmp_path, "train.max_steps=8", "data.seq_len=8"), f"run_dir={tmp_path / 'straight'}",
+             "resume=auto"]
+    changed = run_cli(*other)
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and "data.seq_len" in changed.stderr
+    # a change the user says is meant still cannot continue from a data position on other windows
+    meant = run_cli(*other, "resume_allow_changes=true")
+    assert meant.returncode == 2 and meant.stderr.count("\n") == 1, meant.stderr
+    assert "was trained on other data or another data.seq_len" in meant.stderr
 
 
 @pytest.mark.slow  # two processes over gloo: about a minute on 2 cores
