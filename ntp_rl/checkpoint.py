@@ -4,7 +4,8 @@ A checkpoint directory `checkpoints/step_00000400/` holds
   model.safetensors, config.json, generation_config.json, tokenizer files
       -> `AutoModelForCausalLM.from_pretrained(dir)` needs nothing from ntp-rl; a bias-balanced
          MoE also holds its model's code (modeling_biased_moe.py, named in config.json's
-         auto_map), so it needs `trust_remote_code=True` to route with its router biases;
+         auto_map) and needs `trust_remote_code=True`: without it transformers refuses the
+         checkpoint's model type rather than route without the router biases;
   optimizer.pt, trainer_state.pt (step, data position, scheduler, extra state),
   rng_state_<rank>.pt (one per process).
 It is written into a hidden temporary directory and renamed into place only when whole,

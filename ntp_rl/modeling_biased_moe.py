@@ -3,8 +3,10 @@
 Self-contained on purpose (torch and transformers only): `save_pretrained` copies this file
 into every bias-balanced checkpoint and config.json names it in `auto_map`, so
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` routes as ntp-rl trained
-it, with nothing from ntp-rl installed. Without `trust_remote_code` transformers builds its
-own Qwen3-MoE, which has no `expert_bias` and routes without it.
+it, with nothing from ntp-rl installed. Its config has a model type of its own
+(`ntp_rl_qwen3_moe`, a Qwen3-MoE config under another name) on purpose: transformers has no class
+for it, so `from_pretrained(dir)` without `trust_remote_code` is refused with transformers' own
+error asking for it, instead of building a Qwen3-MoE that drops `expert_bias` and routes without it.
 
 `biased_topk` is the routing rule, the one place it is written: the trainer's router
 (ntp_rl/moe.py), this class and the vLLM engine's model (ntp_rl/vllm_moe.py) all call it.
@@ -15,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeTopKRouter
 
 ARCHITECTURE = "NtpRlQwen3MoeForCausalLM"
+MODEL_TYPE = "ntp_rl_qwen3_moe"
 BIAS = "expert_bias"
 
 
@@ -57,8 +61,16 @@ def add_bias(router: nn.Module) -> None:
         router.register_buffer(BIAS, torch.zeros(router.num_experts, device=router.weight.device), persistent=True)
 
 
+class NtpRlQwen3MoeConfig(Qwen3MoeConfig):
+    """Qwen3-MoE's config, under the model type only this file's class loads."""
+
+    model_type = MODEL_TYPE
+
+
 class NtpRlQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
     """Qwen3-MoE whose routers carry the bias, loaded from (and saved to) `...mlp.gate.expert_bias`."""
+
+    config_class = NtpRlQwen3MoeConfig
 
     def __init__(self, config):
         super().__init__(config)
@@ -67,4 +79,5 @@ class NtpRlQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
                 add_bias(module)
 
 
+NtpRlQwen3MoeConfig.register_for_auto_class()
 NtpRlQwen3MoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -109,6 +109,7 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report would come before our one line, and say less
     try:
+        moe.register_checkpoint_classes()
         config = AutoConfig.from_pretrained(name_or_path)
         set_positions(config, rope_theta, max_position_embeddings)
         # use_safetensors: weights never come through pickle, whatever else lies in the directory.
@@ -138,7 +139,8 @@ def check_same_architecture(lm: nn.Module, model_cfg: Any, source: str) -> None:
     if arch is ModelArch.hf:
         return
     expected_type = "qwen3_moe" if arch is ModelArch.qwen3_moe else "qwen3"
-    diffs = [] if lm.config.model_type == expected_type else [f"model_type {lm.config.model_type} != {expected_type}"]
+    same_type = moe.is_qwen3_moe(lm.config) if arch is ModelArch.qwen3_moe else lm.config.model_type == expected_type
+    diffs = [] if same_type else [f"model_type {lm.config.model_type} != {expected_type}"]
     for key, attr in _ARCH_FIELDS.items():
         have = getattr(lm.config, attr, None)
         if have != model_cfg[key]:

@@ -11,11 +11,13 @@ of both is the same, and the logits' scale does not shrink with the number of ex
 rate (DeepSeek-V3's 1e-3) suits 4 experts and 384 alike.
 
 It is saved as `...mlp.gate.expert_bias` in the checkpoint's safetensors; config.json says
-`moe_balancing: bias` and names ntp_rl/modeling_biased_moe.py (copied beside the weights) as
-the model class, so `load_pretrained`, `AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)` and the vLLM engine (ntp_rl/vllm_moe.py) all route with it, from a
-directory or a hub id. Plain `from_pretrained(dir)` builds transformers' own Qwen3-MoE, which
-reports the `expert_bias` keys as unexpected and routes without them.
+`moe_balancing: bias`, has the model type `ntp_rl_qwen3_moe` and names
+ntp_rl/modeling_biased_moe.py (copied beside the weights) as the config and model classes, so
+`load_pretrained`, `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and the
+vLLM engine (ntp_rl/vllm_moe.py) all route with it, from a directory or a hub id. Plain
+`from_pretrained(dir)` is refused by transformers, which knows no class for that model type and
+asks for `trust_remote_code=True`. Checkpoints saved before that model type (`qwen3_moe` with
+`moe_balancing: bias`) still load with their biases here (`model_class`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,27 @@ BALANCING_ATTR = "moe_balancing"
 RATE_ATTR = "moe_bias_rate"
 
 
+def is_qwen3_moe(config: object) -> bool:
+    """A Qwen3-MoE config: transformers' own, or a bias-balanced checkpoint's (its own model type)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "qwen3_moe":
+        return True
+    from ntp_rl.modeling_biased_moe import MODEL_TYPE
+
+    return model_type == MODEL_TYPE
+
+
+def register_checkpoint_classes() -> None:
+    """Let transformers' Auto classes load a bias checkpoint's model type with ntp-rl's classes (the same code
+    its directory holds), so ntp-rl's loaders need no remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ntp_rl.modeling_biased_moe import MODEL_TYPE, NtpRlQwen3MoeConfig, NtpRlQwen3MoeForCausalLM
+
+    AutoConfig.register(MODEL_TYPE, NtpRlQwen3MoeConfig, exist_ok=True)
+    AutoModelForCausalLM.register(NtpRlQwen3MoeConfig, NtpRlQwen3MoeForCausalLM, exist_ok=True)
+
+
 def _router_class() -> type:
     try:
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
@@ -44,7 +67,7 @@ def _router_class() -> type:
 
 def routers(lm: nn.Module) -> list[nn.Module]:
     """The MoE routers of `lm`, first layer first; none for a dense model."""
-    if getattr(lm.config, "model_type", None) not in ("qwen3_moe",):
+    if not is_qwen3_moe(lm.config):
         return []
     router_cls = _router_class()
     return [m for m in lm.modules() if isinstance(m, router_cls)]
@@ -78,7 +101,9 @@ def install(lm: nn.Module, balancing: MoeBalancing, rate: float = 0.0) -> None:
         return
     from transformers import Qwen3MoeForCausalLM
 
-    from ntp_rl.modeling_biased_moe import BIAS, NtpRlQwen3MoeForCausalLM, add_bias
+    from transformers import Qwen3MoeConfig
+
+    from ntp_rl.modeling_biased_moe import BIAS, NtpRlQwen3MoeConfig, NtpRlQwen3MoeForCausalLM, add_bias
 
     balanced_cls = _balanced_router_class()
     for router in found:
@@ -91,8 +116,10 @@ def install(lm: nn.Module, balancing: MoeBalancing, rate: float = 0.0) -> None:
         router.expert_load = None
         router.token_mask = None
     # The class save_pretrained records: with the bias, the one that loads it back (config.json's auto_map).
+    # And the config's model type: a bias checkpoint's own, which plain transformers refuses to load.
     if isinstance(lm, Qwen3MoeForCausalLM):
         lm.__class__ = NtpRlQwen3MoeForCausalLM if balancing is MoeBalancing.bias else Qwen3MoeForCausalLM
+        lm.config.__class__ = NtpRlQwen3MoeConfig if balancing is MoeBalancing.bias else Qwen3MoeConfig
     # HF's forward adds its load-balancing loss only when asked for the router logits.
     lm.config.output_router_logits = balancing is MoeBalancing.aux_loss
     setattr(lm.config, BALANCING_ATTR, balancing.value)
@@ -119,7 +146,7 @@ def reinstall_from(lm: nn.Module) -> None:
 
 def model_class(config: object) -> Optional[type]:
     """The class that loads a checkpoint with this config faithfully, where transformers' own would not:
-    a bias-balanced Qwen3-MoE's."""
+    a bias-balanced Qwen3-MoE's saved under transformers' model type (before it had its own)."""
     if getattr(config, "model_type", None) == "qwen3_moe" and getattr(config, BALANCING_ATTR, None) == MoeBalancing.bias.value:
         _router_class()
         from ntp_rl.modeling_biased_moe import NtpRlQwen3MoeForCausalLM

@@ -242,13 +242,15 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
 def _routes_with_bias(model_path: str) -> bool:
     from transformers import AutoConfig
 
-    from ntp_rl.moe import model_class
+    from ntp_rl.modeling_biased_moe import MODEL_TYPE
+    from ntp_rl.moe import model_class, register_checkpoint_classes
 
+    register_checkpoint_classes()
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError):
         return False  # vLLM says why it cannot load it, in one line
-    return model_class(config) is not None
+    return config.model_type == MODEL_TYPE or model_class(config) is not None
 
 
 def _repack_cpu_weights(worker: Any) -> None:

@@ -35,6 +35,10 @@ def register() -> None:
     """vLLM plugin entry point (lazy: nothing of vLLM's model code is imported here)."""
     from vllm import ModelRegistry
 
+    from ntp_rl.moe import register_checkpoint_classes
+
+    # vLLM reads config.json with transformers' AutoConfig, in every process it starts.
+    register_checkpoint_classes()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "ntp_rl.vllm_moe:NtpRlQwen3MoeForCausalLM")
 

@@ -150,6 +150,7 @@ def test_pretrain_with_bias_logs_load_and_its_checkpoint_reloads_the_bias(moe_ru
     assert 0 < rows[-1]["moe/bias_abs_max"] <= 6 * 0.1 + 1e-6, "+-rate per step"
     config = json.loads((ckpt / "config.json").read_text())
     assert config["moe_balancing"] == "bias" and config["architectures"] == ["NtpRlQwen3MoeForCausalLM"]
+    assert config["model_type"] == "ntp_rl_qwen3_moe" and config["auto_map"]["AutoConfig"].endswith(".NtpRlQwen3MoeConfig")
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as saved:
         stored = {k: saved.get_tensor(k) for k in saved.keys() if k.endswith("expert_bias")}
     assert len(stored) == 2 and all(t.abs().max() > 0 for t in stored.values())
@@ -162,7 +163,8 @@ def test_pretrain_with_bias_logs_load_and_its_checkpoint_reloads_the_bias(moe_ru
 
 def test_a_bias_checkpoint_routes_with_its_bias_from_every_loader(moe_run, tmp_path):
     """ntp-rl's loader, transformers with the checkpoint's own code, and a hub id all give ntp-rl's logits;
-    plain transformers (no remote code) loads every weight but routes without the bias."""
+    plain transformers (no remote code) refuses the checkpoint, naming trust_remote_code, rather than route
+    without the bias."""
     import shutil
     import subprocess
     import sys
@@ -175,8 +177,22 @@ def test_a_bias_checkpoint_routes_with_its_bias_from_every_loader(moe_run, tmp_p
         expected = load_pretrained(str(ckpt)).eval()(ids).logits
         remote = AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
         torch.testing.assert_close(remote(ids).logits, expected, rtol=0, atol=1e-6)
-        plain = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
-        assert (plain(ids).logits - expected).abs().max() > 1e-4, "without the bias the routing differs"
+
+    # A user with transformers alone (ntp-rl's import registers the checkpoint's classes, so a fresh process).
+    plain = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModelForCausalLM; "
+                            "AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(ckpt)],
+                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert plain.returncode != 0 and "trust_remote_code=True" in plain.stderr, plain.stderr[-2000:]
+
+    # Saved before the checkpoint had a model type of its own: still routed with its biases by ntp-rl.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ckpt, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    config["model_type"] = "qwen3_moe"
+    del config["auto_map"]["AutoConfig"]
+    (legacy / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(str(legacy)).eval()(ids).logits, expected, rtol=0, atol=1e-6)
 
     # A hub id, offline, from the hub cache's layout: a bias on the hub arrives as one in a directory.
     snapshot = tmp_path / "hub" / "models--someone--tiny-moe" / "snapshots" / ("0123abc" * 6)[:40]
