@@ -3,7 +3,7 @@
 
 One sequence of --prompt prompt tokens and T response tokens, a Qwen3 of --layers layers (1) with
 the given vocabulary, fp32 unless --dtype bf16. "One RL update" is the stage's own code
-(`ntp_rl.stages.rl.update_minibatch`): a forward of the policy, its per-token log-probs at
+(`ntp_rl.stages.rl_update.update_minibatch`): a forward of the policy, its per-token log-probs at
 the sampling temperature and the entropy, the clipped surrogate, and the backward into every
 parameter. Two paths:
 
@@ -35,7 +35,7 @@ from ntp_rl.config.schema import GRPOConfig
 from ntp_rl.generation import Sampling
 from ntp_rl.metrics import Sums
 from ntp_rl.rl.rollout import Group, PolicyLogprobs, build_batch
-from ntp_rl.stages import rl as rl_stage
+from ntp_rl.stages import rl_update
 
 PATHS = ("materialised", "chunked")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,8 +73,8 @@ def update(model: PolicyLogprobs, batch, args: argparse.Namespace) -> torch.Tens
                             sampling=Sampling(args.temperature, 1.0, batch.input_ids.shape[1]), separate_old_pass=False,
                             session=SimpleNamespace(accelerator=Accelerator(cpu=args.device == "cpu"), world=1,
                                                     device=torch.device(args.device)))
-    sums = Sums(rl_stage.STEP_SUMS, device=args.device, maxima=rl_stage.STEP_MAXIMA)
-    rl_stage.update_minibatch(state, batch, sums)
+    sums = Sums(rl_update.STEP_SUMS, device=args.device, maxima=rl_update.STEP_MAXIMA)
+    rl_update.update_minibatch(state, batch, sums)
     return sums["loss"]
 
 

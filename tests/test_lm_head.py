@@ -11,8 +11,8 @@ from ntp_rl.config.schema import GRPOConfig
 from ntp_rl.generation import Sampling
 from ntp_rl.lm_head import logits_in_chunks, token_logprobs_fused
 from ntp_rl.metrics import Sums
-from ntp_rl.rl.rollout import Group, PolicyLogprobs, build_batch, plan_micro_batches, split_plan
-from ntp_rl.stages import rl as rl_stage
+from ntp_rl.rl.rollout import Group, PolicyLogprobs, RolloutBatch, build_batch, plan_micro_batches, split_plan
+from ntp_rl.stages import rl_update
 
 VOCAB = 61
 
@@ -29,7 +29,7 @@ def tiny_lm(tied: bool) -> torch.nn.Module:
     return lm
 
 
-def rollout_batch(engine_logprobs: bool) -> "rl_stage.RolloutBatch":
+def rollout_batch(engine_logprobs: bool) -> RolloutBatch:
     """Two groups of three responses of different lengths (so rows are padded), advantages of both signs."""
     gen = torch.Generator().manual_seed(1)
     groups = []
@@ -75,9 +75,9 @@ def run_update(lm: torch.nn.Module, reference, chunked: bool, rl: GRPOConfig, te
                             sampling=Sampling(temperature, 1.0, 16), separate_old_pass=rl.num_mini_batches > 1,
                             session=SimpleNamespace(accelerator=Accelerator(cpu=True), world=1, device=torch.device("cpu")))
     batch = copy.deepcopy(batch)
-    sums = Sums(rl_stage.STEP_SUMS, maxima=rl_stage.STEP_MAXIMA)
-    rl_stage.old_logprobs(state, batch, sums)
-    assert rl_stage.update_minibatch(state, batch, sums)
+    sums = Sums(rl_update.STEP_SUMS, maxima=rl_update.STEP_MAXIMA)
+    rl_update.old_logprobs(state, batch, sums)
+    assert rl_update.update_minibatch(state, batch, sums)
     return {"old_logp": batch.old_logp, "ref_logp": batch.ref_logp, "sums": {k: sums[k].item() for k in sums.names},
             "grads": {name: p.grad for name, p in lm.named_parameters()}}
 

@@ -414,9 +414,9 @@ def test_the_default_first_update_through_the_chunked_head_equals_the_full_logit
     """Issue 30: the default `rl` (its sampling, batch and update settings) from a pre-trained policy; its
     first update's old log-probs, loss and every gradient are the same through either LM head path."""
     from ntp_rl.rl import rollout
-    from ntp_rl.stages import rl as rl_stage
+    from ntp_rl.stages import rl_update
 
-    real_update = rl_stage.update_minibatch
+    real_update = rl_update.update_minibatch
 
     def first_update(chunked: bool) -> dict:
         recorded = []
@@ -429,7 +429,7 @@ def test_the_default_first_update_through_the_chunked_head_equals_the_full_logit
                                  **{name: p.grad.clone() for name, p in state.lm.named_parameters()}})
             return applied
 
-        monkeypatch.setattr(rl_stage, "update_minibatch", spy)
+        monkeypatch.setattr(rl_update, "update_minibatch", spy)
         if not chunked:  # as for a head the chunked path cannot reproduce
             monkeypatch.setattr(rollout, "has_plain_linear_head", lambda lm: False)
         # Only the held-out checks are made small: they run before the first update and do not touch it.
@@ -447,7 +447,7 @@ def test_the_default_first_update_through_the_chunked_head_equals_the_full_logit
 
 
 def test_rollout_calls_hold_a_sequence_count_with_hf_and_every_prompt_with_vllm(tmp_path):
-    from ntp_rl.stages.rl import rollout_prompts_per_call
+    from ntp_rl.stages.rl_sample import rollout_prompts_per_call
 
     (tmp_path / "config.json").write_text("{}")
     common = [f"init_from={tmp_path}", "rl.num_generations=16", "rl.sampling.batch_size=64"]
@@ -528,6 +528,7 @@ def test_starting_from_an_unfinished_run_and_a_resume_that_finds_nothing_are_sai
 def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_update(policy, tmp_path):
     from ntp_rl.metrics import Sums
     from ntp_rl.stages import rl as rl_stage
+    from ntp_rl.stages import rl_update
     from ntp_rl.stages.session import StageSession
     from ntp_rl.tasks import build_task
 
@@ -550,7 +551,7 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_update(poli
         prompt = tokenizer(problems[0].prompt, add_special_tokens=False)["input_ids"]
         group = Group("p", prompt, [s.token_ids for s in samples], [1.0, 0.0], [True, False], [False, False])
         batch = build_batch([group], torch.tensor([[1.0, -1.0]]), tokenizer.pad_token_id, mask_truncated=False)
-        assert rl_stage.update_minibatch(state, batch, Sums(rl_stage.STEP_SUMS, maxima=rl_stage.STEP_MAXIMA))
+        assert rl_update.update_minibatch(state, batch, Sums(rl_update.STEP_SUMS, maxima=rl_update.STEP_MAXIMA))
         runs[on] = ([s.token_ids for s in samples], len(calls), {n: p.grad for n, p in state.lm.named_parameters()})
     assert runs[True][0] == runs[False][0]
     assert runs[False][1] == 1 and runs[True][1] == 2, "with the switch on, the layer runs again in backward"
@@ -564,6 +565,7 @@ def test_truncated_importance_weights_scale_each_tokens_gradient_in_the_update(p
     stage's update leaves is checked against one written out by hand, and against the unweighted one."""
     from ntp_rl.models import load_pretrained
     from ntp_rl.stages import rl as rl_stage
+    from ntp_rl.stages import rl_update
     from ntp_rl.stages.session import StageSession
     from ntp_rl.tasks import build_task
 
@@ -615,8 +617,8 @@ def test_truncated_importance_weights_scale_each_tokens_gradient_in_the_update(p
     state.optimizer.zero_grad(set_to_none=True)
     from ntp_rl.metrics import Sums
 
-    sums = Sums(rl_stage.STEP_SUMS, device=session.device, maxima=rl_stage.STEP_MAXIMA)
-    assert rl_stage.update_minibatch(state, batch, sums)
+    sums = Sums(rl_update.STEP_SUMS, device=session.device, maxima=rl_update.STEP_MAXIMA)
+    assert rl_update.update_minibatch(state, batch, sums)
     got = torch.cat([p.grad.flatten() for p in state.lm.parameters() if p.grad is not None])
     scale = expected.abs().max()
     assert (got - expected).abs().max() < 1e-4 * scale

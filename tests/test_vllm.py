@@ -408,7 +408,7 @@ def test_eval_with_vllm_gives_what_eval_with_transformers_gives_greedily(checkpo
 def test_importance_weights_are_the_probability_ratio_capped():
     from ntp_rl.metrics import Sums
     from ntp_rl.rl.rollout import RolloutBatch
-    from ntp_rl.stages.rl import STEP_MAXIMA, STEP_SUMS, truncated_importance_weights
+    from ntp_rl.stages.rl_update import STEP_MAXIMA, STEP_SUMS, truncated_importance_weights
 
     old = torch.tensor([[0.0, -1.0, -2.0, -0.5]])
     engine_logp = torch.tensor([[0.0, -2.0, -1.0, -3.0]])  # ratios 1, e, 1/e, e^2.5 (masked out below)

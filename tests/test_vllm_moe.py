@@ -100,7 +100,7 @@ def test_the_engine_routes_with_the_bias_as_the_trainer_does(engine, model, toke
 def test_the_trainers_fused_experts_and_biases_reach_the_engine(engine, model, tokenizer, task):
     import copy
 
-    from ntp_rl.stages.rl import lm_weights  # what the rl stage sends the engine, from one process
+    from ntp_rl.stages.rl_sample import lm_weights  # what the rl stage sends the engine, from one process
 
     batch = prompts(task, 6)
     responses = [cs[0].token_ids for cs in engine.generate(batch, 1, Sampling(temperature=1.0, max_new_tokens=24), 5)]
