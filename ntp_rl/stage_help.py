@@ -1,5 +1,5 @@
 """`ntp-rl <stage> --help`: the stage's own config groups, presets and most used keys, generated
-from the stage table, conf/<stage>.yaml and the comments of config/schema.py, so it cannot drift
+from the stage table, conf/<stage>.yaml and the comments of the config schema, so it cannot drift
 from what the stage reads. (Hydra's generic page stays behind `--hydra-help`.)"""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def stage_groups(stage: str) -> list[tuple[str, str, str]]:
 
 
 def field_comment(schema: type, dotted: str) -> str:
-    """The comment beside a key's field in config/schema.py: its documented meaning."""
+    """The comment beside a key's field in the config schema: its documented meaning."""
     owner: Optional[type] = schema
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -74,5 +74,7 @@ def stage_help(stage: str) -> str:
     lines += ["", "most used keys (default; meaning):"]
     for key in spec.keys:
         lines.append(f"  {key:<28} {_shown(cfg, key):<12} {field_comment(spec.schema, key)}")
-    lines += ["", f"every key and its value: ntp-rl {stage} --cfg job; every key documented: ntp_rl/config/schema.py"]
+    documented = ", ".join(dict.fromkeys(cls.__module__.replace(".", "/") + ".py" for cls in inspect.getmro(spec.schema)
+                                         if dataclasses.is_dataclass(cls)))
+    lines += ["", f"every key and its value: ntp-rl {stage} --cfg job; every key documented: {documented}"]
     return "\n".join(lines)

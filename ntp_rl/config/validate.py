@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from ntp_rl.config.schema import LINEAGE_STAGES, DataSource, GeneratorKind, LossImpl, ModelArch
+from ntp_rl.config.pipeline_schema import LINEAGE_STAGES
+from ntp_rl.config.schema import DataSource, GeneratorKind, LossImpl, ModelArch
 from ntp_rl.errors import ConfigError, DataError
 
 

@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from ntp_rl.config import schema
+from ntp_rl.config import pipeline_schema, schema
 from ntp_rl.config import validate as checks
 
 
@@ -49,7 +49,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           ("model.name_or_path", "eval.n", "eval.ks", "eval.num_problems", "sampling.temperature", "sampling.top_p",
            "sampling.max_new_tokens", "seed")),
     Stage("pipeline", "pretrain [-> midtrain] -> eval -> rl -> eval as one lineage; ntp-rl experiment=<name> runs a study",
-          "ntp_rl.stages.pipeline", schema.PipelineConfig, checks.validate_pipeline,
+          "ntp_rl.stages.pipeline", pipeline_schema.PipelineConfig, checks.validate_pipeline,
           ("stages", "loss.beta", "train.max_steps", "rl.max_steps", "eval.n", "seed", "objective")),
     Stage("prepare", "tokenize a corpus once into token shards that pretrain reads by position (data=prepared)",
           "ntp_rl.stages.prepare", schema.PrepareConfig, checks.validate_prepare,

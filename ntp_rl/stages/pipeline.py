@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from ntp_rl.checkpoint import latest_checkpoint
 from ntp_rl.config.compose import compose
-from ntp_rl.config.schema import LINEAGE_STAGES
+from ntp_rl.config.pipeline_schema import LINEAGE_STAGES
 from ntp_rl.errors import ConfigError
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import (RESULTS_FILE, RunDir, dir_name, lock, mark_stopped, read_results, read_run_info, run_name,

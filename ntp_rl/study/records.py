@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ntp_rl.config.schema import LINEAGE_STAGES
+from ntp_rl.config.pipeline_schema import LINEAGE_STAGES
 from ntp_rl.errors import DataError
 from ntp_rl.rundir import CONFIG_FILE, RESULTS_FILE, RUN_FILE, read_run_info, setting_overrides
 from ntp_rl.tracking import read_metrics
