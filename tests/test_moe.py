@@ -235,7 +235,7 @@ def test_pretrain_with_the_aux_loss_logs_load_and_saves_no_bias(moe_run):
 
 
 def test_rl_keeps_the_pretrained_biases_and_logs_the_load(moe_run, tmp_path):
-    from test_rl import RL_TINY
+    from rl_helpers import RL_TINY
 
     _, ckpt = moe_run("model.moe_bias_rate=0.01")
     args = [*RL_TINY, "rl.max_steps=2", "rl.eval_every=2", "init_from=x", f"out_dir={tmp_path / 'rl'}"]

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO
 from ntp_rl.config.compose import compose
 from ntp_rl.errors import ConfigError, UserError
 from ntp_rl.evaluation import score_problem
 from ntp_rl.generation import HFGenerator, Sampling
 from ntp_rl.stages import run_stage
 from ntp_rl.tasks import build_task
+from rl_helpers import one_thread, pretrain_small_policy  # noqa: F401 (one_thread: a fixture, as in test_rl)
 
 # fp32, so that the comparisons with transformers are exact to ~1e-6; a step budget of 256 tokens
 # chunks the prefill of long prompts, as large batches do.
@@ -27,23 +28,11 @@ CONFIG = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_num_ba
 TASK = ["task.difficulty=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As in test_rl: the tiny model's ops gain nothing from a second thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, shared_cache) -> Path:
     """A pre-trained tiny policy that writes "#### <number>" answers; head_dim 32, the smallest vLLM's CPU attention takes."""
     out = tmp_path_factory.mktemp("vllm_policy")
-    overrides = [*TINY, f"out_dir={out}", f"data.cache_dir={shared_cache}", f"run_dir={out / 'run'}", "data.difficulty=1",
-                 "data.seq_len=64", "train.batch_size=16", "train.micro_batch_size=16", "train.max_steps=60",
-                 "train.eval_every=60", "train.save_every=60", "optim.lr=1e-2", "optim.warmup_steps=5", "model.head_dim=32"]
-    run_stage("pretrain", compose("pretrain", overrides), overrides=overrides)
+    pretrain_small_policy(out, shared_cache, "model.head_dim=32")
     (path,) = (out / "run" / "checkpoints").iterdir()
     # Sampling settings such as a released checkpoint carries: the engine must ignore them all.
     generation_config = json.loads((path / "generation_config.json").read_text())
