@@ -7,7 +7,10 @@ A checkpoint directory `checkpoints/step_00000400/` holds
          auto_map) and needs `trust_remote_code=True`: without it transformers refuses the
          checkpoint's model type rather than route without the router biases;
   optimizer.pt, trainer_state.pt (step, data position, scheduler, extra state),
-  rng_state_<rank>.pt (one per process).
+  rng_state_<rank>.pt (one per process);
+  under FSDP (ntp_rl/sharding.py) sharded/ instead of optimizer.pt: each process's shard of the
+  model and optimizer state (torch.distributed.checkpoint), which resume reads on any number of
+  processes; the safetensors beside it are the whole model, gathered.
 It is written into a hidden temporary directory and renamed into place only when whole,
 so a kill during the write leaves the previous checkpoint as the latest one. Only
 safetensors and `torch.load(weights_only=True)` are used to read it back.
@@ -23,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from ntp_rl import sharding
 from ntp_rl.errors import DataError, StorageError
 from ntp_rl.faults import kill_point
 from ntp_rl.io import writing
@@ -30,6 +34,7 @@ from ntp_rl.seeding import rng_state, set_rng_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
+SHARDED_STATE = "sharded"
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -118,11 +123,15 @@ def save_checkpoint(
 def _write_checkpoint(tmp: Path, step: int, accelerator: Any, model: torch.nn.Module, lm_of: Any,
                       optimizer: torch.optim.Optimizer, tokenizer: Any, trainer_state: dict[str, Any]) -> None:
     """Every file of a checkpoint, into its hidden directory; trainer_state.pt, which makes it complete, last."""
-    full_state = accelerator.get_state_dict(model)  # gathers shards under FSDP; every rank calls it
+    # Gathers the shards under FSDP onto the main process; every process calls it.
+    full_state = sharding.full_state_dict(model) if sharding.is_sharded(model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         lm = lm_of(accelerator.unwrap_model(model))
         prefix = _prefix_of(accelerator.unwrap_model(model), lm)
         lm_state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+        # A gathered state dict holds a tied weight once per name, as copies that save_pretrained cannot see are tied.
+        aliases = {n for n, _ in lm.named_parameters(remove_duplicate=False)} - {n for n, _ in lm.named_parameters()}
+        lm_state = {k: v for k, v in lm_state.items() if k not in aliases}
         lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -145,7 +154,9 @@ def _prefix_of(module: torch.nn.Module, lm: torch.nn.Module) -> str:
 def _save_optimizer(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if sharding.is_sharded(model):
+        sharding.save_sharded(directory / SHARDED_STATE, model, optimizer)
+    elif accelerator.distributed_type == DistributedType.FSDP:
         from accelerate.utils import save_fsdp_optimizer
 
         save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(directory))
@@ -159,7 +170,16 @@ def load_training_state(path: Path, accelerator: Any, model: torch.nn.Module, op
 
     path = Path(path)
     try:
-        if accelerator.distributed_type == DistributedType.FSDP:
+        if (path / SHARDED_STATE).is_dir():
+            if not (sharding.is_sharded(model) or accelerator.num_processes == 1):
+                raise DataError(f"resume: checkpoint {path} holds FSDP shards ({SHARDED_STATE}/); resume it with the "
+                                "FSDP config (scripts/accelerate/fsdp.yaml) on any number of processes, or on one process")
+            # DCP reads the shards into this run's layout: other shards, or the whole model on one process.
+            sharding.load_sharded(path / SHARDED_STATE, accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer))
+        elif sharding.is_sharded(model):
+            raise DataError(f"resume: checkpoint {path} was written without FSDP (it has no {SHARDED_STATE}/); "
+                            "resume it as it was launched, without the FSDP config")
+        elif accelerator.distributed_type == DistributedType.FSDP:
             from accelerate.utils import load_fsdp_optimizer
 
             load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(path))

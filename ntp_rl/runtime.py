@@ -56,8 +56,12 @@ def parallelism(accelerator: Any) -> dict[str, Any]:
     """How this run is split over processes, as run.json records it: fsdp2, fsdp1, ddp or single."""
     from accelerate.utils import DistributedType
 
+    from ntp_rl import sharding
+
     kind = accelerator.distributed_type
-    if kind is DistributedType.FSDP:
+    if sharding.requested() and accelerator.num_processes > 1:
+        name = "fsdp2"  # ntp-rl shards with torch's fully_shard, whatever Accelerate set up (ntp_rl/sharding.py)
+    elif kind is DistributedType.FSDP:
         name = "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
     elif kind is DistributedType.NO:
         name = "single"
@@ -67,21 +71,21 @@ def parallelism(accelerator: Any) -> dict[str, Any]:
 
 
 def check_parallelism(accelerator: Any) -> None:
-    """A launch that asked for FSDP (`accelerate launch --config_file scripts/accelerate/fsdp.yaml`) and got
-    anything else stops here: Accelerate falls back to DDP on CPU with FSDP1, without a word."""
+    """A launch that asked for FSDP (`accelerate launch --config_file scripts/accelerate/fsdp.yaml`) and would get
+    anything else stops here: FSDP2 is sharded by ntp-rl itself on CPU and GPU (ntp_rl/sharding.py); FSDP1
+    is Accelerate's, which on CPU falls back to DDP without a word."""
     from accelerate.utils import DistributedType
     from accelerate.utils.environment import str_to_bool
 
+    from ntp_rl import sharding
     from ntp_rl.errors import UserError
 
     asked = str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false"))
-    if asked and accelerator.distributed_type is not DistributedType.FSDP:
+    if asked and not sharding.requested() and accelerator.distributed_type is not DistributedType.FSDP:
         version = os.environ.get("FSDP_VERSION", "1")
-        hint = ("Accelerate shards with FSDP on GPUs only; on CPU run without the FSDP config (each process then "
-                "holds the whole model, as with scripts/accelerate/ddp.yaml)") if not torch.cuda.is_available() \
-            else "check the launch config against scripts/accelerate/fsdp.yaml"
         raise UserError(f"accelerate launch asked for FSDP (fsdp_version {version}) but the run was set up as "
-                        f"{parallelism(accelerator)['kind']}, which would not shard anything; {hint}")
+                        f"{parallelism(accelerator)['kind']}, which would not shard anything; use fsdp_version: 2 "
+                        "(scripts/accelerate/fsdp.yaml), which ntp-rl shards on CPU and GPU alike")
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -1,5 +1,8 @@
-"""FSDP through `accelerate launch --config_file scripts/accelerate/fsdp.yaml`: recorded, and never silently DDP."""
+"""FSDP2 through `accelerate launch --config_file scripts/accelerate/fsdp.yaml`: ntp-rl shards with torch's
+fully_shard (ntp_rl/sharding.py), on CPU over gloo as on GPUs; recorded, and never silently DDP."""
 
+import json
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -8,37 +11,133 @@ import pytest
 
 from conftest import REPO
 from ntp_rl.errors import UserError
+from test_pretrain import pretrain, train_rows
 
-@pytest.mark.slow  # two launched processes: about 40 s on 2 cores
-def test_the_fsdp_config_on_cpu_is_refused_before_anything_is_written(tiny, tmp_path):
-    """Accelerate sets an FSDP launch up as DDP on CPU, without a word: the run stops in one line instead."""
+
+def fsdp_launch(config_dir, num_processes: int = 2) -> list[str]:
+    """`accelerate launch` with the repository's FSDP2 config, on CPU."""
     config = (REPO / "scripts" / "accelerate" / "fsdp.yaml").read_text()
-    cpu_config = tmp_path / "fsdp_cpu.yaml"
-    cpu_config.write_text(config.replace("num_processes: 8", "num_processes: 2").replace("use_cpu: false", "use_cpu: true")
-                          .replace("mixed_precision: bf16", "mixed_precision: 'no'"))
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config), "-m",
-                             "ntp_rl", "pretrain", *tiny, f"run_dir={tmp_path / 'run'}"],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("ntp-rl: error:")]
-    assert errors and "asked for FSDP (fsdp_version 2) but the run was set up as ddp" in errors[0], result.stderr[-2000:]
-    assert not (tmp_path / "run").exists()
+    cpu_config = config_dir / "fsdp_cpu.yaml"
+    cpu_config.write_text(config.replace("num_processes: 8", f"num_processes: {num_processes}")
+                          .replace("use_cpu: false", "use_cpu: true").replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config), "-m", "ntp_rl"]
 
 
-def test_a_launch_that_asked_for_fsdp_and_got_ddp_is_refused_in_one_line(monkeypatch):
+def launched(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_two_fsdp2_processes_shard_and_match_one_process(tiny, tmp_path):
+    """20 steps of a 2-process FSDP2 pretrain take the steps of a 1-process run of the same global batch;
+    each process keeps half of every parameter, writes its own shard, and the export is the whole model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    steps = ["train.max_steps=20", "train.log_every=1", "train.save_every=20", "train.eval_every=20"]
+    one = tmp_path / "one"
+    pretrain([*tiny, *steps, "train.micro_batch_size=8", f"run_dir={one}"])
+    two = tmp_path / "two"
+    result = launched([*fsdp_launch(tmp_path), "pretrain", *tiny, *steps, "train.micro_batch_size=2", f"run_dir={two}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((two / "run.json").read_text())
+    assert info["status"] == "finished" and info["environment"]["distributed"] == {"kind": "fsdp2", "world_size": 2}
+    a, b = train_rows(one), train_rows(two)
+    for step in range(1, 21):
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-4), step
+        assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-4), step
+
+    checkpoint = two / "checkpoints" / "step_00000020"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    assert sorted(p.name for p in (checkpoint / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # Every weight and both AdamW moments of it were held, and written, as one half per process.
+    saved = FileSystemReader(str(checkpoint / "sharded")).read_metadata().state_dict_metadata
+    tensors = {name: meta for name, meta in saved.items() if hasattr(meta, "chunks") and meta.size.numel() > 1}
+    assert any(name.startswith("optimizer.state.") and name.endswith("exp_avg_sq") for name in tensors)
+    for name, meta in tensors.items():
+        assert [tuple(chunk.sizes) for chunk in meta.chunks] == [(meta.size[0] // 2, *meta.size[1:])] * 2, name
+    whole, single = load_file(checkpoint / "model.safetensors"), load_file(one / "checkpoints" / "step_00000020" / "model.safetensors")
+    assert sorted(whole) == sorted(single), "the export holds each weight once, under the names of a 1-process run"
+    for name, tensor in single.items():
+        assert whole[name].shape == tensor.shape and (whole[name] - tensor).abs().max() < 1e-4, name
+    AutoModelForCausalLM.from_pretrained(checkpoint)
+
+
+@pytest.mark.slow  # five launches of 2 processes: about 2 minutes on 2 cores
+def test_a_sharded_run_resumes_exactly_and_on_one_process(tiny, tmp_path):
+    common = [*tiny, "train.max_steps=10", "train.save_every=4", "train.log_every=1", "train.micro_batch_size=2"]
+    launch = fsdp_launch(tmp_path)
+    straight = tmp_path / "straight"
+    assert launched([*launch, "pretrain", *common, f"run_dir={straight}"]).returncode == 0
+    killed = tmp_path / "killed"
+    first = launched([*launch, "pretrain", *common, f"run_dir={killed}"], env={"NTP_RL_KILL_AT": "step:6"})
+    assert first.returncode != 0 and (killed / "checkpoints" / "step_00000004" / "sharded").is_dir()
+    elsewhere, ddp = tmp_path / "elsewhere", tmp_path / "ddp"  # the same interrupted run, resumed otherwise
+    shutil.copytree(killed, elsewhere)
+    shutil.copytree(killed, ddp)
+
+    second = launched([*launch, "pretrain", *common, f"run_dir={killed}", "resume=auto"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = train_rows(straight), train_rows(killed)
+    for step in range(1, 11):
+        assert b[step]["train/loss"] == a[step]["train/loss"] and b[step]["train/grad_norm"] == a[step]["train/grad_norm"], step
+
+    pretrain([*common, f"run_dir={elsewhere}", "resume=auto"])
+    c = train_rows(elsewhere)
+    for step in range(5, 11):
+        assert c[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-4), step
+
+    # A plain multi-process (DDP) launch cannot take the shards: one line, nothing trained.
+    plain = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl"]
+    refused = launched([*plain, "pretrain", *common, f"run_dir={ddp}", "resume=auto"])
+    assert refused.returncode != 0
+    assert any(line.startswith("ntp-rl: error: resume: checkpoint") and "holds FSDP shards" in line
+               for line in refused.stderr.splitlines()), refused.stderr[-2000:]
+
+
+def test_a_launch_that_asked_for_fsdp1_and_got_ddp_is_refused_in_one_line(monkeypatch):
     from accelerate.utils import DistributedType
 
     from ntp_rl.runtime import check_parallelism, parallelism
 
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, is_fsdp2=False)
-    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2, is_fsdp2=True)
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2, is_fsdp2=False)
     assert parallelism(ddp) == {"kind": "ddp", "world_size": 2}
-    assert parallelism(fsdp2) == {"kind": "fsdp2", "world_size": 2}
+    assert parallelism(fsdp1) == {"kind": "fsdp1", "world_size": 2}
     check_parallelism(ddp)  # nobody asked for FSDP
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
-    check_parallelism(fsdp2)
+    check_parallelism(fsdp1)
     with pytest.raises(UserError) as caught:
         check_parallelism(ddp)
     message = str(caught.value)
     assert "\n" not in message and "asked for FSDP (fsdp_version 1)" in message and "set up as ddp" in message
+    # FSDP2 is ntp-rl's own sharding: whatever Accelerate set up, the run is sharded and recorded so.
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_parallelism(ddp)
+    assert parallelism(ddp) == {"kind": "fsdp2", "world_size": 2}
+
+
+def test_a_stage_that_does_not_shard_yet_refuses_an_fsdp_launch_in_one_line(monkeypatch):
+    import torch
+    from accelerate.utils import DistributedType
+    from omegaconf import OmegaConf
+
+    from ntp_rl.stages import session
+
+    two_processes = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, is_main_process=True,
+                                    process_index=0, device=torch.device("cpu"), mixed_precision="no", is_fsdp2=False)
+    monkeypatch.setattr(session, "make_accelerator", lambda *args: two_processes)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    from ntp_rl.config.schema import WandbMode
+
+    cfg = OmegaConf.create({"logger": {"wandb": {"mode": WandbMode.disabled}}})
+    assert session.StageSession("pretrain", cfg, [], precision="fp32").sharded
+    for stage in ("rl", "eval"):
+        with pytest.raises(UserError) as caught:
+            session.StageSession(stage, cfg, [], precision="fp32")
+        assert "\n" not in str(caught.value) and str(caught.value).startswith(f"{stage}: FSDP2 sharding is built for pretrain")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ntp_rl import checkpoint as ckpt
-from ntp_rl import moe, stopping
+from ntp_rl import moe, sharding, stopping
 from ntp_rl.config.schema import ModelArch, NonFinitePolicy
 from ntp_rl.config.validate import check_loss, check_seq_len, micro_batches
 from ntp_rl.data.packing import PretrainData
@@ -114,9 +113,14 @@ def build_lm(cfg: Any, data: PretrainData, resume_from: Optional[Path]) -> torch
 
 def setup_training(cfg: Any, session: StageSession, lm: torch.nn.Module, batching: tuple[int, int]) -> Training:
     model = ShapedLossLM(lm, cfg.loss)
-    optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
+    if session.sharded:
+        # Sharded before the optimizer is built, so that it holds (and keeps state for) the shards only.
+        model = sharding.shard(model.to(session.device), lm, bf16=session.bf16)
+        optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
+    else:
+        optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
+        model, optimizer = session.accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
-    model, optimizer = session.accelerator.prepare(model, optimizer)
     if cfg.train.compile:
         model = torch.compile(model)
     micro_batch_size, grad_accum = batching
@@ -202,7 +206,7 @@ def train_step(cfg: Any, session: StageSession, data: PretrainData, training: Tr
     for micro, chunk in enumerate(batch.split(training.micro_batch_size)):
         # Gradients are averaged over processes only on the last micro-batch.
         sync = micro == training.grad_accum - 1
-        with nullcontext() if sync else accelerator.no_sync(model):
+        with session.gradient_sync(model, sync):
             out = model(input_ids=chunk[:, :-1], labels=chunk[:, 1:])
             accelerator.backward(out.loss / training.grad_accum)
         loss_sum += out.loss.detach()

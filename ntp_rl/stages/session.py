@@ -19,15 +19,15 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from ntp_rl import rundir
+from ntp_rl import rundir, sharding
 from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
-from ntp_rl.errors import TrainingDiverged
+from ntp_rl.errors import TrainingDiverged, UserError
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import RESULTS_FILE, RunDir
 from ntp_rl.runtime import check_parallelism, environment, make_accelerator, parallelism
@@ -48,9 +48,22 @@ class StageSession:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.device = self.accelerator.device
+        # FSDP2 is ntp-rl's own sharding (ntp_rl/sharding.py), not something accelerator.prepare does.
+        self.sharded = sharding.requested() and self.world > 1
+        if self.sharded and stage not in sharding.STAGES:
+            raise UserError(f"{stage}: FSDP2 sharding is built for {' and '.join(sharding.STAGES)} so far; run {stage} "
+                            "without the FSDP config (scripts/accelerate/ddp.yaml: every process holds the whole model)")
+        self.bf16 = self.accelerator.mixed_precision == "bf16"
         self.run_dir: Optional[RunDir] = None
         self.tracker: Optional[Tracker] = None
         self.notices: dict[str, Any] = {}  # what was dropped, skipped or suspicious: results.json's `notices`
+
+    def gradient_sync(self, model: Any, sync: bool) -> Any:
+        """The context of one micro-batch's backward: gradients are averaged over processes only when `sync`
+        (the step's last micro-batch)."""
+        if self.sharded:
+            return sharding.gradient_sync(model, sync)
+        return nullcontext() if sync else self.accelerator.no_sync(model)
 
     def say(self, message: str) -> None:
         """A console line from the main process; tqdm.write keeps a progress bar intact below it."""
