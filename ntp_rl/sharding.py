@@ -27,7 +27,7 @@ from torch import nn
 
 
 # The stages that shard; the others refuse an FSDP launch in one line (StageSession) rather than run as DDP.
-STAGES = ("pretrain", "midtrain")
+STAGES = ("pretrain", "midtrain", "rl")
 
 
 def requested() -> bool:
@@ -65,7 +65,7 @@ def shard(model: nn.Module, lm: nn.Module, bf16: bool) -> nn.Module:
         raise UserError(f"FSDP: no module of {type(lm).__name__} is of the classes to shard by layer "
                         f"(FSDP_TRANSFORMER_CLS_TO_WRAP / fsdp_transformer_layer_cls_to_wrap: {', '.join(sorted(names)) or 'none'})")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    reshard = bool(str_to_bool(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")))
+    reshard = _layers_reshard_after_forward()
     # fsdp_offload_params: the shards and the optimizer step live in CPU memory, gathered onto the GPU per unit.
     offload = CPUOffloadPolicy() if str_to_bool(os.environ.get("FSDP_OFFLOAD_PARAMS", "false")) else OffloadPolicy()
     for layer in layers:
@@ -73,6 +73,39 @@ def shard(model: nn.Module, lm: nn.Module, bf16: bool) -> nn.Module:
     # The root's parameters are needed again at once by backward: kept gathered between the two.
     fully_shard(model, mp_policy=policy, offload_policy=offload, reshard_after_forward=False)
     return model
+
+
+def _layers_reshard_after_forward() -> bool:
+    from accelerate.utils.environment import str_to_bool
+
+    return bool(str_to_bool(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")))
+
+
+@contextmanager
+def full_weights(model: nn.Module) -> Iterator[None]:
+    """Every unit's parameters gathered and kept whole until the block ends, then resharded: for sampling,
+    where `generate` runs the layers' forwards many times, a different number on each process, so no
+    collective may happen inside. Every process enters and leaves together; the peak extra memory is one
+    whole copy of the model's parameters (in the compute dtype) on each process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not is_sharded(model):
+        yield
+        return
+    # The root must know it is the root before a layer's forward runs outside the root's own forward;
+    # FSDP2 decides that lazily, at the first root forward (a private call: no public one does it).
+    model._get_fsdp_state()._lazy_init()
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(_layers_reshard_after_forward())
+        model.set_reshard_after_forward(False, recurse=False)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO
 from ntp_rl.errors import UserError
+from rl_helpers import ONE_THREAD, eval_rows, one_thread, policy, rl_args, rl_run, step_rows  # noqa: F401 (fixtures)
 from test_pretrain import pretrain, train_rows
 
 
@@ -98,6 +99,27 @@ def test_a_sharded_run_resumes_exactly_and_on_one_process(tiny, tmp_path):
                for line in refused.stderr.splitlines()), refused.stderr[-2000:]
 
 
+@pytest.mark.slow  # a policy, then 1 and 2 processes of rl: about a minute on 2 cores
+def test_two_fsdp2_processes_of_rl_take_the_steps_of_one(rl_args, tmp_path):
+    """Rollouts sampled with the weights gathered, then the same updates from the same samples: 3 steps."""
+    common = [*rl_args, "rl.max_steps=3", "rl.save_every=3", "rl.eval_every=3", "rl.sampling.batch_size=8",
+              "rl.eval_sampling.batch_size=8"]
+    one = tmp_path / "one"
+    rl_run([*common, f"run_dir={one}"])
+    two = tmp_path / "two"
+    result = launched([*fsdp_launch(tmp_path), "rl", *common, f"run_dir={two}"], env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((two / "run.json").read_text())["environment"]["distributed"] == {"kind": "fsdp2", "world_size": 2}
+    assert (two / "checkpoints" / "step_00000003" / "sharded").is_dir()
+    a, b = step_rows(one), step_rows(two)
+    for step in (1, 2, 3):
+        for key in ("reward", "accuracy", "completions/mean_length"):
+            assert b[step][key] == a[step][key], (step, key)  # the same rollouts, sampled from gathered weights
+        for key in ("policy_loss", "entropy", "grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert eval_rows(two)[3]["eval/avg@4"] == eval_rows(one)[3]["eval/avg@4"], "held-out checks sampled from gathered weights"
+
+
 def test_a_launch_that_asked_for_fsdp1_and_got_ddp_is_refused_in_one_line(monkeypatch):
     from accelerate.utils import DistributedType
 
@@ -137,7 +159,29 @@ def test_a_stage_that_does_not_shard_yet_refuses_an_fsdp_launch_in_one_line(monk
 
     cfg = OmegaConf.create({"logger": {"wandb": {"mode": WandbMode.disabled}}})
     assert session.StageSession("pretrain", cfg, [], precision="fp32").sharded
-    for stage in ("rl", "eval"):
+    assert session.StageSession("rl", cfg, [], precision="fp32").sharded
+    for stage in ("eval",):
         with pytest.raises(UserError) as caught:
             session.StageSession(stage, cfg, [], precision="fp32")
         assert "\n" not in str(caught.value) and str(caught.value).startswith(f"{stage}: FSDP2 sharding is built for pretrain")
+
+
+@pytest.mark.vllm
+def test_rl_with_vllm_refuses_an_fsdp_launch_in_one_line(monkeypatch, tmp_path):
+    import torch
+    from accelerate.utils import DistributedType
+
+    from ntp_rl.config.compose import compose
+    from ntp_rl.errors import ConfigError
+    from ntp_rl.stages import rl, session
+
+    two_processes = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, is_main_process=True,
+                                    process_index=0, device=torch.device("cpu"), mixed_precision="no", is_fsdp2=False)
+    monkeypatch.setattr(session, "make_accelerator", lambda *args: two_processes)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    args = ["init_from=Qwen/Qwen3-0.6B", "generator=vllm", f"out_dir={tmp_path}", "logger.wandb.mode=disabled"]
+    with pytest.raises(ConfigError) as caught:
+        rl.run(compose("rl", args), args)
+    assert str(caught.value).startswith("generator=vllm: vllm under FSDP is not built yet") and "\n" not in str(caught.value)
+    assert not any(tmp_path.iterdir())

@@ -27,9 +27,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ntp_rl import checkpoint as ckpt
-from ntp_rl import stopping
+from ntp_rl import sharding, stopping
+from ntp_rl.config.schema import GeneratorKind
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
+from ntp_rl.errors import ConfigError
 from ntp_rl.engines import make_generator
 from ntp_rl.evaluation import sample_and_score_chunks, summarize
 from ntp_rl.faults import kill_point
@@ -51,6 +53,9 @@ from ntp_rl.tasks import Task, TaskProblem, build_task
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     session = StageSession("rl", cfg, overrides, precision=cfg.rl.precision)
     rl_prompt_split(cfg.rl, session.world)
+    if session.sharded and cfg.generator.name is GeneratorKind.vllm:
+        raise ConfigError("generator", "vllm under FSDP is not built yet (its weight sync would gather the whole "
+                          "model on every process); use generator=hf, or launch without the FSDP config", "vllm")
     seed_everything(cfg.seed)
 
     # Everything a user can get wrong is found before the run directory exists.
@@ -126,9 +131,15 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
     if rl.gradient_checkpointing:
         # the hf generator switches to eval mode for sampling, where the KV cache is needed
         enable_activation_checkpointing(policy)
-    optimizer = build_adamw(policy, cfg.optim, fused=torch.cuda.is_available())
+    model = PolicyLogprobs(policy, rl.logprob_chunk_size)
+    if session.sharded:
+        # Sharded before the optimizer is built, so that it holds (and keeps state for) the shards only.
+        model = sharding.shard(model.to(session.device), policy, bf16=session.bf16)
+        optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
+    else:
+        optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
+        model, optimizer = session.accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
-    model, optimizer = session.accelerator.prepare(PolicyLogprobs(policy, rl.logprob_chunk_size), optimizer)
     lm = session.accelerator.unwrap_model(model).lm
     state = RLState(
         cfg=cfg, session=session, task=task, tokenizer=tokenizer, model=model, lm=lm, optimizer=optimizer,
@@ -185,9 +196,10 @@ def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
     evaluator = make_generator(state.cfg.generator, state.lm, state.tokenizer, state.task.stop_strings,
                                rl.eval_sampling.batch_size, state.model_dir, session)  # vLLM: the same engine
     per_call = max(1, rl.eval_sampling.batch_size // rl.eval_samples)
-    results = sample_and_score_chunks(evaluator, state.task, state.eval_problems, rl.eval_samples, state.eval_sampling,
-                                      list(rl.eval_ks), lambda chunk: rl_eval_seed(seed, chunk), session.rank,
-                                      session.world, per_call)
+    with sharding.full_weights(state.model):
+        results = sample_and_score_chunks(evaluator, state.task, state.eval_problems, rl.eval_samples,
+                                          state.eval_sampling, list(rl.eval_ks), lambda chunk: rl_eval_seed(seed, chunk),
+                                          session.rank, session.world, per_call)
     summary = summarize(results, list(rl.eval_ks))
     session.tracker.log({f"eval/{k}": v for k, v in summary.items() if k not in ("problems", "n")}, step=step)
     shown = " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith(("avg@", "pass@", "cons@")))

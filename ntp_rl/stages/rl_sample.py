@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
+from ntp_rl import sharding
 from ntp_rl.config.schema import GeneratorKind
 from ntp_rl.rl.advantages import AdvantageInputs, compute_advantages
 from ntp_rl.rl.rollout import (CollectedGroups, Group, RolloutBatch, build_batch, collect_groups, deal_groups,
@@ -23,8 +24,9 @@ def sample(state: RLState) -> tuple[CollectedGroups, float]:
     rl = state.cfg.rl
     started = time.perf_counter()
     sync_engine(state)
-    collected = collect_groups(functools.partial(sample_round, state), rl.prompts_per_step, rl.dynamic_sampling,
-                               rl.max_sampling_rounds)
+    with sharding.full_weights(state.model):
+        collected = collect_groups(functools.partial(sample_round, state), rl.prompts_per_step, rl.dynamic_sampling,
+                                   rl.max_sampling_rounds)
     state.rollouts.release_memory()  # vLLM's sleep mode on GPU: the trainer gets the memory back
     return collected, time.perf_counter() - started
 

@@ -4,7 +4,6 @@ then the clipped-surrogate updates, mini-batch by mini-batch, each over micro-ba
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +124,7 @@ def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> boo
     micros = [micro for _, micro in micro_batches(state, minibatch)]
     for i, micro in enumerate(micros):
         # Gradients are averaged over processes only on the last micro-batch.
-        with nullcontext() if i == len(micros) - 1 else accelerator.no_sync(state.model):
+        with state.session.gradient_sync(state.model, sync=i == len(micros) - 1):
             logp, entropy = token_logprobs(state.model, micro, state.sampling.temperature,
                                            with_entropy=not state.separate_old_pass)
             old_logp = micro.old_logp if state.separate_old_pass else logp.detach()
@@ -139,7 +138,7 @@ def update_minibatch(state: RLState, minibatch: RolloutBatch, sums: Sums) -> boo
                 kl = k3_kl(logp, micro.ref_logp)
                 per_token = per_token + rl.kl_coef * kl
             loss = aggregate(per_token, micro.response_mask, rl.loss_aggregation, count)
-            # DDP averages gradients over processes; the loss is already a share of the
+            # DDP and FSDP average gradients over processes; the loss is already a share of the
             # global average, so undo the division.
             accelerator.backward(loss * world)
         mask = micro.response_mask
