@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ntp_rl import checkpoint as ckpt
-from ntp_rl import moe, sharding, stopping
+from ntp_rl import moe, stopping
 from ntp_rl.config.schema import ModelArch, NonFinitePolicy
 from ntp_rl.config.validate import check_loss, check_seq_len, micro_batches
 from ntp_rl.data.packing import PretrainData
@@ -113,13 +113,7 @@ def build_lm(cfg: Any, data: PretrainData, resume_from: Optional[Path]) -> torch
 
 def setup_training(cfg: Any, session: StageSession, lm: torch.nn.Module, batching: tuple[int, int]) -> Training:
     model = ShapedLossLM(lm, cfg.loss)
-    if session.sharded:
-        # Sharded before the optimizer is built, so that it holds (and keeps state for) the shards only.
-        model = sharding.shard(model.to(session.device), lm, bf16=session.bf16)
-        optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
-    else:
-        optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
-        model, optimizer = session.accelerator.prepare(model, optimizer)
+    model, optimizer = session.prepare(model, lm, lambda m: build_adamw(m, cfg.optim, fused=torch.cuda.is_available()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
     if cfg.train.compile:
         model = torch.compile(model)

@@ -131,14 +131,8 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
     if rl.gradient_checkpointing:
         # the hf generator switches to eval mode for sampling, where the KV cache is needed
         enable_activation_checkpointing(policy)
-    model = PolicyLogprobs(policy, rl.logprob_chunk_size)
-    if session.sharded:
-        # Sharded before the optimizer is built, so that it holds (and keeps state for) the shards only.
-        model = sharding.shard(model.to(session.device), policy, bf16=session.bf16)
-        optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
-    else:
-        optimizer = build_adamw(model, cfg.optim, fused=torch.cuda.is_available())
-        model, optimizer = session.accelerator.prepare(model, optimizer)
+    model, optimizer = session.prepare(PolicyLogprobs(policy, rl.logprob_chunk_size), policy,
+                                       lambda m: build_adamw(m, cfg.optim, fused=torch.cuda.is_available()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, rl.max_steps))
     lm = session.accelerator.unwrap_model(model).lm
     state = RLState(

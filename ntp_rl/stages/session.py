@@ -58,6 +58,15 @@ class StageSession:
         self.tracker: Optional[Tracker] = None
         self.notices: dict[str, Any] = {}  # what was dropped, skipped or suspicious: results.json's `notices`
 
+    def prepare(self, model: torch.nn.Module, lm: torch.nn.Module, make_optimizer: Any) -> tuple[Any, Any]:
+        """The training module (holding the Hugging Face model `lm`) and its optimizer, `make_optimizer(model)`,
+        ready for this launch: under FSDP2 sharded first, so that the optimizer holds (and keeps state for) the
+        shards only; otherwise both through Accelerate (DDP wraps the module)."""
+        if self.sharded:
+            model = sharding.shard(model.to(self.device), lm, bf16=self.bf16)
+            return model, make_optimizer(model)
+        return self.accelerator.prepare(model, make_optimizer(model))
+
     def gradient_sync(self, model: Any, sync: bool) -> Any:
         """The context of one micro-batch's backward: gradients are averaged over processes only when `sync`
         (the step's last micro-batch)."""
