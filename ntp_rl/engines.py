@@ -29,6 +29,16 @@ def make_generator(generator_cfg: Any, model: Any, tokenizer: Any, stop_strings:
     return HFGenerator(model, tokenizer, stop_strings, batch_size=batch_size)
 
 
+def sequences_per_call(generator_cfg: Any, batch_size: int, n: int, problems: int, world: int) -> int:
+    """Sequences one generate call of an evaluation takes (n samples of `problems` problems over `world`
+    processes): generator=hf `batch_size`, from as many problems as fit; generator=vllm each process's
+    whole share in one call (the last process's may be smaller), its scheduler batching it by sequences
+    and KV-cache memory."""
+    if generator_cfg.name is GeneratorKind.vllm:
+        return -(-problems // world) * n
+    return batch_size
+
+
 def engine_settings(generator_cfg: Any, mixed_precision: str) -> Any:
     """generator.vllm with its dtype decided: unset, the trainer's (vLLM's "auto" would sample an fp32
     checkpoint in bf16 while the trainer scores it in fp32: a log-prob gap of ~0.1 nats at worst)."""

@@ -7,6 +7,7 @@ report the same numbers under the same names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable, Optional, Sequence
 
 from ntp_rl.generation import Completion, Generator, Sampling
@@ -34,12 +35,32 @@ class ProblemResult:
 def score_problem(task: Task, problem: TaskProblem, completions: Sequence[Completion], ks: Sequence[int],
                   keep_samples: bool = False, scored: Optional[Sequence[Scored]] = None) -> ProblemResult:
     """One problem's samples, scored here unless `scored` holds their scores already."""
-    n = len(completions)
     if scored is None:
         scored = score_all(task, [(c.text, problem) for c in completions])
-    answers, flags = [s.answer for s in scored], [s.correct for s in scored]
+    return problem_result(problem, [sample_of(c, s, keep_samples) for c, s in zip(completions, scored)], ks,
+                          keep_samples)
+
+
+@dataclass
+class Sample:
+    """One scored completion, only what the metrics need of it: small enough to gather between processes."""
+
+    length: int  # response tokens
+    truncated: bool
+    scored: Scored
+    text: str = ""  # kept when samples are
+
+
+def sample_of(completion: Completion, scored: Scored, keep_text: bool) -> Sample:
+    return Sample(len(completion.token_ids), completion.truncated, scored, completion.text if keep_text else "")
+
+
+def problem_result(problem: TaskProblem, samples: Sequence[Sample], ks: Sequence[int],
+                   keep_samples: bool = False) -> ProblemResult:
+    n = len(samples)
+    answers, flags = [s.scored.answer for s in samples], [s.scored.correct for s in samples]
     vote = majority_vote(answers)
-    lengths = [len(c.token_ids) for c in completions]
+    lengths = [s.length for s in samples]
     return ProblemResult(
         id=problem.id,
         answer=problem.answer,
@@ -49,11 +70,11 @@ def score_problem(task: Task, problem: TaskProblem, completions: Sequence[Comple
         majority_correct=vote is not None and flags[answers.index(vote)],  # the same answer text: the same verdict
         pass_at_k={k: pass_at_k(n, sum(flags), k) for k in ks if k <= n},
         mean_length=sum(lengths) / max(n, 1),
-        truncated=sum(c.truncated for c in completions),
+        truncated=sum(s.truncated for s in samples),
         min_length=min(lengths, default=0),
         max_length=max(lengths, default=0),
-        samples=[c.text for c in completions] if keep_samples else [],
-        timed_out=sum(s.timed_out for s in scored),
+        samples=[s.text for s in samples] if keep_samples else [],
+        timed_out=sum(s.scored.timed_out for s in samples),
     )
 
 
@@ -78,42 +99,77 @@ def summarize(results: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, 
     return summary
 
 
-def sample_and_score(generator: Generator, task: Task, problems: Sequence[TaskProblem], n: int, sampling: Sampling,
-                     ks: Sequence[int], seed: int, keep_samples: bool = False) -> list[ProblemResult]:
-    completions = generator.generate([p.prompt for p in problems], n, sampling, seed)
+# A piece of a generate call: (problem index, index of its first sample, how many samples).
+Segment = tuple[int, int, int]
+
+
+def plan_calls(num_problems: int, n: int, sequences_per_call: int) -> list[list[Segment]]:
+    """Every problem's n samples, in problem order, cut into generate calls of `sequences_per_call`
+    sequences (the last may hold fewer): a call takes samples of as many problems as fit, and a
+    problem whose samples do not fit in what is left of a call goes on in the next one(s)."""
+    calls: list[list[Segment]] = []
+    call: list[Segment] = []
+    room = sequences_per_call
+    for problem in range(num_problems):
+        first = 0
+        while first < n:
+            take = min(n - first, room)
+            call.append((problem, first, take))
+            first, room = first + take, room - take
+            if room == 0:
+                calls.append(call)
+                call, room = [], sequences_per_call
+    return calls + [call] if call else calls
+
+
+def deal_calls(calls: Sequence[list[Segment]], rank: int, world: int) -> list[tuple[int, list[Segment]]]:
+    """This process's calls, with their index: call c goes to process c mod world."""
+    return list(enumerate(calls))[rank::world]
+
+
+def sample_call(generator: Generator, task: Task, problems: Sequence[TaskProblem], call: Sequence[Segment],
+                sampling: Sampling, seed: int, keep_samples: bool) -> list[tuple[int, int, list[Sample]]]:
+    """One generate call's samples, scored: (problem, first sample, its samples) for each segment."""
+    counts = [count for _, _, count in call]
+    if len(set(counts)) == 1:
+        out = generator.generate([problems[p].prompt for p, _, _ in call], counts[0], sampling, seed)
+    else:
+        # Segments of different sizes (a problem's last samples and the next one's first) in one call:
+        # one prompt per sequence, as the generator samples every sequence on its own anyway.
+        flat = generator.generate([problems[p].prompt for p, _, count in call for _ in range(count)], 1, sampling, seed)
+        out = [[c for cs in flat[end - count:end] for c in cs] for end, count in zip(accumulate(counts), counts)]
     # Every sample of the call in one batch: the scoring workers share them all out.
-    scored = score_all(task, [(c.text, p) for p, cs in zip(problems, completions) for c in cs])
-    starts = [0]
-    for cs in completions:
-        starts.append(starts[-1] + len(cs))
-    return [score_problem(task, p, cs, ks, keep_samples, scored[start:end])
-            for p, cs, start, end in zip(problems, completions, starts, starts[1:])]
+    scored = iter(score_all(task, [(c.text, problems[p]) for (p, _, _), cs in zip(call, out) for c in cs]))
+    return [(p, first, [sample_of(c, next(scored), keep_samples) for c in cs]) for (p, first, _), cs in zip(call, out)]
 
 
-def deal_chunks(num_problems: int, per_call: int, rank: int, world: int) -> list[range]:
-    """This process's chunks of the problems: chunk c (`per_call` problems, one generate call) goes to process c mod world."""
-    chunks = [range(s, min(s + per_call, num_problems)) for s in range(0, num_problems, per_call)]
-    return chunks[rank::world]
+def sample_and_score_calls(generator: Generator, task: Task, problems: Sequence[TaskProblem], n: int,
+                           sampling: Sampling, ks: Sequence[int], call_seed: Callable[[int], int], rank: int,
+                           world: int, sequences_per_call: int, keep_samples: bool = False,
+                           on_call: Optional[Callable[[int], object]] = None) -> list[ProblemResult]:
+    """This process's calls (`plan_calls`), each sampled with a seed of its own (`call_seed(c)`), then
+    every process's samples put together, problem by problem, in problem order.
+
+    The samples depend on (seed, call), never on which process drew the call, so the results are
+    the same for any number of processes as long as the calls are.
+    """
+    from accelerate.utils import gather_object
+
+    parts: list[tuple[int, int, list[Sample]]] = []
+    for index, call in deal_calls(plan_calls(len(problems), n, sequences_per_call), rank, world):
+        parts += sample_call(generator, task, problems, call, sampling, call_seed(index), keep_samples)
+        if on_call is not None:
+            on_call(sum(count for _, _, count in call))
+    gathered = gather_object(parts) if world > 1 else parts
+    samples: list[list[Sample]] = [[] for _ in problems]
+    for problem, _, part in sorted(gathered, key=lambda part: part[:2]):
+        samples[problem] += part
+    return [problem_result(problem, s, ks, keep_samples) for problem, s in zip(problems, samples)]
 
 
 def sample_and_score_chunks(generator: Generator, task: Task, problems: Sequence[TaskProblem], n: int, sampling: Sampling,
                             ks: Sequence[int], chunk_seed: Callable[[int], int], rank: int, world: int, per_call: int,
-                            keep_samples: bool = False, on_chunk: Optional[Callable[[int], object]] = None
-                            ) -> list[ProblemResult]:
-    """This process's chunks, each sampled with a seed of its own (`chunk_seed(c)`), then every
-    process's results in problem order.
-
-    The samples depend on (seed, chunk), never on which process drew the chunk, so the results
-    are the same for any number of processes.
-    """
-    from accelerate.utils import gather_object
-
-    scored: list[tuple[int, ProblemResult]] = []
-    for chunk in deal_chunks(len(problems), per_call, rank, world):
-        out = sample_and_score(generator, task, [problems[i] for i in chunk], n, sampling, ks,
-                               seed=chunk_seed(chunk.start // per_call), keep_samples=keep_samples)
-        scored += zip(chunk, out)
-        if on_chunk is not None:
-            on_chunk(len(chunk))
-    gathered = gather_object(scored) if world > 1 else scored
-    return [result for _, result in sorted(gathered, key=lambda pair: pair[0])]
+                            keep_samples: bool = False) -> list[ProblemResult]:
+    """`sample_and_score_calls` with calls of `per_call` whole problems (chunk c seeded `chunk_seed(c)`)."""
+    return sample_and_score_calls(generator, task, problems, n, sampling, ks, chunk_seed, rank, world, per_call * n,
+                                  keep_samples)

@@ -43,7 +43,7 @@ def rl_eval_seed(seed: int, chunk: int) -> int:
 
 
 def eval_chunk_seed(seed: int, chunk: int) -> int:
-    """`eval` seeds each chunk of problems on its own, so samples never depend on which process drew them."""
+    """`eval` seeds each generate call on its own, so samples never depend on which process drew it."""
     return seed * 1_000_003 + chunk
 
 

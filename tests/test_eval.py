@@ -206,6 +206,80 @@ def test_known_completions_give_exact_metrics_and_deterministic_tie_breaks(token
     assert record["diagnostics"] is None
 
 
+class Recording:
+    """Stands in for the engine and records its generate calls: (sequences, distinct problems, seed). Sample j
+    of a problem answers right when j % 3 == 0 and wrong otherwise, and says j, so a sample lost, repeated or
+    scored against another problem shows in the counts, the samples' order or the verdicts."""
+
+    answers: dict[str, int] = {}  # prompt -> its problem's answer
+    calls: list[tuple[int, int, int]] = []
+
+    def __init__(self, *args, **kwargs):
+        self.drawn: dict[str, int] = {}
+
+    def generate(self, prompts, n, sampling, seed):
+        from ntp_rl.generation import Completion
+
+        Recording.calls.append((len(prompts) * n, len(set(prompts)), seed))
+        out = []
+        for i, prompt in enumerate(prompts):
+            out.append([])
+            for _ in range(n):
+                j = self.drawn[prompt] = self.drawn.get(prompt, -1) + 1
+                answer = self.answers[prompt] + (j % 3 != 0)
+                out[-1].append(Completion(i, f" sample {j} #### {answer}", list(range(1 + j % 4)), truncated=j == 1))
+        return out
+
+
+@pytest.mark.parametrize("generator, n, batch_size, problems, sequences, per_call", [
+    ("hf", 128, 256, 5, [256, 256, 128], [2, 2, 1]),  # whole problems, as many as fit
+    ("hf", 8, 48, 8, [48, 16], [6, 2]),
+    ("hf", 5, 4, 3, [4, 4, 4, 3], [1, 2, 2, 1]),  # n > batch_size: a problem's samples span calls
+    ("vllm", 8, 4, 5, [40], [5]),  # every problem in one call: the engine batches
+])
+def test_generate_calls_are_filled_by_samples_and_each_problem_gets_its_own_n(
+        generator, n, batch_size, problems, sequences, per_call, tokenizer, tmp_path, shared_cache, monkeypatch):
+    from ntp_rl import engines, vllm_engine
+
+    tasks = build_task(TaskConfig()).problems("test", problems)
+    assert len({p.answer for p in tasks}) == problems, "different answers: a sample scored against another problem fails"
+    Recording.answers, Recording.calls = {p.prompt: int(p.answer) for p in tasks}, []
+    monkeypatch.setattr(engines, "HFGenerator", Recording)
+    monkeypatch.setattr(vllm_engine, "VLLMGenerator", Recording)
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    model_dir = answering_model(tmp_path / "model", tokenizer, "41")
+    record = evaluate(setup(tmp_path, shared_cache, model_dir, f"generator={generator}", f"eval.n={n}", "eval.ks=[1,4]",
+                            f"sampling.batch_size={batch_size}", f"eval.num_problems={problems}", "eval.keep_samples=true",
+                            "diagnostics.enabled=false"))
+
+    assert [c[0] for c in Recording.calls] == sequences and [c[1] for c in Recording.calls] == per_call
+    assert len({c[2] for c in Recording.calls}) == len(sequences), "a seed of its own for each call"
+    run_dir = the_run_dir(tmp_path / "outputs")
+    kept = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    for problem, row in zip(tasks, kept):
+        assert row["samples"] == [f" sample {j} #### {int(problem.answer) + (j % 3 != 0)}" for j in range(n)]
+    right = len(range(0, n, 3))
+    rows = read_csv(run_dir / "problems.csv")
+    assert [(r["id"], int(r["n"]), int(r["correct"]), int(r["truncated"])) for r in rows] == \
+        [(p.id, n, right, 1) for p in tasks]
+    assert record["summary"][f"avg@{n}"] == pytest.approx(right / n)
+    assert record["summary"]["mean_length"] == pytest.approx(sum(1 + j % 4 for j in range(n)) / n)
+
+
+def test_samples_spanning_calls_are_reproducible_from_the_seed(tokenizer, tmp_path, shared_cache):
+    model_dir = guessing_model(tmp_path / "model", tokenizer)
+    common = ["eval.n=6", "sampling.batch_size=4", "eval.num_problems=3", "eval.keep_samples=true",
+              "diagnostics.enabled=false"]
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        record = evaluate(setup(tmp_path / name, shared_cache, model_dir, *common, f"seed={seed}"))
+        samples = (the_run_dir(tmp_path / name / "outputs") / "samples.jsonl").read_text()
+        runs[name] = record["summary"], [json.loads(line)["samples"] for line in samples.splitlines()]
+    assert runs["a"] == runs["b"]
+    assert all(len(samples) == 6 for samples in runs["a"][1])
+    assert runs["c"][1] != runs["a"][1], "another seed, other samples"
+
+
 def test_a_uniform_model_has_known_diagnostics(tokenizer, tmp_path, shared_cache):
     model_dir = save_model(tmp_path / "model", tokenizer, {})  # every logit 0
     record = evaluate(setup(tmp_path, shared_cache, model_dir, "eval.num_problems=1", "eval.n=1", "eval.ks=[1]",
@@ -345,8 +419,8 @@ def test_the_paper_preset():
 
 def test_two_processes_gather_to_the_one_process_result(tokenizer, tmp_path, shared_cache):
     model_dir = guessing_model(tmp_path / "model", tokenizer)
-    # 5 problems, 2 per generate call: chunks of 2, 2 and 1, dealt to the processes unevenly.
-    common = ["eval.num_problems=5", "sampling.batch_size=8", "eval.keep_samples=true", "diagnostics.num_sequences=5"]
+    # 5 problems x 4 samples in calls of 6: problems 1 and 3 span calls sampled by different processes.
+    common = ["eval.num_problems=5", "sampling.batch_size=6", "eval.keep_samples=true", "diagnostics.num_sequences=5"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched process runs
     try:

@@ -253,7 +253,11 @@ class SamplingConfig:
     temperature: float = 1.0  # softmax(z / T); 0 = greedy
     top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this much mass
     max_new_tokens: int = 64  # a response is cut after this many tokens
-    batch_size: int = 64  # sequences per generate call
+    # Sequences (samples, not problems) per generate call of generator=hf. eval fills each call with the
+    # samples of as many problems as fit, a problem's n samples spanning calls when n is larger: every problem
+    # still gets n (memory and speed, not maths). generator=vllm: eval gives the engine all its problems in
+    # one call, and the engine's scheduler batches them.
+    batch_size: int = 64
 
 
 class GeneratorKind(Enum):

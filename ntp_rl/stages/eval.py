@@ -9,10 +9,13 @@ With `eval.benchmarks` (`eval=paper_suite`: the paper's six maths benchmarks) on
 each of those task presets in turn with the same model, samples and metrics, and reports a
 row per benchmark and their unweighted mean, as the paper's tables do.
 
-Under `accelerate launch` the problems are dealt out in chunks of one generate call each
-(chunk c to process c mod P), and every chunk is sampled with a seed of its own. So the
-samples depend on (seed, chunk), never on how many processes there are, and once gathered
-and put back in problem order the results equal a one-process run's.
+Generate calls are filled by sequences, not problems: with generator=hf every call holds
+sampling.batch_size samples, of as many problems as fit (a problem's n samples span calls when
+they do not fit); with generator=vllm each process's problems go to the engine in one call, and
+its scheduler batches them. Under `accelerate launch` call c goes to process c mod P, and every
+call is sampled with a seed of its own. With hf the calls do not depend on P, so once gathered
+and put back in problem order the results equal a one-process run's; with vllm they are the
+same for the same P.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from ntp_rl.config.validate import check_seq_len
 from ntp_rl.data.packing import PretrainData
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.diagnostics import TextDiagnostics
-from ntp_rl.engines import make_generator
+from ntp_rl.engines import make_generator, sequences_per_call
 from ntp_rl.errors import ConfigError, DataError
-from ntp_rl.evaluation import ProblemResult, deal_chunks, sample_and_score_chunks, summarize
+from ntp_rl.evaluation import ProblemResult, deal_calls, plan_calls, sample_and_score_calls, summarize
 from ntp_rl.generation import Sampling
 from ntp_rl.io import write_csv_atomic, write_json_atomic
 from ntp_rl.lm_head import logits_in_chunks
@@ -241,15 +244,16 @@ def announce(cfg: Any, session: StageSession, subject: Subject, benchmarks: dict
 
 def sample_problems(cfg: Any, session: StageSession, subject: Subject, task: Task, problems: list[TaskProblem],
                     sampling: Sampling) -> list[ProblemResult]:
-    """This process's chunks of problems, sampled and scored, then everyone's results in problem order."""
+    """This process's generate calls, sampled and scored, then everyone's results in problem order."""
     n, ks = cfg.eval.n, sorted(set(cfg.eval.ks))
     generator = make_generator(cfg.generator, subject.lm, subject.tokenizer, task.stop_strings, cfg.sampling.batch_size,
                                subject.path, session)
-    per_call = max(1, cfg.sampling.batch_size // n)
-    mine = deal_chunks(len(problems), per_call, session.rank, session.world)
-    bar = session.progress(total=sum(len(c) for c in mine), desc="eval: sampling", unit="problem")
-    results = sample_and_score_chunks(generator, task, problems, n, sampling, ks, lambda c: eval_chunk_seed(cfg.seed, c),
-                                      session.rank, session.world, per_call, cfg.eval.keep_samples, on_chunk=bar.update)
+    per_call = sequences_per_call(cfg.generator, cfg.sampling.batch_size, n, len(problems), session.world)
+    mine = deal_calls(plan_calls(len(problems), n, per_call), session.rank, session.world)
+    bar = session.progress(total=sum(count for _, call in mine for *_, count in call), desc="eval: sampling",
+                           unit="sample")
+    results = sample_and_score_calls(generator, task, problems, n, sampling, ks, lambda c: eval_chunk_seed(cfg.seed, c),
+                                     session.rank, session.world, per_call, cfg.eval.keep_samples, on_call=bar.update)
     bar.close()
     return results
 
