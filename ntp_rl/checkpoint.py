@@ -10,7 +10,9 @@ A checkpoint directory `checkpoints/step_00000400/` holds
   rng_state_<rank>.pt (one per process);
   under FSDP (ntp_rl/sharding.py) sharded/ instead of optimizer.pt: each process's shard of the
   model and optimizer state (torch.distributed.checkpoint), which resume reads on any number of
-  processes; the safetensors beside it are the whole model, gathered.
+  processes; the weights beside it are the whole model in Hugging Face's sharded layout
+  (model-000NN-of-000MM.safetensors + model.safetensors.index.json), one file per decoder layer,
+  written a layer at a time (ntp_rl/export.py) so no process ever holds the whole model.
 It is written into a hidden temporary directory and renamed into place only when whole,
 so a kill during the write leaves the previous checkpoint as the latest one. Only
 safetensors and `torch.load(weights_only=True)` are used to read it back.
@@ -28,6 +30,7 @@ import torch
 
 from ntp_rl import sharding
 from ntp_rl.errors import DataError, StorageError
+from ntp_rl.export import write_streamed
 from ntp_rl.faults import kill_point
 from ntp_rl.io import writing
 from ntp_rl.seeding import rng_state, set_rng_state
@@ -123,8 +126,25 @@ def save_checkpoint(
 def _write_checkpoint(tmp: Path, step: int, accelerator: Any, model: torch.nn.Module, lm_of: Any,
                       optimizer: torch.optim.Optimizer, tokenizer: Any, trainer_state: dict[str, Any]) -> None:
     """Every file of a checkpoint, into its hidden directory; trainer_state.pt, which makes it complete, last."""
-    # Gathers the shards under FSDP onto the main process; every process calls it.
-    full_state = sharding.full_state_dict(model) if sharding.is_sharded(model) else accelerator.get_state_dict(model)
+    if sharding.is_sharded(model):
+        # Never the whole model in one process: written a layer at a time, every process gathering with the main one.
+        write_streamed(tmp, lm_of(accelerator.unwrap_model(model)), accelerator.is_main_process)
+        if accelerator.is_main_process and tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    else:
+        _write_gathered(tmp, accelerator, model, lm_of, tokenizer)
+    _save_optimizer(accelerator, model, optimizer, tmp)
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    kill_point("checkpoint_write", step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        (tmp / "trainer_state.json").write_text(json.dumps(_jsonable(trainer_state), indent=2) + "\n")
+
+
+def _write_gathered(tmp: Path, accelerator: Any, model: torch.nn.Module, lm_of: Any, tokenizer: Any) -> None:
+    """The Hugging Face export of an unsharded model, from its whole state dict (save_pretrained)."""
+    full_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         lm = lm_of(accelerator.unwrap_model(model))
         prefix = _prefix_of(accelerator.unwrap_model(model), lm)
@@ -135,13 +155,6 @@ def _write_checkpoint(tmp: Path, step: int, accelerator: Any, model: torch.nn.Mo
         lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    _save_optimizer(accelerator, model, optimizer, tmp)
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    kill_point("checkpoint_write", step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-        (tmp / "trainer_state.json").write_text(json.dumps(_jsonable(trainer_state), indent=2) + "\n")
 
 
 def _prefix_of(module: torch.nn.Module, lm: torch.nn.Module) -> str:

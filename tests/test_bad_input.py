@@ -113,6 +113,11 @@ CASES = [
     ("pipeline rl_optim.lr=-1", "rl_optim.lr"),
     ("pipeline train.precision=bf16", "must be the same in a pipeline"),
     ("compare {root}/nothing", "nothing"),
+    ("export", "export.run"),
+    ("export {root}/nothing", "export.run"),
+    ("export {root}", "export.run"),
+    ("export {run} export.out=hf", "export.out"),
+    ("export {run} export.out_dir={run}", "export.out_dir"),
     ("frobnicate", "frobnicate"),
 ]
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO
 from ntp_rl.errors import UserError
+from test_export import on_disk
 from rl_helpers import ONE_THREAD, eval_rows, one_thread, policy, rl_args, rl_run, step_rows  # noqa: F401 (fixtures)
 from test_pretrain import pretrain, train_rows
 
@@ -59,7 +60,9 @@ def test_two_fsdp2_processes_shard_and_match_one_process(tiny, tmp_path):
     assert any(name.startswith("optimizer.state.") and name.endswith("exp_avg_sq") for name in tensors)
     for name, meta in tensors.items():
         assert [tuple(chunk.sizes) for chunk in meta.chunks] == [(meta.size[0] // 2, *meta.size[1:])] * 2, name
-    whole, single = load_file(checkpoint / "model.safetensors"), load_file(one / "checkpoints" / "step_00000020" / "model.safetensors")
+    whole, single = on_disk(checkpoint), load_file(one / "checkpoints" / "step_00000020" / "model.safetensors")
+    # Written a layer at a time (ntp_rl/export.py): a file per decoder layer, embeddings and norm.
+    assert len(list(checkpoint.glob("model-*-of-00004.safetensors"))) == 4
     assert sorted(whole) == sorted(single), "the export holds each weight once, under the names of a 1-process run"
     for name, tensor in single.items():
         assert whole[name].shape == tensor.shape and (whole[name] - tensor).abs().max() < 1e-4, name

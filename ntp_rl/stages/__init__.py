@@ -2,7 +2,7 @@
 
 A stage with a schema is configured by Hydra (`ntp-rl <stage> key=value ...`); its
 `validate` runs once when it is dispatched, and its module's `run(cfg, overrides)` reads top
-to bottom as named phases. A stage without a schema (compare) takes plain arguments.
+to bottom as named phases. A stage without a schema (compare, export) takes plain arguments.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "ntp_rl.stages.prepare", schema.PrepareConfig, checks.validate_prepare,
           ("data.path", "data.tokenizer", "data.text_field", "data.val_docs", "prepare.out_dir", "prepare.workers",
            "prepare.docs_per_shard")),
+    Stage("export", "a run's latest checkpoint as a Hugging Face model directory: ntp-rl export <run> [export.out_dir=DIR]",
+          "ntp_rl.stages.export"),
     Stage("compare", "tables, tests and plots across finished runs: ntp-rl compare <dirs> [--out DIR] [--baseline SETTING]",
           "ntp_rl.stages.compare"),
 )}
