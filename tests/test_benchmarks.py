@@ -95,3 +95,10 @@ def test_bench_data_reports_prepare_rates_fetch_times_and_the_data_wait():
     assert re.search(r"^fetch 4 x 33 at position 0: [\d.]+ ms; at position \d+ of \d+ \(95%\): [\d.]+ ms; ratio [\d.]+x$",
                      out, re.M)
     assert re.search(r"data wait [\d.]+% of a step$", out, re.M)
+
+
+def test_bench_export_times_the_gathered_and_the_streamed_export():
+    out = run_script("bench_export.py", "--vocab", "128", "--repeats", "1")
+    rows = dict(re.findall(r"^(gathered|streamed)\s+[\d.]+ s\s+([\d.]+)x gathered time\s+[\d.]+ MB held at once on rank 0$",
+                           out, re.M))
+    assert sorted(rows) == ["gathered", "streamed"] and float(rows["gathered"]) == 1.0, out
