@@ -197,9 +197,11 @@ def _saved_prefix(saved: dict, names: list[str]) -> str:
 
     first = names[0]
     found = [key[: -len(first)] for key in saved if key.startswith("model.") and key.endswith(f".{first}")]
-    for prefix in found:
-        if all(prefix + name in saved for name in names):
-            return prefix
+    whole = [prefix for prefix in found if all(prefix + name in saved for name in names)]
+    if len(whole) > 1:  # two copies of the model in one training module: which is the trained one is not known here
+        raise DataError(f"the sharded state holds the model {len(whole)} times ({', '.join(p.rstrip('.') for p in whole)})")
+    if whole:
+        return whole[0]
     missing = next((n for n in names if not any(p + n in saved for p in found)), first)
     raise DataError(f"the sharded state does not hold the model its config.json describes (no {missing})")
 

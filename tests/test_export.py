@@ -165,3 +165,16 @@ def test_ntp_rl_export_of_a_plain_run_is_its_checkpoint_without_the_training_sta
     with pytest.raises(SystemExit) as done:
         main(["export", "--help"])
     assert done.value.code == 0 and "usage: ntp-rl export <run dir or checkpoint dir>" in capsys.readouterr().out
+
+
+def test_the_model_is_found_in_the_saved_state_under_its_training_module_or_refused():
+    from ntp_rl.errors import DataError
+    from ntp_rl.export import _saved_prefix
+
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    assert _saved_prefix({f"model.lm.{n}": None for n in names} | {"optimizer.state.x": None}, names) == "model.lm."
+    assert _saved_prefix({f"model.{n}": None for n in names}, names) == "model."
+    with pytest.raises(DataError, match="no model.norm.weight"):
+        _saved_prefix({"model.lm.model.embed_tokens.weight": None}, names)
+    with pytest.raises(DataError, match="holds the model 2 times"):
+        _saved_prefix({f"model.{p}.{n}": None for p in ("lm", "ref") for n in names}, names)

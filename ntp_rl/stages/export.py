@@ -95,6 +95,8 @@ def run(checkpoint: Path, out_dir: Path) -> dict:
         out_dir.rmdir()
     try:
         build_directory_atomically(out_dir, write, what=f"the export of {checkpoint}")
+    except DataError as exc:  # the shards do not hold the model config.json describes
+        raise DataError(f"export.run={checkpoint}: {exc}") from exc
     # CheckpointException (DCP's unreadable shards) is a BaseException of its own.
     except (OSError, RuntimeError, ValueError, KeyError, CheckpointException) as exc:
         cause = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
