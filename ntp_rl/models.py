@@ -7,6 +7,7 @@ Every model is a plain `transformers` model, so a checkpoint directory loads wit
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,14 +21,17 @@ from ntp_rl.lm_head import has_plain_linear_head
 from ntp_rl.losses import LossOutput, RewardShaping, shaped_ntp_loss, shaped_ntp_loss_fused, shaped_ntp_loss_reference
 
 
-def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_token_id: int | None) -> nn.Module:
-    """A freshly initialised model from a preset, or the pretrained weights of model.name_or_path."""
+def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_token_id: int | None,
+                empty: bool = False) -> nn.Module:
+    """A freshly initialised model from a preset, or the pretrained weights of model.name_or_path; `empty`: its
+    shape only, on the meta device (FSDP's processes other than the first: sharding.shard fills them)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     arch = model_cfg.arch
     if arch is ModelArch.hf:
         lm = load_pretrained(model_cfg.name_or_path, key="model.name_or_path", attn_implementation=model_cfg.attn_implementation,
-                             rope_theta=model_cfg.rope_theta, max_position_embeddings=model_cfg.max_position_embeddings)
+                             rope_theta=model_cfg.rope_theta, max_position_embeddings=model_cfg.max_position_embeddings,
+                             empty=empty)
         set_balancing(lm, model_cfg)
         return lm
 
@@ -60,7 +64,8 @@ def build_model(model_cfg: Any, vocab_size: int, pad_token_id: int | None, eos_t
         config = Qwen3Config(intermediate_size=model_cfg.intermediate_size, **common)
         model_cls = Qwen3ForCausalLM
     config._attn_implementation = model_cfg.attn_implementation
-    lm = model_cls(config)
+    with torch.device("meta") if empty else nullcontext():
+        lm = model_cls(config)
     moe.install(lm, model_cfg.moe_balancing or MoeBalancing.bias, model_cfg.moe_bias_rate)
     return lm
 
@@ -93,9 +98,11 @@ def set_positions(config: Any, rope_theta: Optional[float], max_position_embeddi
 
 
 def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: str = "sdpa", dtype: Any = None,
-                    rope_theta: Optional[float] = None, max_position_embeddings: Optional[int] = None) -> nn.Module:
+                    rope_theta: Optional[float] = None, max_position_embeddings: Optional[int] = None,
+                    empty: bool = False) -> nn.Module:
     """Load an HF causal LM, with its MoE balancing as saved and, if given, a new RoPE base and position limit;
-    a missing or unreadable directory is a one-line DataError."""
+    a missing or unreadable directory is a one-line DataError. `empty`: the model's shape only, on the meta
+    device, without reading its weights (FSDP's processes other than the first: sharding.shard fills them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(name_or_path)
@@ -115,8 +122,13 @@ def load_pretrained(name_or_path: str, key: str = "model", attn_implementation: 
         # use_safetensors: weights never come through pickle, whatever else lies in the directory.
         # A bias-balanced MoE's class is ntp-rl's own (it is in config.json's auto_map): no remote code runs.
         model_cls = moe.model_class(config) or AutoModelForCausalLM
-        lm = model_cls.from_pretrained(name_or_path, config=config, attn_implementation=attn_implementation,
-                                       dtype=dtype or torch.float32, use_safetensors=True)
+        if empty:
+            with torch.device("meta"):
+                lm = (model_cls.from_config if model_cls is AutoModelForCausalLM else model_cls._from_config)(
+                    config, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
+        else:
+            lm = model_cls.from_pretrained(name_or_path, config=config, attn_implementation=attn_implementation,
+                                           dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         if "ignore_mismatched_sizes" in str(exc):
             raise DataError(f"{key}={name_or_path}: cannot load the model: its weights do not have the shapes its "

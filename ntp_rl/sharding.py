@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -50,10 +50,17 @@ def layer_classes(lm: nn.Module) -> set[str]:
     return {name.strip() for name in named.split(",") if name.strip()} or set(getattr(lm, "_no_split_modules", None) or ())
 
 
-def shard(model: nn.Module, lm: nn.Module, bf16: bool) -> nn.Module:
+def shard(model: nn.Module, lm: nn.Module, device: torch.device, bf16: bool) -> nn.Module:
     """Shard `model` (which holds the Hugging Face model `lm`) over every process: one unit per decoder
     layer, then the root. With bf16 the gathered parameters and the compute are bf16, while the
-    sharded parameters, the optimizer state and the gradient reduction stay fp32."""
+    sharded parameters, the optimizer state and the gradient reduction stay fp32.
+
+    The first process holds the whole model; the others hold its shape on the meta device, and every
+    process then receives its shards (and the buffers) from the first: no other process ever
+    materialises the whole model, and all start from the first's weights."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     from accelerate.utils.environment import str_to_bool
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -68,10 +75,18 @@ def shard(model: nn.Module, lm: nn.Module, bf16: bool) -> nn.Module:
     reshard = _layers_reshard_after_forward()
     # fsdp_offload_params: the shards and the optimizer step live in CPU memory, gathered onto the GPU per unit.
     offload = CPUOffloadPolicy() if str_to_bool(os.environ.get("FSDP_OFFLOAD_PARAMS", "false")) else OffloadPolicy()
+    empty = any(p.is_meta for p in model.parameters())
+    whole = {} if empty else model.to(device).state_dict()  # the first process's weights, kept until sent
     for layer in layers:
         fully_shard(layer, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
     # The root's parameters are needed again at once by backward: kept gathered between the two.
     fully_shard(model, mp_policy=policy, offload_policy=offload, reshard_after_forward=False)
+    if empty:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Buffers are not sharded, and those not saved (RoPE's inverse frequencies) are in no state dict.
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     return model
 
 

@@ -53,7 +53,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     session.choose_run_dir()
     if (done := session.finished_results(cfg.train.max_steps)) is not None:
         return done
-    lm = build_lm(cfg, data, session.resume_from)
+    lm = build_lm(cfg, data, session.resume_from, empty=session.empty_model)
 
     with session.open(resume_step=session.resume_step()) as tracker:
         training = setup_training(cfg, session, lm, batching)
@@ -95,15 +95,16 @@ def build_data(cfg: Any, session: StageSession) -> PretrainData:
         return build_pretrain_data(cfg.data, cache_dir=cache_dir, seed=cfg.seed, tokenizer_name_or_path=tokenizer_source)
 
 
-def build_lm(cfg: Any, data: PretrainData, resume_from: Optional[Path]) -> torch.nn.Module:
-    """A fresh model from the preset, or the weights of the checkpoint being resumed."""
+def build_lm(cfg: Any, data: PretrainData, resume_from: Optional[Path], empty: bool = False) -> torch.nn.Module:
+    """A fresh model from the preset, or the weights of the checkpoint being resumed; `empty`: the shape only
+    (FSDP's processes other than the first, which get their shards from it)."""
     tokenizer = data.tokenizer
     if resume_from is not None:
-        lm = load_pretrained(str(resume_from), key="resume")
+        lm = load_pretrained(str(resume_from), key="resume", empty=empty)
         check_same_architecture(lm, cfg.model, str(resume_from))
         set_balancing(lm, cfg.model)
     else:
-        lm = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        lm = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, empty=empty)
     check_vocab(lm, tokenizer)
     check_seq_len(cfg.data.seq_len, lm)
     if cfg.model.gradient_checkpointing:

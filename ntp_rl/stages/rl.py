@@ -114,7 +114,7 @@ def load_models(cfg: Any, session: StageSession, init_dir: Any) -> tuple[torch.n
     and the directory (or hub name) the policy came from."""
     resume_from = session.resume_from
     model_dir = str(resume_from or init_dir)
-    policy = load_pretrained(model_dir, key="resume" if resume_from else "init_from")
+    policy = load_pretrained(model_dir, key="resume" if resume_from else "init_from", empty=session.empty_model)
     tokenizer = load_tokenizer(model_dir)
     check_vocab(policy, tokenizer)
     reference = None

@@ -54,6 +54,9 @@ class StageSession:
             raise UserError(f"{stage}: FSDP2 sharding is built for {' and '.join(sharding.STAGES)} so far; run {stage} "
                             "without the FSDP config (scripts/accelerate/ddp.yaml: every process holds the whole model)")
         self.bf16 = self.accelerator.mixed_precision == "bf16"
+        # Under FSDP only the first process materialises the whole model; the others build its shape on the
+        # meta device and receive their shards from it (sharding.shard).
+        self.empty_model = self.sharded and self.rank != 0
         self.run_dir: Optional[RunDir] = None
         self.tracker: Optional[Tracker] = None
         self.notices: dict[str, Any] = {}  # what was dropped, skipped or suspicious: results.json's `notices`
@@ -63,7 +66,7 @@ class StageSession:
         ready for this launch: under FSDP2 sharded first, so that the optimizer holds (and keeps state for) the
         shards only; otherwise both through Accelerate (DDP wraps the module)."""
         if self.sharded:
-            model = sharding.shard(model.to(self.device), lm, bf16=self.bf16)
+            model = sharding.shard(model, lm, self.device, bf16=self.bf16)
             return model, make_optimizer(model)
         return self.accelerator.prepare(model, make_optimizer(model))
 
