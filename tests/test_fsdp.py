@@ -192,7 +192,7 @@ def test_rl_with_vllm_refuses_an_fsdp_launch_in_one_line(monkeypatch, tmp_path):
 
 def test_processes_other_than_the_first_never_hold_the_whole_model():
     """The second process builds the model on the meta device; its shards and buffers come from the first."""
-    result = launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    result = launched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                        str(REPO / "tests" / "fsdp_shard_check.py")], env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0: ok" in result.stdout and "rank 1: ok" in result.stdout
