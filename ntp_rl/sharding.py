@@ -26,10 +26,6 @@ import torch
 from torch import nn
 
 
-# The stages that shard; the others refuse an FSDP launch in one line (StageSession) rather than run as DDP.
-STAGES = ("pretrain", "midtrain", "rl")
-
-
 def requested() -> bool:
     """This process was launched with an FSDP2 config (scripts/accelerate/fsdp.yaml)."""
     from accelerate.utils.environment import str_to_bool

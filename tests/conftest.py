@@ -75,3 +75,12 @@ def pytest_runtest_setup(item):
             if os.environ.get("NTP_RL_REQUIRE_EXTRAS") == "1":
                 pytest.fail(f"CI must run this test; it {message}")
             pytest.skip(message)
+
+
+def fsdp_launch(config_dir, num_processes: int = 2) -> list[str]:
+    """`accelerate launch` with the repository's FSDP2 config, on CPU."""
+    config = (REPO / "scripts" / "accelerate" / "fsdp.yaml").read_text()
+    cpu_config = config_dir / "fsdp_cpu.yaml"
+    cpu_config.write_text(config.replace("num_processes: 8", f"num_processes: {num_processes}")
+                          .replace("use_cpu: false", "use_cpu: true").replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config), "-m", "ntp_rl"]

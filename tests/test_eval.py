@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, fsdp_launch, run_cli
 from ntp_rl.config.compose import compose
 from ntp_rl.config.schema import TaskConfig
 from ntp_rl.errors import ConfigError, DataError, UserError
@@ -417,7 +417,8 @@ def test_the_paper_preset():
 # Several processes
 
 
-def test_two_processes_gather_to_the_one_process_result(tokenizer, tmp_path, shared_cache):
+@pytest.mark.parametrize("launch", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
+def test_two_processes_gather_to_the_one_process_result(launch, tokenizer, tmp_path, shared_cache):
     model_dir = guessing_model(tmp_path / "model", tokenizer)
     # 5 problems x 4 samples in calls of 6: problems 1 and 3 span calls sampled by different processes.
     common = ["eval.num_problems=5", "sampling.batch_size=6", "eval.keep_samples=true", "diagnostics.num_sequences=5"]
@@ -427,9 +428,10 @@ def test_two_processes_gather_to_the_one_process_result(tokenizer, tmp_path, sha
         one = evaluate(setup(tmp_path / "one", shared_cache, model_dir, *common))
     finally:
         torch.set_num_threads(threads)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "eval",
-           *setup(tmp_path / "two", shared_cache, model_dir, *common)]
+    # fsdp2: the model sharded (only the first process reads it), its weights gathered to sample and measure.
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl"]
+    cmd = [*(ddp if launch == "ddp" else fsdp_launch(tmp_path)), "eval", *setup(tmp_path / "two", shared_cache, model_dir, *common)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.rstrip().splitlines()[-1].lstrip().startswith("target rank"), "the console ends with the table"
@@ -438,6 +440,7 @@ def test_two_processes_gather_to_the_one_process_result(tokenizer, tmp_path, sha
     a, b = the_run_dir(tmp_path / "one" / "outputs"), the_run_dir(tmp_path / "two" / "outputs")
     two = json.loads((b / "results.json").read_text())
     assert two["num_processes"] == 2 and json.loads((b / "run.json").read_text())["world_size"] == 2
+    assert json.loads((b / "run.json").read_text())["environment"]["distributed"]["kind"] == launch
     assert (a / "samples.jsonl").read_text() == (b / "samples.jsonl").read_text()
     assert (a / "problems.csv").read_text() == (b / "problems.csv").read_text()
     assert len({s for row in map(json.loads, (a / "samples.jsonl").read_text().splitlines()) for s in row["samples"]}) > 1

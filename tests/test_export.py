@@ -111,7 +111,8 @@ def test_a_sharded_run_exports_a_layer_at_a_time_in_the_run_and_on_demand(tiny, 
     """A 2-process FSDP2 run of the bias MoE: each checkpoint's export, and `ntp-rl export` of the run from its
     shards on one process, are the gathered export (logits to 1e-6 from transformers and from ntp-rl), file
     for file the same, and the on-demand one held one layer group at a time."""
-    from test_fsdp import fsdp_launch, launched
+    from conftest import fsdp_launch
+    from test_fsdp import launched
 
     run = tmp_path / "run"
     result = launched([*fsdp_launch(tmp_path), "pretrain", *tiny, "model=tiny_moe", "train.max_steps=4",

@@ -9,20 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, fsdp_launch
 from ntp_rl.errors import UserError
 from test_export import on_disk
 from rl_helpers import ONE_THREAD, eval_rows, one_thread, policy, rl_args, rl_run, step_rows  # noqa: F401 (fixtures)
 from test_pretrain import pretrain, train_rows
-
-
-def fsdp_launch(config_dir, num_processes: int = 2) -> list[str]:
-    """`accelerate launch` with the repository's FSDP2 config, on CPU."""
-    config = (REPO / "scripts" / "accelerate" / "fsdp.yaml").read_text()
-    cpu_config = config_dir / "fsdp_cpu.yaml"
-    cpu_config.write_text(config.replace("num_processes: 8", f"num_processes: {num_processes}")
-                          .replace("use_cpu: false", "use_cpu: true").replace("mixed_precision: bf16", "mixed_precision: 'no'"))
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config), "-m", "ntp_rl"]
 
 
 def launched(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -146,10 +137,11 @@ def test_a_launch_that_asked_for_fsdp1_and_got_ddp_is_refused_in_one_line(monkey
     assert parallelism(ddp) == {"kind": "fsdp2", "world_size": 2}
 
 
-def test_a_stage_that_does_not_shard_yet_refuses_an_fsdp_launch_in_one_line(monkeypatch):
+@pytest.fixture
+def fsdp_session(monkeypatch):
+    """StageSession as an FSDP2 launch of 2 processes sees it (without the processes)."""
     import torch
     from accelerate.utils import DistributedType
-    from omegaconf import OmegaConf
 
     from ntp_rl.stages import session
 
@@ -158,31 +150,26 @@ def test_a_stage_that_does_not_shard_yet_refuses_an_fsdp_launch_in_one_line(monk
     monkeypatch.setattr(session, "make_accelerator", lambda *args: two_processes)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
+    return session
+
+
+def test_every_stage_shards_under_an_fsdp_launch(fsdp_session):
+    from omegaconf import OmegaConf
+
     from ntp_rl.config.schema import WandbMode
 
     cfg = OmegaConf.create({"logger": {"wandb": {"mode": WandbMode.disabled}}})
-    assert session.StageSession("pretrain", cfg, [], precision="fp32").sharded
-    assert session.StageSession("rl", cfg, [], precision="fp32").sharded
-    for stage in ("eval",):
-        with pytest.raises(UserError) as caught:
-            session.StageSession(stage, cfg, [], precision="fp32")
-        assert "\n" not in str(caught.value) and str(caught.value).startswith(f"{stage}: FSDP2 sharding is built for pretrain")
+    for stage in ("pretrain", "midtrain", "rl", "eval"):
+        made = fsdp_session.StageSession(stage, cfg, [], precision="fp32")
+        assert made.sharded and not made.empty_model, stage  # the first process holds the whole model
 
 
 @pytest.mark.vllm
-def test_rl_with_vllm_refuses_an_fsdp_launch_in_one_line(monkeypatch, tmp_path):
-    import torch
-    from accelerate.utils import DistributedType
-
+def test_rl_with_vllm_refuses_an_fsdp_launch_in_one_line(fsdp_session, tmp_path):
     from ntp_rl.config.compose import compose
     from ntp_rl.errors import ConfigError
-    from ntp_rl.stages import rl, session
+    from ntp_rl.stages import rl
 
-    two_processes = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, is_main_process=True,
-                                    process_index=0, device=torch.device("cpu"), mixed_precision="no", is_fsdp2=False)
-    monkeypatch.setattr(session, "make_accelerator", lambda *args: two_processes)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
     args = ["init_from=Qwen/Qwen3-0.6B", "generator=vllm", f"out_dir={tmp_path}", "logger.wandb.mode=disabled"]
     with pytest.raises(ConfigError) as caught:
         rl.run(compose("rl", args), args)

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from ntp_rl import sharding
 from ntp_rl.checkpoint import resolve_model_dir
 from ntp_rl.config.validate import check_seq_len
 from ntp_rl.data.packing import PretrainData
@@ -52,6 +53,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     session = StageSession("eval", cfg, overrides, precision=cfg.eval.precision)
 
     if cfg.harness.tasks:
+        if session.sharded:
+            raise ConfigError("harness.tasks", "lm-evaluation-harness runs in one process on the whole model; launch "
+                              "it without the FSDP config", list(cfg.harness.tasks))
         return run_harness(cfg, session, overrides)
     # Everything a user can get wrong is found before the run directory exists.
     subject = load_subject(cfg, session)
@@ -70,8 +74,9 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         announce(cfg, session, subject, benchmarks, sampling)
         ks = sorted(set(cfg.eval.ks))
         started = time.perf_counter()
-        results = {name: sample_problems(cfg, session, subject, task, problems, sampling)
-                   for name, (task, problems) in benchmarks.items()}
+        with sharding.full_weights(subject.lm):
+            results = {name: sample_problems(cfg, session, subject, task, problems, sampling)
+                       for name, (task, problems) in benchmarks.items()}
         sampling_s = time.perf_counter() - started
         summaries = {name: summarize(rs, ks) for name, rs in results.items()}
         suite = bool(cfg.eval.benchmarks)
@@ -82,7 +87,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
                            f"{cfg.task.score_time_limit_s} to check and were scored wrong")
         generated = sum(r.mean_length * r.n for rs in results.values() for r in rs)
         perf = {"sampling_time_s": sampling_s, "tokens_per_sec": generated / max(sampling_s, 1e-9)}
-        diagnostics = measure_text(cfg, session, subject, text) if text is not None else None
+        with sharding.full_weights(subject.lm):
+            diagnostics = measure_text(cfg, session, subject, text) if text is not None else None
         perf["wall_time_s"] = time.perf_counter() - started
         tasks = {name: OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True)
                  for name, task_cfg in benchmark_configs(cfg).items()}
@@ -212,7 +218,11 @@ def load_subject(cfg: Any, session: StageSession) -> Subject:
     path = model_path(cfg)
     dtype = torch.bfloat16 if session.accelerator.mixed_precision == "bf16" else torch.float32
     lm = load_pretrained(path, key="model.name_or_path", attn_implementation=cfg.model.attn_implementation,
-                         dtype=dtype).to(session.device).eval()
+                         dtype=dtype, empty=session.empty_model)
+    # Under FSDP only the first process reads the weights; each process keeps a shard between the phases that
+    # gather them (sampling, the text diagnostics).
+    lm = sharding.shard(lm, lm, session.device, bf16=dtype == torch.bfloat16) if session.sharded else lm.to(session.device)
+    lm.eval()
     return Subject(path=path, lm=lm, tokenizer=load_tokenizer(path), step=_trained_steps(path))
 
 

@@ -27,7 +27,7 @@ import torch
 
 from ntp_rl import rundir, sharding
 from ntp_rl.checkpoint import TRAINER_STATE, latest_checkpoint
-from ntp_rl.errors import TrainingDiverged, UserError
+from ntp_rl.errors import TrainingDiverged
 from ntp_rl.io import write_json_atomic
 from ntp_rl.rundir import RESULTS_FILE, RunDir
 from ntp_rl.runtime import check_parallelism, environment, make_accelerator, parallelism
@@ -50,9 +50,6 @@ class StageSession:
         self.device = self.accelerator.device
         # FSDP2 is ntp-rl's own sharding (ntp_rl/sharding.py), not something accelerator.prepare does.
         self.sharded = sharding.requested() and self.world > 1
-        if self.sharded and stage not in sharding.STAGES:
-            raise UserError(f"{stage}: FSDP2 sharding is built for {' and '.join(sharding.STAGES)} so far; run {stage} "
-                            "without the FSDP config (scripts/accelerate/ddp.yaml: every process holds the whole model)")
         self.bf16 = self.accelerator.mixed_precision == "bf16"
         # Under FSDP only the first process materialises the whole model; the others build its shape on the
         # meta device and receive their shards from it (sharding.shard).
