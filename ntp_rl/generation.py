@@ -116,7 +116,10 @@ class HFGenerator:
         model, checkpoint_settings = self.model, self.model.generation_config
         model.generation_config = GenerationConfig()
         try:
-            return model.generate(**enc, generation_config=settings,
+            # synced_gpus=False: transformers turns it on for an FSDP model, stepping every process until all are
+            # done (an all_reduce per token), which hangs when processes make different numbers of calls; under
+            # FSDP the stages gather the weights first (sharding.full_weights), so a forward needs no other process.
+            return model.generate(**enc, generation_config=settings, synced_gpus=False,
                                   tokenizer=self.tokenizer if self.stop_strings else None)
         finally:
             model.generation_config = checkpoint_settings

@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,7 +73,8 @@ def update(model: PolicyLogprobs, batch, args: argparse.Namespace) -> torch.Tens
     state = SimpleNamespace(cfg=SimpleNamespace(rl=rl), model=model, lm=model.lm, reference=None,
                             sampling=Sampling(args.temperature, 1.0, batch.input_ids.shape[1]), separate_old_pass=False,
                             session=SimpleNamespace(accelerator=Accelerator(cpu=args.device == "cpu"), world=1,
-                                                    device=torch.device(args.device)))
+                                                    device=torch.device(args.device),
+                                                    gradient_sync=lambda model, sync: nullcontext()))
     sums = Sums(rl_update.STEP_SUMS, device=args.device, maxima=rl_update.STEP_MAXIMA)
     rl_update.update_minibatch(state, batch, sums)
     return sums["loss"]

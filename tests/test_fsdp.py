@@ -183,3 +183,20 @@ def test_processes_other_than_the_first_never_hold_the_whole_model():
                        str(REPO / "tests" / "fsdp_shard_check.py")], env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0: ok" in result.stdout and "rank 1: ok" in result.stdout
+
+
+@pytest.mark.slow  # a whole lineage in 2 launched processes: about 2 minutes on 2 cores
+def test_a_lineage_runs_sharded_from_one_fsdp_launch(tmp_path, shared_cache):
+    """pretrain -> eval -> rl -> eval in the processes of one FSDP2 launch: every stage sharded and recorded so."""
+    from test_pipeline import PIPE
+
+    # 6 eval problems x 4 samples are one generate call: the second process has none to make.
+    result = launched([*fsdp_launch(tmp_path), "pipeline", *PIPE, "rl.num_mini_batches=2", f"out_dir={tmp_path / 'outputs'}",
+                       f"data.cache_dir={shared_cache}"], env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {json.loads(p.read_text())["stage"]: json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("run.json")}
+    assert {"pretrain", "rl", "eval"} <= set(runs)
+    for stage, info in runs.items():
+        assert info["status"] == "finished", stage
+        if stage != "pipeline":
+            assert info["environment"]["distributed"] == {"kind": "fsdp2", "world_size": 2}, stage

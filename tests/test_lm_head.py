@@ -2,6 +2,7 @@
 loss and every parameter's gradient of a whole update (old-log-prob pass, KL, TIS included)."""
 
 import copy
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -73,7 +74,8 @@ def run_update(lm: torch.nn.Module, reference, chunked: bool, rl: GRPOConfig, te
         reference.chunked = chunked
     state = SimpleNamespace(cfg=SimpleNamespace(rl=rl), model=model, lm=lm, reference=reference,
                             sampling=Sampling(temperature, 1.0, 16), separate_old_pass=rl.num_mini_batches > 1,
-                            session=SimpleNamespace(accelerator=Accelerator(cpu=True), world=1, device=torch.device("cpu")))
+                            session=SimpleNamespace(accelerator=Accelerator(cpu=True), world=1, device=torch.device("cpu"),
+                                                    gradient_sync=lambda model, sync: nullcontext()))
     batch = copy.deepcopy(batch)
     sums = Sums(rl_update.STEP_SUMS, maxima=rl_update.STEP_MAXIMA)
     rl_update.old_logprobs(state, batch, sums)
