@@ -57,7 +57,7 @@ def work(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
     torch.manual_seed(0)
     cfg = compose("pretrain", [f"model={args.model}"])
     lm = build_model(cfg.model, vocab_size=args.vocab, pad_token_id=0, eos_token_id=1)
-    sharding.shard(lm, lm, bf16=False)
+    sharding.shard(lm, lm, torch.device("cpu"), bf16=False)
     times: dict[str, list[float]] = {"gathered": [], "streamed": []}
     held: dict[str, int] = {}
     for _ in range(args.repeats):
