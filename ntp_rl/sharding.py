@@ -26,11 +26,16 @@ import torch
 from torch import nn
 
 
-def requested() -> bool:
-    """This process was launched with an FSDP2 config (scripts/accelerate/fsdp.yaml)."""
+def _env_flag(name: str, default: str) -> bool:
+    """A true/false setting `accelerate launch` put in the environment from the launch config."""
     from accelerate.utils.environment import str_to_bool
 
-    return bool(str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false"))) and os.environ.get("FSDP_VERSION", "1") == "2"
+    return bool(str_to_bool(os.environ.get(name, default)))
+
+
+def requested() -> bool:
+    """This process was launched with an FSDP2 config (scripts/accelerate/fsdp.yaml)."""
+    return _env_flag("ACCELERATE_USE_FSDP", "false") and os.environ.get("FSDP_VERSION", "1") == "2"
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -57,7 +62,6 @@ def shard(model: nn.Module, lm: nn.Module, device: torch.device, bf16: bool) -> 
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from accelerate.utils.environment import str_to_bool
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     from ntp_rl.errors import UserError
@@ -68,9 +72,9 @@ def shard(model: nn.Module, lm: nn.Module, device: torch.device, bf16: bool) -> 
         raise UserError(f"FSDP: no module of {type(lm).__name__} is of the classes to shard by layer "
                         f"(FSDP_TRANSFORMER_CLS_TO_WRAP / fsdp_transformer_layer_cls_to_wrap: {', '.join(sorted(names)) or 'none'})")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    reshard = _layers_reshard_after_forward()
+    reshard = _env_flag("FSDP_RESHARD_AFTER_FORWARD", "true")
     # fsdp_offload_params: the shards and the optimizer step live in CPU memory, gathered onto the GPU per unit.
-    offload = CPUOffloadPolicy() if str_to_bool(os.environ.get("FSDP_OFFLOAD_PARAMS", "false")) else OffloadPolicy()
+    offload = CPUOffloadPolicy() if _env_flag("FSDP_OFFLOAD_PARAMS", "false") else OffloadPolicy()
     empty = any(p.is_meta for p in model.parameters())
     whole = {} if empty else model.to(device).state_dict()  # the first process's weights, kept until sent
     for layer in layers:
@@ -84,12 +88,6 @@ def shard(model: nn.Module, lm: nn.Module, device: torch.device, bf16: bool) -> 
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
     return model
-
-
-def _layers_reshard_after_forward() -> bool:
-    from accelerate.utils.environment import str_to_bool
-
-    return bool(str_to_bool(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")))
 
 
 @contextmanager
@@ -115,7 +113,7 @@ def full_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for unit in units:
             unit.reshard()
-        model.set_reshard_after_forward(_layers_reshard_after_forward())
+        model.set_reshard_after_forward(_env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"))
         model.set_reshard_after_forward(False, recurse=False)
 
 
