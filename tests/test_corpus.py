@@ -5,6 +5,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import replace
+from itertools import combinations
 
 import pytest
 
@@ -36,10 +37,9 @@ def test_streams_are_deterministic_by_seed():
 
 def test_splits_are_disjoint_by_arithmetic():
     canon = {split: {p.canonical for p in sample_problems(split, 0, 2, n)} for split, n in
-             (("pretrain", 2000), ("rl", 300), ("test", 300))}
-    assert not canon["pretrain"] & canon["rl"]
-    assert not canon["pretrain"] & canon["test"]
-    assert not canon["rl"] & canon["test"]
+             (("pretrain", 2000), ("rl", 300), ("validation", 300), ("test", 300))}
+    for a, b in combinations(SPLITS, 2):
+        assert canon[a] and not canon[a] & canon[b], (a, b)
     for split in SPLITS:
         assert all(split_of(p) == split for p in sample_problems(split, 3, 4, 50))
 
@@ -51,7 +51,9 @@ def test_split_ignores_the_wording_and_follows_the_shares():
     rng = random.Random(0)
     splits = [split_of(generate_problem(rng, 4)) for _ in range(4000)]
     assert 0.76 < splits.count("pretrain") / len(splits) < 0.84
-    assert 0.07 < splits.count("rl") / len(splits) < 0.13
+    assert 0.06 < splits.count("rl") / len(splits) < 0.10
+    assert 0.01 < splits.count("validation") / len(splits) < 0.03
+    assert 0.08 < splits.count("test") / len(splits) < 0.12
 
 
 def test_split_streams_do_not_depend_on_each_other():

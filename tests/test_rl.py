@@ -23,7 +23,7 @@ def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
     (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("run.json")]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["step"] == 4 and saved["task"] == "embedded"
+    assert saved["step"] == 4 and saved["task"] == "embedded" and saved["eval_split"] == "test"
     for when in ("eval_before", "eval_after"):
         assert {"avg@4", "pass@1", "pass@4", "mean_length"} <= set(saved[when]), when
     assert saved["eval_before"] == results["eval_before"]
@@ -53,7 +53,8 @@ def test_a_run_logs_evaluates_and_saves_hf_checkpoints(rl_args, tmp_path):
 
 
 def test_one_update_per_rollout_batch_never_clips(rl_args):
-    results = rl_run([*rl_args, "rl.max_steps=2", "rl.num_mini_batches=1", "rl.eval_every=10"])
+    results = rl_run([*rl_args, "rl.max_steps=2", "rl.num_mini_batches=1", "rl.eval_every=10", "rl.eval_split=validation"])
+    assert results["eval_split"] == "validation"
     for row in step_rows(Path(results["checkpoint"]).parents[1]).values():
         assert row["clip_ratio/low_mean"] == row["clip_ratio/high_mean"] == 0, "one on-policy update: ratio 1"
 
@@ -189,6 +190,8 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
         (["rl.loss_aggregation=sum"], ["rl.loss_aggregation", "token_mean", "seq_mean"]),
         (["rl.sampling.temperature=0"], ["rl.sampling.temperature"]),
         (["rl.eval_ks=[1,16]"], ["rl.eval_ks"]),
+        (["rl.eval_split=dev"], ["rl.eval_split=dev", "task embedded serves only: train, validation, test"]),
+        (["task=gsm8k", "rl.eval_split=validation"], ["rl.eval_split=validation", "task gsm8k serves only: train, test"]),
         (["rl.kl_coef=-1"], ["rl.kl_coef"]),
         (["rl.on_nonfinite=ignore"], ["rl.on_nonfinite", "stop", "skip"]),
         (["rl.max_nonfinite_skips=-1"], ["rl.max_nonfinite_skips"]),

@@ -40,6 +40,15 @@ def test_embedded_rewards():
     assert problem.prompt.startswith("Question: ") and problem.prompt.endswith("\nAnswer:")
 
 
+def test_the_embedded_validation_split_shares_no_problem_with_train_or_test():
+    # What RL is tuned on (rl.eval_split=validation) must be neither trained on nor the reported test.
+    task = build_task(task_config())
+    questions = {split: {p.meta["question"] for p in task.problems(split, 600)} for split in ("train", "validation", "test")}
+    assert len(questions["validation"]) > 500
+    assert not questions["validation"] & questions["train"] and not questions["validation"] & questions["test"]
+    assert not questions["train"] & questions["test"]
+
+
 def test_embedded_prompt_template():
     task = build_task(task_config(prompt_template="Q: {question}\nA:"))
     problem = task.problems("test", 1)[0]

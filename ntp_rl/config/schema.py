@@ -404,7 +404,9 @@ class GRPOConfig:
     log_every: int = 1
     save_every: int = 20
     keep_last: int = 2
-    # Held-out evaluation on the task's test split, before training, every eval_every steps and at the end.
+    # Held-out evaluation on the task's eval_split, before training, every eval_every steps and at the end.
+    # "validation" (the embedded task has one) is for tuning, so that the test split is read only to report.
+    eval_split: str = "test"
     eval_every: int = 20
     eval_problems: int = 256
     eval_samples: int = 8  # n per problem: avg@n is the mean accuracy

@@ -342,7 +342,7 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
     from ntp_rl.rl.advantages import ADVANTAGES
     from ntp_rl.rl.policy_loss import POLICY_LOSSES
 
-    from ntp_rl.tasks import load_reward_fn
+    from ntp_rl.tasks import load_reward_fn, task_splits
 
     _check_optim(optim, optim_key)
     _check_scoring(task)
@@ -383,6 +383,9 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
     if rl.sampling.temperature == 0:
         raise ConfigError("rl.sampling.temperature", "must be > 0: GRPO compares different samples of a prompt", 0)
     _check_sampling(rl.eval_sampling, "rl.eval_sampling")
+    if rl.eval_split not in task_splits(task.kind):
+        raise ConfigError("rl.eval_split", f"task {task.name} serves only: {', '.join(task_splits(task.kind))}",
+                          rl.eval_split)
     bad_ks = [k for k in rl.eval_ks if not 1 <= k <= rl.eval_samples]
     if bad_ks:
         raise ConfigError("rl.eval_ks", f"every k must be in 1..rl.eval_samples={rl.eval_samples}", list(rl.eval_ks))

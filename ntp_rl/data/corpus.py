@@ -1,6 +1,6 @@
 """The embedded procedural reasoning task: arithmetic word problems with worked solutions.
 
-One generator serves three consumers: pre-training text, RL prompts and eval problems.
+One generator serves four consumers: pre-training text, RL prompts, validation and eval problems.
 They must never overlap, so every problem belongs to exactly one split, decided by a
 hash of its arithmetic alone. The same sums told about another person or as a bare
 expression land in the same split, so no surface variation leaks a test problem into
@@ -30,11 +30,12 @@ from typing import Iterator
 
 from ntp_rl.config.schema import SolutionOrder
 
-SPLITS = ("pretrain", "rl", "test")
+SPLITS = ("pretrain", "rl", "validation", "test")
 SOLUTION_ORDERS = tuple(order.value for order in SolutionOrder)  # data.solution_order's values
 
-# Shares of the problem space, in percent, in the order of SPLITS.
-_SPLIT_PERCENT = (80, 10, 10)
+# Shares of the problem space, in percent, in the order of SPLITS. "validation" (for tuning RL
+# without reading the test split) was carved from the rl share, so pretrain and test are as before.
+_SPLIT_PERCENT = (80, 8, 2, 10)
 
 ANSWER_MARK = "####"
 
@@ -260,7 +261,7 @@ def _story(rng: random.Random, start: int, steps: list[Step], bags: bool) -> str
 # Splits
 
 def split_of(problem: Problem) -> str:
-    """pretrain / rl / test, from a stable hash of the problem's arithmetic."""
+    """pretrain / rl / validation / test, from a stable hash of the problem's arithmetic."""
     digest = hashlib.sha256(problem.canonical.encode()).digest()
     bucket = int.from_bytes(digest[:8], "big") % 100
     for split, percent in zip(SPLITS, _SPLIT_PERCENT):

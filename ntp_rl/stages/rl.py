@@ -61,7 +61,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     # Everything a user can get wrong is found before the run directory exists.
     task = build_task(cfg.task)
     train_pool = task.problems("train", cfg.rl.train_problems)
-    eval_problems = task.problems("test", cfg.rl.eval_problems)
+    eval_problems = task.problems(cfg.rl.eval_split, cfg.rl.eval_problems)
     init_dir = ckpt.resolve_init_from(cfg.init_from)
     session.note_unread_answers(task)
     session.note_source_run("init_from", cfg.init_from, init_dir)
@@ -161,7 +161,8 @@ def announce(state: RLState, init_dir: Any) -> None:
     rl, session = state.cfg.rl, state.session
     session.say(f"ntp-rl rl -> {shown_path(session.run_dir.path)}")
     session.say(f"  policy: {init_dir} ({count_parameters(state.lm) / 1e6:.2f}M params) | task: {state.task.name}, "
-                f"{len(state.stream.problems)} train prompts, {len(state.eval_problems)} held-out problems")
+                f"{len(state.stream.problems)} train prompts, {len(state.eval_problems)} held-out problems "
+                f"({rl.eval_split} split)")
     session.say(f"  GRPO: {rl.prompts_per_step} prompts x G={rl.num_generations} per step, {state.updates_per_step} "
                 f"update(s) per step, clip [{1 - rl.clip_eps_low:g}, {1 + rl.clip_eps_high:g}], "
                 f"{rl.loss_aggregation.value}, kl_coef {rl.kl_coef:g}, "
@@ -179,7 +180,7 @@ def announce(state: RLState, init_dir: Any) -> None:
 
 
 def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
-    """Avg@n, Cons@n and pass@k on the task's test problems, logged at `step`.
+    """Avg@n, Cons@n and pass@k on the task's rl.eval_split problems, logged at `step`.
 
     The problems are sampled in chunks of one generate call, each with a seed of its own that
     is the same at every evaluation: changes between evaluations come from the model, not the
@@ -218,7 +219,8 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
     final = ckpt.latest_checkpoint(session.run_dir.checkpoints)
     accuracy_key = f"avg@{state.cfg.rl.eval_samples}"
     results = {"stage": "rl", "step": step, "checkpoint": str(final), "init_from": str(init_dir),
-               "task": state.task.name, "eval_before": state.eval_before, "eval_after": eval_after,
+               "task": state.task.name, "eval_split": state.cfg.rl.eval_split,
+               "eval_before": state.eval_before, "eval_after": eval_after,
                "train_first_step": state.first_step_metrics, "train_last_step": last_step_metrics,
                "train_wall_time_s": wall, "num_processes": session.world,
                "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
@@ -231,7 +233,7 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
                        "advantages, policy_loss 0, nothing learned from them")
     session.finish(results, step=step, checkpoint=str(final))
     before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
-    session.say(f"done: {step} steps in {wall:.0f}s | held-out {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"
+    session.say(f"done: {step} steps in {wall:.0f}s | held-out ({state.cfg.rl.eval_split}) {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"
                 f" | mean length {eval_after['mean_length']:.1f}\n  model: {shown_path(final)}")
     if state.short_steps:
         session.say(f"  {state.short_steps} of {step} steps ran out of sampling rounds and trained on fewer groups "

@@ -30,9 +30,16 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 from ntp_rl.errors import ConfigError, UserError
 
-# Splits a task serves: RL trains on "train", eval measures on "test". For the embedded
+# Splits every task serves: RL trains on "train", eval measures on "test". For the embedded
 # task both are disjoint from the pre-training text.
 TASK_SPLITS = ("train", "test")
+# Tasks that also serve a "validation" split, disjoint from both by construction, to tune on
+# without reading the test split (rl.eval_split=validation).
+_MORE_SPLITS = {"embedded": ("train", "validation", "test")}
+
+
+def task_splits(kind: str) -> tuple[str, ...]:
+    return _MORE_SPLITS.get(kind, TASK_SPLITS)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 from ntp_rl.data.corpus import extract_answer, sample_problems
 from ntp_rl.errors import ConfigError
-from ntp_rl.tasks import TASK_SPLITS, TaskProblem, fill_prompt, register
+from ntp_rl.tasks import TaskProblem, fill_prompt, register, task_splits
 
 # task split -> corpus split. "pretrain" is never served: those problems were trained on.
-CORPUS_SPLIT = {"train": "rl", "test": "test"}
+CORPUS_SPLIT = {"train": "rl", "validation": "validation", "test": "test"}
 
 
 @dataclass
@@ -23,8 +23,8 @@ class EmbeddedTask:
     stop_strings: tuple[str, ...] = ("\nQuestion:",)
 
     def problems(self, split: str, n: int) -> list[TaskProblem]:
-        if split not in TASK_SPLITS:
-            raise ValueError(f"split must be one of {TASK_SPLITS}, not {split!r}")
+        if split not in task_splits("embedded"):
+            raise ValueError(f"split must be one of {task_splits('embedded')}, not {split!r}")
         corpus_split = CORPUS_SPLIT[split]
         return [
             TaskProblem(id=f"{corpus_split}-{i}", answer=p.answer, meta={"question": p.question},
