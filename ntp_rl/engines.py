@@ -4,8 +4,10 @@ the other back."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, ContextManager, Sequence
 
+from ntp_rl import sharding
 from ntp_rl.config.schema import GeneratorKind
 from ntp_rl.generation import Generator, HFGenerator
 
@@ -17,16 +19,25 @@ def make_generator(generator_cfg: Any, model: Any, tokenizer: Any, stop_strings:
     `session`, the engine computes in the stage's precision unless generator.vllm.dtype says otherwise
     (recorded in run.json), and vLLM's own output goes to the run directory's vllm.log."""
     if generator_cfg.name is GeneratorKind.vllm:
-        from ntp_rl.vllm_engine import VLLMGenerator
+        from ntp_rl.vllm_engine import VLLMGenerator, sleeps
 
         if session is None:
             return VLLMGenerator(model_path, tokenizer, stop_strings, engine_settings(generator_cfg, "no"))
         settings = engine_settings(generator_cfg, session.accelerator.mixed_precision)
         if session.is_main:
-            session.run_dir.update(generator={"name": "vllm", "dtype": settings.dtype})
+            session.run_dir.update(generator={"name": "vllm", "dtype": settings.dtype,
+                                              "sleep_mode": sleeps(settings)})
         log = session.run_dir.path / ("vllm.log" if session.rank == 0 else f"vllm.rank{session.rank}.log")
         return VLLMGenerator(model_path, tokenizer, stop_strings, settings, log_file=log, say=session.say)
     return HFGenerator(model, tokenizer, stop_strings, batch_size=batch_size)
+
+
+def sampling_weights(generator_cfg: Any, model: Any) -> ContextManager[None]:
+    """The context sampling runs in: generator=hf samples with the model itself, whose FSDP units are
+    gathered for it (sharding.full_weights); a vLLM engine samples with its own copy, so nothing is."""
+    if generator_cfg.name is GeneratorKind.vllm:
+        return contextlib.nullcontext()
+    return sharding.full_weights(model)
 
 
 def sequences_per_call(generator_cfg: Any, batch_size: int, n: int, problems: int, world: int) -> int:

@@ -40,8 +40,7 @@ class Generator(Protocol):
 
     def sync_weights(self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
         """Sample from the (Hugging Face-named) weights `weights()` gives from now on; a generator
-        that samples with the trained model itself does nothing (and never calls it: under FSDP
-        gathering them costs a copy of the model)."""
+        that samples with the trained model itself does nothing (and never calls it)."""
         ...
 
     def release_memory(self) -> None:

@@ -117,6 +117,19 @@ def full_weights(model: nn.Module) -> Iterator[None]:
         model.set_reshard_after_forward(False, recurse=False)
 
 
+def whole_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`module`'s parameters whole, one at a time, under their names in it: for copying a sharded model into
+    a sampling engine without a full copy. A sharded parameter is gathered from every process just before
+    it is yielded (a collective: every process must walk all of them, in the same order) and is freed as
+    soon as the consumer lets it go, so the extra memory is what the consumer holds at once (vLLM: the
+    incoming weights of one of its layers), not the model. Unsharded parameters are yielded as they are."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in module.named_parameters():
+        param = param.detach()
+        yield name, param.full_tensor() if isinstance(param, DTensor) else param
+
+
 @contextmanager
 def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
     """Reduce-scatter gradients in this backward only when `sync` (the last micro-batch of a step); before

@@ -218,7 +218,7 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
         kwargs["kv_cache_memory_bytes"] = int((config.kv_cache_gib or 1.0) * 2**30)
     if not on_cpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-        kwargs["enable_sleep_mode"] = config.enable_sleep_mode
+        kwargs["enable_sleep_mode"] = sleeps(config)
     import torch.distributed as dist
 
     had_process_group = dist.is_available() and dist.is_initialized()
@@ -236,6 +236,12 @@ def _start_engine(model_path: str, config: VLLMConfig) -> Any:
             _close(llm)
             raise
     return llm
+
+
+def sleeps(config: VLLMConfig) -> bool:
+    """Sleep mode: on a GPU unless turned off (unset means on there: the engine always shares the trainer's
+    GPU); never on CPU, which has none."""
+    return torch.cuda.is_available() and config.enable_sleep_mode is not False
 
 
 def _routes_with_bias(model_path: str) -> bool:
@@ -430,9 +436,9 @@ class VLLMGenerator:
         self.sleep()
 
     def sleep(self) -> None:
-        """GPU with enable_sleep_mode: frees the engine's GPU memory (weights to host RAM, KV cache
+        """GPU, unless enable_sleep_mode=false: frees the engine's GPU memory (weights to host RAM, KV cache
         dropped) until the next generate or load_weights. A no-op otherwise (CPU has no sleep mode)."""
-        if self.config.enable_sleep_mode and torch.cuda.is_available() and not self.engine.asleep:
+        if sleeps(self.config) and not self.engine.asleep:
             self.llm.sleep(level=1)
             self.engine.asleep = True
 

@@ -77,6 +77,11 @@ def pytest_runtest_setup(item):
             pytest.skip(message)
 
 
+# `accelerate launch` of 2 CPU processes (gloo, DDP); the script or `-m ntp_rl <stage>` follows.
+TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def fsdp_launch(config_dir, num_processes: int = 2) -> list[str]:
     """`accelerate launch` with the repository's FSDP2 config, on CPU."""
     config = (REPO / "scripts" / "accelerate" / "fsdp.yaml").read_text()

@@ -69,5 +69,17 @@ def step_rows(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir) if "reward" in r}
 
 
+def assert_same_steps(one: Path, two: Path, steps: set[int]) -> None:
+    """Two runs from the same samples (one process and two, say): the same rollouts at every step, and the
+    same updates to float precision (losses within 1e-4, gradient norms within 1e-3)."""
+    a, b = step_rows(one), step_rows(two)
+    assert set(a) == set(b) == steps
+    for step in a:
+        for key in ("reward", "accuracy", "completions/mean_length"):
+            assert b[step][key] == a[step][key], (step, key)
+        assert b[step]["policy_loss"] == pytest.approx(a[step]["policy_loss"], rel=1e-4, abs=1e-6), step
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
+
+
 def eval_rows(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir) if "eval/avg@4" in r}

@@ -10,14 +10,13 @@ import csv
 import json
 import math
 import subprocess
-import sys
 from itertools import combinations
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, fsdp_launch, run_cli
+from conftest import REPO, TWO_CPU_PROCESSES, fsdp_launch, run_cli
 from ntp_rl.config.compose import compose
 from ntp_rl.config.schema import TaskConfig
 from ntp_rl.errors import ConfigError, DataError, UserError
@@ -429,8 +428,7 @@ def test_two_processes_gather_to_the_one_process_result(launch, tokenizer, tmp_p
     finally:
         torch.set_num_threads(threads)
     # fsdp2: the model sharded (only the first process reads it), its weights gathered to sample and measure.
-    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl"]
+    ddp = [*TWO_CPU_PROCESSES, "-m", "ntp_rl"]
     cmd = [*(ddp if launch == "ddp" else fsdp_launch(tmp_path)), "eval", *setup(tmp_path / "two", shared_cache, model_dir, *common)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

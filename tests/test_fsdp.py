@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, fsdp_launch
+from conftest import REPO, TWO_CPU_PROCESSES, fsdp_launch
 from ntp_rl.errors import UserError
 from test_export import on_disk
 from rl_helpers import ONE_THREAD, eval_rows, one_thread, policy, rl_args, rl_run, step_rows  # noqa: F401 (fixtures)
@@ -85,8 +85,7 @@ def test_a_sharded_run_resumes_exactly_and_on_one_process(tiny, tmp_path):
         assert c[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-4), step
 
     # A plain multi-process (DDP) launch cannot take the shards: one line, nothing trained.
-    plain = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl"]
+    plain = [*TWO_CPU_PROCESSES, "-m", "ntp_rl"]
     refused = launched([*plain, "pretrain", *common, f"run_dir={ddp}", "resume=auto"])
     assert refused.returncode != 0
     assert any(line.startswith("ntp-rl: error: resume: checkpoint") and "holds FSDP shards" in line
@@ -162,19 +161,6 @@ def test_every_stage_shards_under_an_fsdp_launch(fsdp_session):
     for stage in ("pretrain", "midtrain", "rl", "eval"):
         made = fsdp_session.StageSession(stage, cfg, [], precision="fp32")
         assert made.sharded and not made.empty_model, stage  # the first process holds the whole model
-
-
-@pytest.mark.vllm
-def test_rl_with_vllm_refuses_an_fsdp_launch_in_one_line(fsdp_session, tmp_path):
-    from ntp_rl.config.compose import compose
-    from ntp_rl.errors import ConfigError
-    from ntp_rl.stages import rl
-
-    args = ["init_from=Qwen/Qwen3-0.6B", "generator=vllm", f"out_dir={tmp_path}", "logger.wandb.mode=disabled"]
-    with pytest.raises(ConfigError) as caught:
-        rl.run(compose("rl", args), args)
-    assert str(caught.value).startswith("generator=vllm: vllm under FSDP is not built yet") and "\n" not in str(caught.value)
-    assert not any(tmp_path.iterdir())
 
 
 def test_processes_other_than_the_first_never_hold_the_whole_model():

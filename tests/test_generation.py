@@ -122,3 +122,17 @@ def test_sampling_is_the_full_softmax_without_a_hidden_top_k(tmp_path):
     out = HFGenerator(model, tokenizer, batch_size=256).generate(["ab cd"], 512, Sampling(1.0, 1.0, 1), seed=0)
     first_tokens = {c.token_ids[0] for c in out[0]}
     assert len(first_tokens) > 60
+
+
+@pytest.mark.parametrize("gpu, given, expected", [(False, None, False), (True, None, True), (True, "false", False)])
+def test_vllm_sleep_mode_is_on_by_default_where_the_engine_shares_a_gpu(monkeypatch, gpu, given, expected):
+    """The engine lives in the trainer's process, so on a GPU it shares the trainer's memory: unset, sleep mode is
+    on there (the update gets the engine's weights and KV cache back) and off on CPU, which has no sleep mode."""
+    from ntp_rl.config.compose import compose
+    from ntp_rl.engines import engine_settings
+    from ntp_rl.vllm_engine import sleeps
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    given_overrides = [] if given is None else [f"generator.vllm.enable_sleep_mode={given}"]
+    generator = compose("rl", ["init_from=x", "generator=vllm", *given_overrides]).generator
+    assert sleeps(engine_settings(generator, "no")) is expected

@@ -3,7 +3,6 @@
 import errno
 import json
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, TWO_CPU_PROCESSES, run_cli
 from ntp_rl.config.schema import DataConfig, DataSource
 from ntp_rl.data import build_pretrain_data
 from ntp_rl.data import prepared, shard_writer
@@ -281,8 +280,7 @@ def test_two_processes_train_on_the_same_windows_as_one(web, tmp_path):
     one = tmp_path / "one"
     assert run_cli(*pretrain_args(web, tmp_path, "train.max_steps=3", f"run_dir={one}")).returncode == 0
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl",
+    cmd = [*TWO_CPU_PROCESSES, "-m", "ntp_rl",
            *pretrain_args(web, tmp_path, "train.max_steps=3", "train.micro_batch_size=2", f"run_dir={two}")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, TWO_CPU_PROCESSES, run_cli
 from ntp_rl.checkpoint import latest_checkpoint, list_checkpoints
 from ntp_rl.config.compose import compose
 from ntp_rl.errors import ConfigError, TrainingDiverged
@@ -245,8 +245,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
     two = tmp_path / "two"
     # On a machine without GPUs, --multi_gpu is how `accelerate launch` is told to start
     # several processes (they then train over gloo).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "pretrain",
+    cmd = [*TWO_CPU_PROCESSES, "-m", "ntp_rl", "pretrain",
            *tiny, "train.micro_batch_size=4", "train.log_every=1", f"run_dir={two}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, TWO_CPU_PROCESSES, run_cli
 from ntp_rl.checkpoint import latest_checkpoint, list_checkpoints
 from ntp_rl.cli import check_command_line
 from ntp_rl.config.compose import compose
@@ -156,8 +156,7 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
     two = tmp_path / "two"
     # The two processes also group their rows by a token budget (about 2 rows a micro-batch, as many
     # micro-batches as each process's lengths need): neither the grouping nor the split changes an update.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "rl", *common, f"run_dir={two}",
+    cmd = [*TWO_CPU_PROCESSES, "-m", "ntp_rl", "rl", *common, f"run_dir={two}",
            "rl.max_tokens_per_micro_batch=100"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, **ONE_THREAD})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,20 +7,19 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, TWO_CPU_PROCESSES
 from ntp_rl.config.compose import compose
 from ntp_rl.errors import ConfigError, UserError
 from ntp_rl.evaluation import score_problem
 from ntp_rl.generation import HFGenerator, Sampling
 from ntp_rl.stages import run_stage
 from ntp_rl.tasks import build_task
-from rl_helpers import one_thread, pretrain_small_policy  # noqa: F401 (one_thread: a fixture, as in test_rl)
+from rl_helpers import assert_same_steps, one_thread, pretrain_small_policy  # noqa: F401 (one_thread: a fixture, as in test_rl)
 
 # fp32, so that the comparisons with transformers are exact to ~1e-6; a step budget of 256 tokens
 # chunks the prefill of long prompts, as large batches do.
@@ -297,8 +296,7 @@ def test_accelerate_processes_sample_their_own_prompts(engine, checkpoint, task,
     pooled prompts with the first process's seed. The trainer's process group works afterwards."""
     out = tmp_path / "ranks.json"
     config = {**CONFIG, "tensor_parallel_size": tensor_parallel_size}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "vllm_two_processes.py"),
+    cmd = [*TWO_CPU_PROCESSES, str(REPO / "tests" / "vllm_two_processes.py"),
            str(checkpoint), json.dumps(config), str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -355,9 +353,11 @@ def test_rl_samples_with_the_policys_current_weights(engine, checkpoint, model, 
     run_dir = Path(result["checkpoint"]).parents[1]
     steps = [row for row in read_metrics(run_dir) if "reward" in row]
     assert len(steps) == 3
-    # No generator.vllm.dtype: the engine computes in the trainer's precision (fp32 here), and says so in run.json;
-    # the engine's log-probs of its samples are then the trainer's, at every step (vLLM's "auto": up to 0.15 off).
-    assert json.loads((run_dir / "run.json").read_text())["generator"] == {"name": "vllm", "dtype": "float32"}
+    # No generator.vllm.dtype: the engine computes in the trainer's precision (fp32 here), and says so in run.json
+    # (with sleep mode, which a CPU has not); the engine's log-probs of its samples are then the trainer's, at every
+    # step (vLLM's "auto": up to 0.15 off).
+    assert json.loads((run_dir / "run.json").read_text())["generator"] == {"name": "vllm", "dtype": "float32",
+                                                                           "sleep_mode": False}
     assert all(row["sampling/sampling_logp_difference/max"] < 1e-4 for row in steps)
 
 
@@ -426,21 +426,9 @@ def test_rl_on_two_processes_with_an_engine_each_matches_one_process(engine, che
     finally:
         engine.load_weights(model.named_parameters())
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ntp_rl", "rl", *common, f"run_dir={two}"]
+    cmd = [*TWO_CPU_PROCESSES, "-m", "ntp_rl", "rl", *common, f"run_dir={two}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
-    from ntp_rl.tracking import read_metrics
-
-    def steps(run_dir):
-        return {r["step"]: r for r in read_metrics(run_dir) if "reward" in r}
-
-    a, b = steps(one), steps(two)
-    assert set(a) == set(b) == {1, 2, 3}
-    for step in a:
-        for key in ("reward", "accuracy", "completions/mean_length"):
-            assert b[step][key] == a[step][key], (step, key)  # the same rollouts
-        assert b[step]["policy_loss"] == pytest.approx(a[step]["policy_loss"], rel=1e-4, abs=1e-6), step
-        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
+    assert_same_steps(one, two, {1, 2, 3})

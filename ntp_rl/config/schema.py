@@ -274,7 +274,10 @@ class VLLMConfig:
     max_model_len: Optional[int] = None  # longest prompt + response in tokens; null: the model's max_position_embeddings
     dtype: Optional[str] = None  # null: the stage's precision (fp32 -> float32, bf16 -> bfloat16), recorded in run.json | float32 | bfloat16 | float16 | auto (vLLM's: bf16 for an fp32 checkpoint)
     enforce_eager: bool = False  # true: no CUDA graphs / torch.compile: starts in seconds, decodes slower
-    enable_sleep_mode: bool = False  # GPU only: the engine frees its GPU memory while the trainer updates (rl)
+    # GPU only: while the trainer updates (rl) the engine moves its weights to host RAM and drops its KV cache,
+    # handing that GPU memory to the trainer; null: on where there is a GPU (the engine always shares the
+    # trainer's device), false on CPU, which has no sleep mode. Recorded in run.json.
+    enable_sleep_mode: Optional[bool] = None
     tensor_parallel_size: int = 1  # processes (GPUs) per engine; consecutive processes pool their prompts into one engine; must divide the process count
     max_num_seqs: int = 256  # sequences decoded together; more is faster until the KV cache runs out
     max_num_batched_tokens: Optional[int] = None  # tokens per engine step (prefill chunking); null: vLLM's default

@@ -35,7 +35,7 @@ from ntp_rl.config.validate import check_seq_len
 from ntp_rl.data.packing import PretrainData
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.diagnostics import TextDiagnostics
-from ntp_rl.engines import make_generator, sequences_per_call
+from ntp_rl.engines import make_generator, sampling_weights, sequences_per_call
 from ntp_rl.errors import ConfigError, DataError
 from ntp_rl.evaluation import ProblemResult, deal_calls, plan_calls, sample_and_score_calls, summarize
 from ntp_rl.generation import Sampling
@@ -74,7 +74,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         announce(cfg, session, subject, benchmarks, sampling)
         ks = sorted(set(cfg.eval.ks))
         started = time.perf_counter()
-        with sharding.full_weights(subject.lm):
+        with sampling_weights(cfg.generator, subject.lm):
             results = {name: sample_problems(cfg, session, subject, task, problems, sampling)
                        for name, (task, problems) in benchmarks.items()}
         sampling_s = time.perf_counter() - started

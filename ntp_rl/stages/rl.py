@@ -27,12 +27,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ntp_rl import checkpoint as ckpt
-from ntp_rl import sharding, stopping
+from ntp_rl import stopping
 from ntp_rl.config.schema import GeneratorKind
 from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.errors import ConfigError
-from ntp_rl.engines import make_generator
+from ntp_rl.engines import make_generator, sampling_weights
 from ntp_rl.evaluation import sample_and_score_chunks, summarize
 from ntp_rl.faults import kill_point
 from ntp_rl.generation import Sampling
@@ -51,11 +51,14 @@ from ntp_rl.tasks import Task, TaskProblem, build_task
 
 
 def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
+    from accelerate.utils import DistributedType
+
     session = StageSession("rl", cfg, overrides, precision=cfg.rl.precision)
     rl_prompt_split(cfg.rl, session.world)
-    if session.sharded and cfg.generator.name is GeneratorKind.vllm:
-        raise ConfigError("generator", "vllm under FSDP is not built yet (its weight sync would gather the whole "
-                          "model on every process); use generator=hf, or launch without the FSDP config", "vllm")
+    if cfg.generator.name is GeneratorKind.vllm and session.accelerator.distributed_type is DistributedType.FSDP \
+            and not session.sharded:
+        raise ConfigError("generator", "vllm under FSDP1 is not supported (its weight sync would gather the whole model "
+                          "on every process); launch with fsdp_version: 2 (scripts/accelerate/fsdp.yaml)", "vllm")
     seed_everything(cfg.seed)
 
     # Everything a user can get wrong is found before the run directory exists.
@@ -191,7 +194,7 @@ def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
     evaluator = make_generator(state.cfg.generator, state.lm, state.tokenizer, state.task.stop_strings,
                                rl.eval_sampling.batch_size, state.model_dir, session)  # vLLM: the same engine
     per_call = max(1, rl.eval_sampling.batch_size // rl.eval_samples)
-    with sharding.full_weights(state.model):
+    with sampling_weights(state.cfg.generator, state.model):
         results = sample_and_score_chunks(evaluator, state.task, state.eval_problems, rl.eval_samples,
                                           state.eval_sampling, list(rl.eval_ks), lambda chunk: rl_eval_seed(seed, chunk),
                                           session.rank, session.world, per_call)

@@ -12,6 +12,7 @@ import torch
 
 from ntp_rl import sharding
 from ntp_rl.config.schema import GeneratorKind
+from ntp_rl.engines import sampling_weights
 from ntp_rl.rl.advantages import AdvantageInputs, compute_advantages
 from ntp_rl.rl.rollout import (CollectedGroups, Group, RolloutBatch, build_batch, collect_groups, deal_groups,
                                sample_groups)
@@ -24,7 +25,7 @@ def sample(state: RLState) -> tuple[CollectedGroups, float]:
     rl = state.cfg.rl
     started = time.perf_counter()
     sync_engine(state)
-    with sharding.full_weights(state.model):
+    with sampling_weights(state.cfg.generator, state.model):
         collected = collect_groups(functools.partial(sample_round, state), rl.prompts_per_step, rl.dynamic_sampling,
                                    rl.max_sampling_rounds)
     state.rollouts.release_memory()  # vLLM's sleep mode on GPU: the trainer gets the memory back
@@ -48,18 +49,12 @@ def policy_weights(accelerator: Any, model: torch.nn.Module) -> Iterable[tuple[s
     its parameters and its saved buffers (an MoE router's `expert_bias`), as transformers holds them
     (fused experts); the engine's model maps them to its own.
 
-    Under FSDP each process gathers the full parameters for the copy (this path has not run on
-    GPUs yet); otherwise every process already holds them.
+    Under FSDP2 a lazy stream: each parameter is gathered from the shards as the engine reads it and
+    dropped once read (sharding.whole_parameters), so no process holds a second copy of the model;
+    otherwise every process already holds them.
     """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
-            return [(name.removeprefix("lm."), value) for name, value in model.state_dict().items()]
+    if sharding.is_sharded(model):
+        return itertools.chain(sharding.whole_parameters(model.lm), _saved_buffers(model.lm))
     return lm_weights(accelerator.unwrap_model(model).lm)
 
 
