@@ -106,6 +106,33 @@ def difference(values: Sequence[tuple[Optional[int], float]], baseline: Sequence
     return Difference("Welch t", len(a), len(b), diff, float(ci.low), float(ci.high), float(result.pvalue))
 
 
+def paired_power(effect: float, sd: float, pairs: int, alpha: float = ALPHA) -> float:
+    """Power of a two-sided paired t-test at level `alpha` with `pairs` pairs, when the true mean difference is
+    `effect` and the pair differences have standard deviation `sd`: P(|T| > t(1 - alpha/2, n - 1)) for T a
+    noncentral t with n - 1 degrees of freedom and noncentrality effect / sd * sqrt(n) (normal differences)."""
+    if pairs < 2:
+        return math.nan
+    df = pairs - 1
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    noncentrality = effect / sd * math.sqrt(pairs)
+    return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.cdf(-critical, df, noncentrality))
+
+
+def pairs_for_power(effect: float, sd: float, power: float = 0.8, alpha: float = ALPHA, comparisons: int = 1,
+                    most: int = 10_000) -> int:
+    """The fewest seed pairs for which a paired t-test detects a true difference `effect` (pair differences of
+    standard deviation `sd`, from a pilot) with probability `power`. With `comparisons` tests adjusted by Holm
+    (compare's family: each setting against the baseline), a difference is certain to be declared only when
+    its p-value passes alpha / comparisons, the bar Holm sets the smallest one, so that is the level used:
+    the answer holds whichever of the comparisons turns out smallest."""
+    if effect == 0 or sd <= 0 or comparisons < 1:
+        raise ValueError("pairs_for_power needs a non-zero effect, a positive sd and at least one comparison")
+    for pairs in range(2, most + 1):
+        if paired_power(abs(effect), sd, pairs, alpha / comparisons) >= power:
+            return pairs
+    raise ValueError(f"more than {most} pairs needed for power {power}")
+
+
 def _same_distinct_seeds(a: Sequence[Optional[int]], b: Sequence[Optional[int]]) -> bool:
     known = None not in a and None not in b
     return known and len(set(a)) == len(a) and len(set(b)) == len(b) and set(a) == set(b)

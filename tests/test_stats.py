@@ -103,3 +103,27 @@ def test_spearman_interval_covers_the_population_value():
         covered += low <= truth <= high
     assert 0.93 <= covered / 800 <= 0.985, covered / 800
     assert all(math.isnan(v) for v in spearman_interval(0.5, 3))  # needs n - 3 > 0
+
+
+def test_paired_power_is_what_simulated_studies_reject_and_pairs_for_power_is_the_first_to_reach_it():
+    """Power against brute force: 4000 simulated studies of normal pair differences, each tested with scipy's
+    paired t-test, reject as often as the noncentral t says (within 2.5 binomial standard errors)."""
+    from ntp_rl.stats import paired_power, pairs_for_power
+
+    rng = np.random.default_rng(0)
+    effect, sd, pairs, studies = 0.02, 0.03, 12, 4000
+    base = rng.normal(0.3, 0.05, size=(studies, pairs))
+    treated = base + rng.normal(effect, sd, size=(studies, pairs))
+    rejected = (scipy_stats.ttest_rel(treated, base, axis=1).pvalue < 0.05).mean()
+    predicted = paired_power(effect, sd, pairs)
+    assert abs(rejected - predicted) < 2.5 * math.sqrt(predicted * (1 - predicted) / studies), (rejected, predicted)
+    assert 0.4 < predicted < 0.7  # a case where the answer is not trivially 0 or 1
+
+    needed = pairs_for_power(effect, sd)
+    assert paired_power(effect, sd, needed) >= 0.8 > paired_power(effect, sd, needed - 1)
+    # Two comparisons under Holm ask the smallest p to pass 0.025: more pairs, never fewer.
+    with_holm = pairs_for_power(effect, sd, comparisons=2)
+    assert paired_power(effect, sd, with_holm, alpha=0.025) >= 0.8 and with_holm > needed
+    assert pairs_for_power(-effect, sd) == needed  # the direction does not matter to a two-sided test
+    with pytest.raises(ValueError):
+        pairs_for_power(0.0, sd)
