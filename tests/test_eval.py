@@ -342,7 +342,8 @@ def test_wandb_gets_summary_table_and_figures(tokenizer, tmp_path, shared_cache,
     (["model=/some/run", "eval.n=4"], ["eval.ks", "8"]),
     (["model=/some/run", "eval.num_problems=0"], ["eval.num_problems"]),
     (["model=/some/run", "sampling.top_p=0"], ["sampling.top_p"]),
-    (["model=/some/run", "eval.split=train2"], ["eval.split", "test"]),
+    (["model=/some/run", "eval.split=train2"], ["eval.split", "train, validation, test"]),
+    (["model=/some/run", "task=gsm8k", "eval.split=validation"], ["eval.split=validation", "train, test"]),
     (["model=/some/run", "diagnostics.forking_threshold=-1"], ["diagnostics.forking_threshold"]),
     (["model=/some/run", "resume=auto"], ["resume"]),
     (["model=/some/run", "eval=quick"], ["eval=quick", "paper"]),
@@ -356,6 +357,13 @@ def test_bad_config_fails_with_one_line_naming_the_key(args, names):
     assert "\n" not in message
     for name in names:
         assert name in message
+
+
+def test_the_embedded_tasks_validation_split_is_an_eval_split():
+    """What rl.eval_split=validation tunes on, eval can measure too (a checkpoint picked without the test split)."""
+    from ntp_rl.cli import check_command_line, expand_model_paths
+
+    check_command_line("eval", expand_model_paths(["model=/some/run", "eval.split=validation"]))
 
 
 def test_missing_model_dir_from_the_shell_exits_2_with_one_line(tmp_path):

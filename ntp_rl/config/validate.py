@@ -54,7 +54,7 @@ def validate_eval(cfg: Any) -> None:
         raise ConfigError("model", "eval needs trained weights: model=<run dir, checkpoint, HF model dir or hub name>; "
                           "an architecture preset such as model=tiny has none")
     _check_model(cfg.model)
-    _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+    _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data, cfg.task)
     _check_scoring(cfg.task)
     _check_harness(cfg.harness)
     _check_generator(cfg.generator)
@@ -93,7 +93,7 @@ def validate_pipeline(cfg: Any) -> None:
             _positive(cfg.midtrain[key], f"midtrain.{key}")
         _check_optim(cfg.midtrain_optim, "midtrain_optim")
     _check_grpo(cfg.rl, cfg.rl_optim, cfg.task, optim_key="rl_optim")
-    _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data)
+    _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data, cfg.task)
     _check_generator(cfg.generator, cfg.rl)
 
 
@@ -301,9 +301,9 @@ def _check_sampling(sampling: Any, prefix: str = "sampling") -> None:
     _positive(sampling.batch_size, f"{prefix}.batch_size")
 
 
-def _check_evaluation(ev: Any, sampling: Any, diag: Any, data: Any) -> None:
+def _check_evaluation(ev: Any, sampling: Any, diag: Any, data: Any, task: Any) -> None:
     """What an eval samples and measures, wherever it sits (`ntp-rl eval` or a pipeline's evals)."""
-    from ntp_rl.tasks import TASK_SPLITS
+    from ntp_rl.tasks import TASK_SPLITS, task_splits
 
     _check_sampling(sampling)
     _positive(ev.n, "eval.n")
@@ -314,8 +314,10 @@ def _check_evaluation(ev: Any, sampling: Any, diag: Any, data: Any) -> None:
     if too_big:
         raise ConfigError("eval.ks", f"every k must be in 1..eval.n={ev.n} (pass@k draws k of the n samples); "
                           f"{too_big[0]} is not", list(ev.ks))
-    if ev.split not in TASK_SPLITS:
-        raise ConfigError("eval.split", f"must be one of: {', '.join(TASK_SPLITS)}", ev.split)
+    # A suite's benchmarks each have their own task: only the splits every task serves.
+    splits = TASK_SPLITS if ev.benchmarks else task_splits(task.kind)
+    if ev.split not in splits:
+        raise ConfigError("eval.split", f"must be one of: {', '.join(splits)}", ev.split)
     _check_benchmarks(ev)
     if diag.enabled:
         _check_data(data)
