@@ -352,7 +352,7 @@ class GRPOConfig:
     """GRPO with verifiable rewards, DAPO-style (clip-higher, dynamic sampling, token-level loss).
 
     Defaults are the paper's (PAPER.md section 6) except the batch sizes and step count,
-    which fit the tiny model on 2 CPU cores in about five minutes; the paper runs 128 prompts
+    which fit the tiny model on 2 CPU cores in under ten minutes; the paper runs 128 prompts
     x 16 samples for ~1000 steps.
     """
 
