@@ -94,6 +94,14 @@ def test_paper_study_runs_five_paired_seeds_per_setting_on_a_forking_corpus():
     assert cfg.data.solution_order.value == "any" and cfg.loss.k == 10
 
 
+def test_rl_study_tunes_on_validation_and_reports_on_test():
+    """The pre-registered study (docs/rl-study.md): RL's own checks never read the test split; the verdicts'
+    evals do, and only they."""
+    cfg = compose("pipeline", ["experiment=rl_study"])
+    assert cfg.rl.eval_split == "validation" and cfg.eval.split == "test"
+    assert cfg.data.solution_order.value == "any" and cfg.train.max_steps == 700 and cfg.rl.max_steps == 150
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates_at_every_point(experiment, monkeypatch):
     # the GPU experiment included: its sizes are checked here even where it cannot run (its SLURM launcher
@@ -104,7 +112,7 @@ def test_every_experiment_composes_and_validates_at_every_point(experiment, monk
     monkeypatch.setattr(shutil, "which", lambda name, *args, **kw: "/cluster/bin/sbatch" if name == "sbatch"
                         else which(name, *args, **kw))
     checked = check_command_line("pipeline", ["-m", f"experiment={experiment}"])
-    assert checked.plan.num_points >= 10
+    assert checked.plan.num_points >= 6  # settings x seeds
 
 
 @pytest.mark.parametrize("args, key", [
