@@ -198,7 +198,7 @@ def test_pipeline_with_an_moe_policy_and_vllm_runs_end_to_end(tmp_path, shared_c
     (lineage,) = (tmp_path / "pipeline").iterdir()
     for stage in ("eval_base", "rl", "eval_rl"):
         run = json.loads((lineage / stage / "run.json").read_text())
-        assert run["status"] == "finished" and run["generator"] == {"name": "vllm", "dtype": "float32"}
+        assert run["status"] == "finished" and run["generator"] == {"name": "vllm", "dtype": "float32", "sleep_mode": False}
     # eval_base starts the engine, rl reuses it (the same checkpoint and settings), eval_rl starts another
     assert all((lineage / stage / "vllm.log").stat().st_size > 0 for stage in ("eval_base", "rl", "eval_rl"))
     console = result.stdout + result.stderr
