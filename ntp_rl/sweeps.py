@@ -312,6 +312,8 @@ def compare_lineages(lineages: list[str], cfg: Any, overrides: Sequence[str], sw
     wandb = WandbOptions(mode=cfg.logger.wandb.mode.value,
                          project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
                          group=cfg.logger.wandb.group or label or sweep_dir.name)  # the verdict beside its lineages
-    summary = compare(sorted(set(lineages)), str(out_dir), wandb=wandb)
+    summary = compare(sorted(set(lineages)), str(out_dir), wandb=wandb, hypotheses=cfg.get("hypotheses"))
     print(summary["table"], end="")
+    if summary["verdicts"]:
+        print("\n" + summary["verdicts"], end="")
     print(f"table and figures in {shown_path(out_dir)}")

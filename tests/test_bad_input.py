@@ -111,6 +111,7 @@ CASES = [
     # pipeline, compare, the command itself
     ("pipeline stages=[rl,pretrain]", "stages"),
     ("pipeline rl_optim.lr=-1", "rl_optim.lr"),
+    ("pipeline hypotheses=no_such_study", "hypotheses: compare: --hypotheses no_such_study: neither a YAML file"),
     ("pipeline train.precision=bf16", "must be the same in a pipeline"),
     ("compare {root}/nothing", "nothing"),
     ("export", "export.run"),

@@ -12,6 +12,7 @@ from conftest import run_cli
 from ntp_rl.errors import UserError
 from ntp_rl.io import write_json_atomic
 from ntp_rl.stages.compare import compare
+from ntp_rl.study.report import format_p
 from ntp_rl.study.wandb_log import WandbOptions
 from wandb_offline import read_run, run_files
 
@@ -315,3 +316,98 @@ def test_a_mistake_costs_one_line_and_exit_2(args, needle, tmp_path, capsys, no_
         main(["compare", *(a.format(tmp=tmp_path) for a in args), "--wandb", "disabled"])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err == f"ntp-rl: error: {needle.format(tmp=tmp_path)}"
+
+
+HYPOTHESES = """
+baseline: loss=ce
+hypotheses:
+  - {id: 1, finding: precision does best after RL, metric: rl avg@4, direction: {loss=precision: greater}}
+  - {id: 2, finding: diversity lowers base scores, metric: base avg@4, direction: {diversity: less}}
+  - {id: 3, finding: base scores move little, metric: base avg@4, within: 0.02}
+  - {id: 4, finding: RL sharpens, metric: gain avg@4, sign: greater}
+  - {id: 4, finding: RL sharpens, metric: gain pass@4, sign: less, settings: [loss=precision]}
+  - {id: 5, finding: DFT is sharper still, metric: base entropy-nll, direction: {loss=dft: less}}
+  - {id: 6, finding: entropy ordered, metric: base entropy-nll, direction: {precision: less, diversity: greater}}
+  - {id: 7, finding: what predicts the gain, predicts: Avg@n}
+"""
+
+
+def test_preregistered_hypotheses_are_judged_on_the_tables(tmp_path, no_figures):
+    """Each rule's three outcomes, read off the same paired tests and intervals compare.md shows."""
+    root = tmp_path / "pipeline"
+    base = [0.10, 0.12, 0.11, 0.13]
+    lift = {"ce": [0.10, 0.12, 0.09, 0.11], "precision": [0.20, 0.23, 0.19, 0.22], "diversity": [0.05, 0.06, 0.03, 0.05]}
+    shift = {"ce": 0.0, "precision": 0.001, "diversity": 0.2}  # base avg@4: inside ±0.02, and wholly outside
+    entropy = {"ce": [0.60, 0.62, 0.61, 0.63], "precision": [0.50, 0.53, 0.50, 0.52], "diversity": [0.61, 0.65, 0.60, 0.62]}
+    for loss in lift:
+        for seed in range(4):
+            accuracy = base[seed] + shift[loss] + seed * 1e-4 * (loss == "precision")
+            write_lineage(root, loss, seed, accuracy=accuracy, after=accuracy + lift[loss][seed],
+                          entropy=entropy[loss][seed])
+    (tmp_path / "h.yaml").write_text(HYPOTHESES)
+    result = compare([str(root)], str(tmp_path / "out"), hypotheses=str(tmp_path / "h.yaml"))
+    with open(tmp_path / "out" / "verdicts.csv") as f:
+        rows = [(r["id"], r["setting"], r["verdict"]) for r in csv.DictReader(f)]
+    assert rows == [
+        ("1", "loss=precision", "holds"),  # +0.10 in rl avg@4, Holm p < 0.05
+        ("2", "loss=diversity", "fails"),  # significantly above the baseline: against the hypothesis
+        ("3", "loss=diversity", "fails"), ("3", "loss=precision", "holds"),  # +0.2 wholly outside, +0.001 inside
+        ("4", "loss=ce", "holds"), ("4", "loss=diversity", "holds"), ("4", "loss=precision", "holds"),
+        ("4", "loss=precision", "fails"),  # pass@4 rose: 2 x accuracy, capped at 1
+        ("5", "loss=dft", "cannot tell"),  # no lineage of that setting
+        ("6", "loss=precision", "holds"),
+        ("6", "loss=diversity", "cannot tell"),  # +0.005 [-0.02, +0.03]: not significant either way
+        ("7", "all lineages", "reported"),
+    ]
+    # The evidence is compare's own numbers: the paired difference and its Holm-adjusted p.
+    c = by(result["comparisons"], "rl avg@4", "loss=precision")
+    text = result["verdicts"]
+    assert f"{c.result.diff:+.4f} [{c.result.low:+.4f}, {c.result.high:+.4f}]" in text
+    assert f"adjusted {format_p(c.p_adjusted)}" in text
+    summary = {line.split(" | ")[0].lstrip("| "): line.split("**")[1] for line in text.splitlines() if "**" in line}
+    assert summary == {"1. precision does best after RL": "holds", "2. diversity lowers base scores": "fails",
+                       "3. base scores move little": "fails", "4. RL sharpens": "fails",
+                       "5. DFT is sharper still": "cannot tell", "6. entropy ordered": "cannot tell",
+                       "7. what predicts the gain": "reported"}
+    # the held-out-text diagnostic compare now tabulates: entropy - NLL at the base (NLL 0.6 in write_lineage)
+    assert {r["setting"]: r["base entropy-nll"] for r in result["rows"]}["loss=ce"] == pytest.approx(0.015)
+
+
+def test_a_straddling_interval_cannot_tell_and_the_shipped_study_file_loads(tmp_path, no_figures):
+    from ntp_rl.study.hypotheses import load
+
+    root = tmp_path / "pipeline"
+    for seed, (ce, other) in enumerate([(0.10, 0.14), (0.12, 0.10), (0.11, 0.16)]):
+        write_lineage(root, "ce", seed, accuracy=ce, after=0.3)
+        write_lineage(root, "precision", seed, accuracy=other, after=0.3)
+    (tmp_path / "h.yaml").write_text("hypotheses:\n  - {id: a, finding: same base, metric: base avg@4, within: 0.02}\n")
+    result = compare([str(root)], str(tmp_path / "out"), hypotheses=str(tmp_path / "h.yaml"))
+    assert "| a | base avg@4 | within ±0.02 of the baseline | loss=precision | cannot tell |" in result["verdicts"]
+    study = load("rl_study")  # what experiment=rl_study judges: every metric a column its lineages will have
+    assert study.baseline == "loss=ce" and [h.id for h in study.hypotheses] == ["1", "2", "3", "4", "5", "6", "6", "7"]
+    assert {h.metric for h in study.hypotheses} == {"rl avg@8", "base entropy-nll", "pretrain nll", "base avg@8",
+                                                   "rl entropy change", "gain avg@8", "gain pass@8", "Avg@n"}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("hypotheses: []", "expected a mapping with a non-empty list under 'hypotheses'"),
+    ("hypotheses:\n  - {id: 1, finding: f, metric: m}", "needs exactly one rule of direction, within, sign, predicts; "
+                                                        "found none"),
+    ("hypotheses:\n  - {id: 1, finding: f, metric: m, within: 0.1, sign: less}", "needs exactly one rule"),
+    ("hypotheses:\n  - {id: 1, finding: f, metric: m, direction: {precision: higher}}", "direction must map settings"),
+    ("hypotheses:\n  - {id: 1, finding: f, metric: m, within: -1}", "within must be a positive margin"),
+    ("hypotheses:\n  - {id: 1, finding: f, metric: m, within: 1, margin: 2}", "unknown key(s) margin"),
+    ("hypotheses:\n  - {id: 1, metric: m, within: 1}", "'finding' is missing"),
+    ("baseline: loss=precision\nhypotheses:\n  - {id: 1, finding: f, metric: m, within: 1}",
+     "--baseline ce is not the baseline loss=precision"),
+])
+def test_a_wrong_hypotheses_file_costs_one_line_and_exit_2(text, needle, tmp_path, capsys, no_figures):
+    from ntp_rl.cli import main
+
+    write_lineage(tmp_path / "p", "ce", 0, accuracy=0.1, after=0.2)
+    (tmp_path / "h.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(tmp_path / "p"), "--hypotheses", str(tmp_path / "h.yaml"), "--baseline", "ce",
+              "--wandb", "disabled"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("ntp-rl: error: ") and needle in err and "\n" not in err

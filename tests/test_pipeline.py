@@ -101,6 +101,7 @@ def test_rl_study_tunes_on_validation_and_reports_on_test():
     assert cfg.rl.eval_split == "validation" and cfg.eval.split == "test"
     assert cfg.data.solution_order.value == "any" and cfg.train.max_steps == 700 and cfg.rl.max_steps == 150
     assert cfg.rl_optim.lr == 1e-4  # the pilot's rate, whatever rl's default becomes
+    assert cfg.hypotheses == "rl_study"  # its closing compare judges the pre-registered hypotheses
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))

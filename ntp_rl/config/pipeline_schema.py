@@ -7,6 +7,7 @@ imports schema.py alone, which stays a leaf.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ntp_rl.config.schema import (DiagnosticsConfig, EvalSettings, GeneratorConfig, GRPOConfig, OptimConfig,
                                   PretrainConfig, SamplingConfig, TaskConfig)
@@ -49,3 +50,6 @@ class PipelineConfig(PretrainConfig):
     # What a search (hydra/sweeper=search) optimises: a key of the lineage's summary --
     # rl_pass@<k>, rl_avg@<n>, rl_cons@<n> (after RL), base_* (before RL), pretrain_nll.
     objective: str = "rl_pass@1"
+    # Pre-registered hypotheses that a sweep's closing `compare` judges (verdicts.md): a YAML file,
+    # or the name of one shipped in conf/preregistered/ (experiment=rl_study sets its own).
+    hypotheses: Optional[str] = None

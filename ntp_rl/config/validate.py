@@ -95,6 +95,14 @@ def validate_pipeline(cfg: Any) -> None:
     _check_grpo(cfg.rl, cfg.rl_optim, cfg.task, optim_key="rl_optim")
     _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data, cfg.task)
     _check_generator(cfg.generator, cfg.rl)
+    if cfg.hypotheses:
+        # Read now, not after hours of lineages, when the sweep's compare would find the file wrong.
+        from ntp_rl.study.hypotheses import load
+
+        try:
+            load(cfg.hypotheses)
+        except DataError as exc:
+            raise ConfigError("hypotheses", str(exc)) from None
 
 
 # ---------------------------------------------------------------------------

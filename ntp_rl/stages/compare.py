@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ntp_rl.errors import DataError
+from ntp_rl.errors import DataError, UserError
 from ntp_rl.study.figures import write_figures
+from ntp_rl.study.hypotheses import judge, write_verdicts
+from ntp_rl.study.hypotheses import load as load_hypotheses
 from ntp_rl.study.predictors import relate
 from ntp_rl.study.records import find_records
 from ntp_rl.study.report import write_compare, write_predictors
@@ -33,12 +35,20 @@ DEFAULT_OUT_ROOT = Path("outputs") / "compare"
 
 
 def compare(paths: Sequence[str], out_dir: Optional[str] = None, baseline: Optional[str] = None,
-            adjustment: str = "holm", wandb: Optional[WandbOptions] = None) -> dict[str, Any]:
+            adjustment: str = "holm", wandb: Optional[WandbOptions] = None,
+            hypotheses: Optional[str] = None) -> dict[str, Any]:
     """Tables, figures and (with `wandb`) a W&B run for the runs under `paths`.
 
     `baseline` None means the default ("ce" when a setting is called that, else the first
-    setting); a baseline given explicitly must match a setting.
+    setting); a baseline given explicitly must match a setting. `hypotheses` (a YAML file or
+    a shipped name) adds verdicts.md: the pre-registered hypotheses judged on these tables.
     """
+    prereg = load_hypotheses(hypotheses) if hypotheses else None
+    if prereg is not None and prereg.baseline:
+        if baseline is not None and baseline != prereg.baseline:
+            raise UserError(f"compare: --baseline {baseline} is not the baseline {prereg.baseline} that "
+                            f"{prereg.path} was written against")
+        baseline = prereg.baseline
     records = find_records(paths)
     target = _output_dir(out_dir)
     complete = [r for r in records if not r.missing]
@@ -51,15 +61,21 @@ def compare(paths: Sequence[str], out_dir: Optional[str] = None, baseline: Optio
     predictors = relate(complete, labels)
     predictors_text = write_predictors(target, predictors) if predictors is not None else ""
     figures = write_figures(target, complete, labels, predictors)
+    verdicts = ""
+    if prereg is not None:
+        verdicts = write_verdicts(target, prereg, study.baseline, judge(prereg, study, means, comparisons, predictors))
     wandb_dir = None
     if wandb is not None:
         tables = {"compare": _csv_table(target / "compare.csv")}
         if predictors is not None:
             tables["predictors"] = _csv_table(target / "predictors.csv")
+        if verdicts:
+            tables["verdicts"] = _csv_table(target / "verdicts.csv")
         wandb_dir = log_study(target, wandb, complete, tables, figures,
                               {"paths": [str(p) for p in paths], "baseline": study.baseline, "adjustment": adjustment,
                                "settings": study.settings, "lineages": len(complete)})
-    return {"out_dir": str(target), "table": table, "predictors": predictors_text, "baseline": study.baseline,
+    return {"out_dir": str(target), "table": table, "predictors": predictors_text, "verdicts": verdicts,
+            "baseline": study.baseline,
             "means": means, "comparisons": comparisons, "figures": [str(f) for f in figures],
             "incomplete": [str(r.path) for r in incomplete], "wandb_dir": wandb_dir,
             "rows": _rows(study, means)}
@@ -125,6 +141,8 @@ def main(argv: Sequence[str]) -> None:
                                            "is called that, else the first setting)")
     parser.add_argument("--adjust", choices=("holm", "bh", "none"), default="holm",
                         help="multiple-comparison adjustment over the settings within a metric (default: holm)")
+    parser.add_argument("--hypotheses", help="pre-registered hypotheses to judge on the tables (a YAML file, or the "
+                                             "name of a shipped one: rl_study); writes verdicts.md")
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                         help="log the tables and figures as a W&B run (job_type=compare); auto = online when "
                              "logged in, else offline (default: auto)")
@@ -133,10 +151,14 @@ def main(argv: Sequence[str]) -> None:
                                               "else 'compare')")
     args = parser.parse_args(list(argv))
     result = compare(args.paths, args.out, baseline=args.baseline, adjustment=args.adjust,
-                     wandb=WandbOptions(mode=args.wandb, project=args.wandb_project, group=args.wandb_group))
+                     wandb=WandbOptions(mode=args.wandb, project=args.wandb_project, group=args.wandb_group),
+                     hypotheses=args.hypotheses)
     print(result["table"], end="")
+    if result["verdicts"]:
+        print("\n" + result["verdicts"], end="")
     verdicts = [line for line in result["predictors"].splitlines() if line.startswith("- Gain in ")]
     if verdicts:
         print("\n## What predicts the RL gain (predictors.md)\n\n" + "\n".join(verdicts))
-    names = ["compare.md", "compare.csv"] + (["predictors.md", "predictors.csv"] if result["predictors"] else [])
+    names = ["compare.md", "compare.csv"] + (["predictors.md", "predictors.csv"] if result["predictors"] else []) \
+        + (["verdicts.md", "verdicts.csv"] if result["verdicts"] else [])
     print(f"\nwritten to {result['out_dir']}: " + ", ".join(names + [Path(f).name for f in result["figures"]]))

@@ -77,8 +77,8 @@ def _comparison_table(study: Study, comparisons: Sequence[Comparison], adjustmen
         interval = f" [{r.low:+.4f}, {r.high:+.4f}]" if not math.isnan(r.low) else ""
         seeds = f"{r.n} pairs" if r.test == "paired t" else f"{r.n} vs {r.n_baseline}"
         significant = c.significant if not r.note else f"n/a: {r.note}"
-        lines.append(f"| {c.metric} | {c.setting} | {r.test or '-'} | {seeds} | {r.diff:+.4f}{interval} | {_p(r.p)} | "
-                     f"{_p(c.p_adjusted)} | {significant} |")
+        lines.append(f"| {c.metric} | {c.setting} | {r.test or '-'} | {seeds} | {r.diff:+.4f}{interval} | {format_p(r.p)} | "
+                     f"{format_p(c.p_adjusted)} | {significant} |")
     return lines
 
 
@@ -114,7 +114,7 @@ def write_predictors(out_dir: Path, result: Predictors) -> str:
             f" [{c.low:+.2f}, {c.high:+.2f}]" if not math.isnan(c.low) else "")
         mark = " †" if pair.predictor.shares_samples else ""
         lines.append(f"| {pair.predictor.name}{mark} | {keys.get(pair.gain) or pair.gain} | {c.n} | {rho} | "
-                     f"{_p(c.p)} | {_p(pair.p_adjusted)} | {pair.significant} |")
+                     f"{format_p(c.p)} | {format_p(pair.p_adjusted)} | {pair.significant} |")
     lines += ["", "Reading it: † marks a predictor measured on the same sampled answers as the gain's 'before' term; "
               "noise in that measurement enters the gain with the opposite sign, so its correlation with the gain is "
               "pushed negative (regression to the mean) even when nothing real links them. The correlation runs "
@@ -127,7 +127,7 @@ def write_predictors(out_dir: Path, result: Predictors) -> str:
     return text
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
     return "-" if math.isnan(p) else "<0.0001" if p < 1e-4 else f"{p:.4f}"
 
 

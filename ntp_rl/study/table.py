@@ -47,6 +47,10 @@ def record_values(record: Record) -> dict[str, float]:
             values |= _sampled(results.get("summary"), prefix)  # a suite's: the mean over its benchmarks
             for name, summary in (results.get("benchmarks") or {}).items():
                 values |= _sampled(summary, f"{prefix} {name}")
+            diagnostics = results.get("diagnostics") or {}
+            if _number(diagnostics.get("entropy")) and _number(diagnostics.get("nll")):
+                # As "pretrain entropy-nll", on the held-out text at the task's difficulty (eval's diagnostics).
+                values[f"{prefix} entropy-nll"] = diagnostics["entropy"] - diagnostics["nll"]
     else:  # an rl run without linked evals: its own held-out checks before and after training
         for when, prefix in (("eval_before", "base"), ("eval_after", "rl")):
             values |= _sampled(record.results("rl").get(when), prefix)
@@ -122,9 +126,7 @@ def choose_baseline(settings: Sequence[str], records: Sequence[Record], labels: 
         loss_names: dict[str, set] = defaultdict(set)
         for record in records:
             loss_names[labels[record.setting]].add((record.results("pretrain").get("loss") or {}).get("name"))
-        tests = [lambda s: s == requested,
-                 lambda s: any(part == requested or part.partition("=")[2] == requested for part in s.split(",")),
-                 lambda s: loss_names[s] == {requested}]
+        tests = [lambda s: s == requested, lambda s: label_matches(s, requested), lambda s: loss_names[s] == {requested}]
         for test in tests:
             matches = [s for s in settings if test(s)]
             if len(matches) == 1:
@@ -137,6 +139,11 @@ def choose_baseline(settings: Sequence[str], records: Sequence[Record], labels: 
                             f"{', '.join(settings)}")
         return settings[0], f"no setting is '{requested}', so the first one is the baseline"
     return settings[0], ""
+
+
+def label_matches(setting: str, name: str) -> bool:
+    """A setting named as a user would: its whole label, one of its overrides (loss=ce) or that override's value (ce)."""
+    return setting == name or any(part == name or part.partition("=")[2] == name for part in setting.split(","))
 
 
 def summarize(study: Study) -> dict[str, dict[str, MeanCI]]:
