@@ -169,7 +169,7 @@ def judge(prereg: Preregistration, study: Study, means: dict[str, dict[str, Mean
             setting = _find(name, study.settings)
             wanted = h.directions.get(name, h.directions.get("*", ""))
             if setting is None:
-                part = Part(h, name, CANNOT_TELL, "no finished lineage of this setting")
+                part = Part(h, name, CANNOT_TELL, "no finished lineage of this setting (or it matches several)")
             elif h.rule == "sign":
                 part = _sign(h, setting, wanted, means)
             else:
