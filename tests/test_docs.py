@@ -45,6 +45,8 @@ def test_the_readme_is_a_landing_page():
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
 def test_every_command_the_readme_shows_composes(argv, capsys):
     stage, args = argv[0], argv[1:]
+    if stage.startswith("experiment="):  # `ntp-rl experiment=X` is a pipeline sweep (ntp_rl/cli.py)
+        stage, args = "pipeline", argv
     if args[:1] == ["--help"] or "-h" in args:
         main(argv)
         assert capsys.readouterr().out
