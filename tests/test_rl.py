@@ -258,10 +258,10 @@ def test_the_default_run_raises_held_out_accuracy(tmp_path):
     (rl_dir,) = (tmp_path / "rl").iterdir()
     results = json.loads((rl_dir / "results.json").read_text())
     before, after = results["eval_before"]["avg@8"], results["eval_after"]["avg@8"]
-    # With lr 5e-5 (tuned on the validation split, issue 28) seed 0 measured 0.134 -> 0.159 (+0.025) and
-    # seed 1 +0.041 (docs/rl.md), both on one thread; CI's two threads draw another trajectory, as a seed
-    # would. Mean +0.033, seed sd ~0.011: the floor, +0.005, is 2.5 sds below the mean.
-    assert after - before >= 0.005, (before, after)
+    # From the 600-step default pretrain (tuned on the validation split, issue 28) seeds 0 and 1 measured
+    # +0.070 and +0.083 (docs/rl.md "Round 2"), identical under transformers 5.19 and 5.25. The floor is
+    # the issue's promise, +0.05: ~2.9 seed sds (0.009) below their mean.
+    assert after - before >= 0.05, (before, after)
     assert results["train_last_step"]["entropy"] < results["train_first_step"]["entropy"]
     steps = step_rows(rl_dir).values()
     assert any(row["clip_ratio/high_mean"] > 0 for row in steps) and any(row["clip_ratio/low_mean"] > 0 for row in steps), \

@@ -190,7 +190,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 400  # optimizer steps
+    # Optimizer steps. 600: the tiny default then solves about half of the held-out problems (54% at
+    # T=1, seed 0; 13% after 400 steps), a base that RL visibly improves within minutes (docs/rl.md).
+    max_steps: int = 600
     batch_size: int = 16  # sequences per optimizer step, over all processes
     # Sequences per forward pass on one process; null: the process's whole share of the batch
     # (no accumulation), so the same command runs on any number of processes.
