@@ -383,6 +383,9 @@ def test_a_straddling_interval_cannot_tell_and_the_shipped_study_file_loads(tmp_
     (tmp_path / "h.yaml").write_text("hypotheses:\n  - {id: a, finding: same base, metric: base avg@4, within: 0.02}\n")
     result = compare([str(root)], str(tmp_path / "out"), hypotheses=str(tmp_path / "h.yaml"))
     assert "| a | base avg@4 | within ±0.02 of the baseline | loss=precision | cannot tell |" in result["verdicts"]
+    assert "p adjusted with Holm" in result["verdicts"]  # the verdicts name the adjustment their p-values had
+    bh = compare([str(root)], str(tmp_path / "bh"), adjustment="bh", hypotheses=str(tmp_path / "h.yaml"))
+    assert "p adjusted with Benjamini-Hochberg" in bh["verdicts"]
     study = load("rl_study")  # what experiment=rl_study judges: every metric a column its lineages will have
     assert study.baseline == "loss=ce" and [h.id for h in study.hypotheses] == ["1", "2", "3", "4", "5", "6", "6", "7"]
     assert {h.metric for h in study.hypotheses} == {"rl avg@8", "base entropy-nll", "pretrain nll", "base avg@8",

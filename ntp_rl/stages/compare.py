@@ -63,7 +63,8 @@ def compare(paths: Sequence[str], out_dir: Optional[str] = None, baseline: Optio
     figures = write_figures(target, complete, labels, predictors)
     verdicts = ""
     if prereg is not None:
-        verdicts = write_verdicts(target, prereg, study.baseline, judge(prereg, study, means, comparisons, predictors))
+        verdicts = write_verdicts(target, prereg, study.baseline, judge(prereg, study, means, comparisons, predictors),
+                                  adjustment)
     wandb_dir = None
     if wandb is not None:
         tables = {"compare": _csv_table(target / "compare.csv")}

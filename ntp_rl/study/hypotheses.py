@@ -2,7 +2,7 @@
 
 A researcher writes down, before the runs, what each finding predicts and how it will be
 judged; compare then reads the verdicts off the tables it computes anyway (the paired tests
-against the baseline with their Holm-adjusted p-values, the means' intervals, the predictors),
+against the baseline with their adjusted p-values (Holm by default), the means' intervals, the predictors),
 so the verdicts cannot drift from the numbers and nobody re-judges them by eye afterwards.
 
 A file (YAML) lists hypotheses; each names one metric (a column of compare.md) and one rule:
@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 from ntp_rl.errors import DataError
 from ntp_rl.stats import ALPHA, MeanCI
 from ntp_rl.study.predictors import Predictors
-from ntp_rl.study.report import format_p
+from ntp_rl.study.report import ADJUSTMENT_NAMES, format_p
 from ntp_rl.study.table import Comparison, Study, label_matches
 
 HOLDS, FAILS, CANNOT_TELL, REPORTED = "holds", "fails", "cannot tell", "reported"
@@ -128,7 +128,8 @@ def _hypothesis(path: Path, index: int, entry: Any) -> Hypothesis:
         raise DataError(f"{where}: 'metric' is missing (a column of compare.md, such as 'rl avg@8')")
     if rule == "direction":
         if not isinstance(value, dict) or not value or any(v not in DIRECTIONS for v in value.values()):
-            raise DataError(f"{where}: direction must map settings to greater or less, e.g. {{loss=precision: greater}}")
+            raise DataError(f"{where}: direction must map settings to greater or less, "
+                            "e.g. {loss=precision: greater}")
         hypothesis.directions = {str(k): str(v) for k, v in value.items()}
     elif rule == "within":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -175,8 +176,8 @@ def judge(prereg: Preregistration, study: Study, means: dict[str, dict[str, Mean
             else:
                 found = next((c for c in comparisons if c.metric == h.metric and c.setting == setting), None)
                 part = _against_baseline(h, setting, wanted, found)
-            part.expected = {"direction": f"{wanted} than the baseline", "within": f"within ±{h.margin:g} of the baseline",
-                             "sign": f"{wanted} than 0"}[h.rule]
+            part.expected = {"direction": f"{wanted} than the baseline",
+                             "within": f"within ±{h.margin:g} of the baseline", "sign": f"{wanted} than 0"}[h.rule]
             parts.append(part)
     return parts
 
@@ -191,8 +192,10 @@ def _against_baseline(h: Hypothesis, setting: str, wanted: str, c: Optional[Comp
         return Part(h, setting, CANNOT_TELL, f"no '{h.metric}' in both this setting and the baseline")
     r = c.result
     interval = "" if math.isnan(r.low) else f" [{r.low:+.4f}, {r.high:+.4f}]"
-    evidence = f"{r.diff:+.4f}{interval}, p {format_p(r.p)}, adjusted {format_p(c.p_adjusted)} ({r.n} pairs)" \
-        if r.test == "paired t" else f"{r.diff:+.4f}{interval}, {r.test or 'no test'}, adjusted p {format_p(c.p_adjusted)}"
+    if r.test == "paired t":
+        evidence = f"{r.diff:+.4f}{interval}, p {format_p(r.p)}, adjusted {format_p(c.p_adjusted)} ({r.n} pairs)"
+    else:
+        evidence = f"{r.diff:+.4f}{interval}, {r.test or 'no test'}, adjusted p {format_p(c.p_adjusted)}"
     if h.rule == "within":
         m = h.margin
         if math.isnan(r.low):
@@ -221,7 +224,8 @@ def _sign(h: Hypothesis, setting: str, wanted: str, means: dict[str, dict[str, M
 
 
 def _strongest_predictor(h: Hypothesis, predictors: Optional[Predictors]) -> Part:
-    pairs = [p for p in (predictors.pairs if predictors else []) if p.gain == h.metric and not math.isnan(p.correlation.rho)]
+    pairs = [p for p in (predictors.pairs if predictors else [])
+             if p.gain == h.metric and not math.isnan(p.correlation.rho)]
     if not pairs:
         return Part(h, "all lineages", REPORTED, f"no diagnostic can be related to the {h.metric} gain")
     best = max(pairs, key=lambda p: abs(p.correlation.rho))
@@ -229,8 +233,9 @@ def _strongest_predictor(h: Hypothesis, predictors: Optional[Predictors]) -> Par
     interval = "" if math.isnan(c.low) else f" [{c.low:+.2f}, {c.high:+.2f}]"
     note = " (measured on the same samples as the gain's start: part of it is regression to the mean)" \
         if best.predictor.shares_samples else ""
-    return Part(h, "all lineages", REPORTED, expected=f"strongest predictor of the {h.metric} gain", evidence=f"{best.predictor.name}: Spearman rho {c.rho:+.2f}{interval}, n {c.n}, "
-                                             f"BH-adjusted p {format_p(best.p_adjusted)}{note}")
+    return Part(h, "all lineages", REPORTED, expected=f"strongest predictor of the {h.metric} gain",
+                evidence=f"{best.predictor.name}: Spearman rho {c.rho:+.2f}{interval}, n {c.n}, "
+                         f"BH-adjusted p {format_p(best.p_adjusted)}{note}")
 
 
 def overall(parts: Sequence[Part]) -> str:
@@ -242,7 +247,8 @@ def overall(parts: Sequence[Part]) -> str:
     return HOLDS if verdicts == {HOLDS} else CANNOT_TELL
 
 
-def write_verdicts(out_dir: Path, prereg: Preregistration, baseline: Optional[str], parts: Sequence[Part]) -> str:
+def write_verdicts(out_dir: Path, prereg: Preregistration, baseline: Optional[str], parts: Sequence[Part],
+                   adjustment: str = "holm") -> str:
     """verdicts.csv (a row per part) and verdicts.md (a finding per line, then its parts); returns the markdown."""
     import csv
 
@@ -256,9 +262,10 @@ def write_verdicts(out_dir: Path, prereg: Preregistration, baseline: Optional[st
     for p in parts:
         by_id.setdefault(p.hypothesis.id, []).append(p)
     lines = ["# Verdicts on the pre-registered hypotheses", "",
-             f"From {prereg.path}, against the baseline {baseline}. Against the baseline: paired t by seed, Holm-adjusted "
-             f"within each metric, at {ALPHA}; 'within' needs each difference's 95% interval inside the margin; 'sign' "
-             "needs the setting's own 95% interval to exclude zero.", "",
+             f"From {prereg.path}, against the baseline {baseline}. Against the baseline: paired t by seed (Welch "
+             f"where the seeds differ), p adjusted with {ADJUSTMENT_NAMES[adjustment]} within each metric, at {ALPHA}; "
+             "'within' needs each difference's 95% interval inside the margin; 'sign' needs the setting's own 95% "
+             "interval to exclude zero.", "",
              "| finding | verdict |", "|---|---|"]
     lines += [f"| {group[0].hypothesis.id}. {group[0].hypothesis.finding} | **{overall(group)}** |"
               for group in by_id.values()]
