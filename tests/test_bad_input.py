@@ -86,6 +86,9 @@ CASES = [
     # MoE balancing and mid-training
     ("pretrain model=tiny_moe model.moe_balancing=loss", "model.moe_balancing"),
     ("pretrain model=tiny_moe model.moe_bias_rate=-1", "model.moe_bias_rate"),
+    ("pretrain train.stop_at.accuracy=1.5", "train.stop_at.accuracy"),
+    ("pretrain train.stop_at.accuracy=0.3 train.stop_at.split=dev", "train.stop_at.split"),
+    ("pipeline train.stop_at.accuracy=0.3 train.stop_at.samples=0", "train.stop_at.samples"),
     ("midtrain", "init_from"),
     ("midtrain init_from=/no/such/run", "init_from"),
     ("midtrain init_from={run} model=tiny", "model"),

@@ -414,3 +414,15 @@ def test_a_wrong_hypotheses_file_costs_one_line_and_exit_2(text, needle, tmp_pat
               "--wandb", "disabled"])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.startswith("ntp-rl: error: ") and needle in err and "\n" not in err
+
+
+def test_bases_stopped_at_an_accuracy_report_the_steps_they_needed(tmp_path):
+    from ntp_rl.study.records import find_records
+    from ntp_rl.study.table import record_values
+
+    stopped, plain = write_lineage(tmp_path, "ce", 0, 0.3, 0.4), write_lineage(tmp_path, "precision", 0, 0.3, 0.4)
+    results = json.loads((stopped / "pretrain" / "results.json").read_text())
+    write_json_atomic(stopped / "pretrain" / "results.json",
+                      {**results, "step": 525, "stopped_at": {"step": 525, "metric": "avg@8", "value": 0.27}})
+    values = {record.path: record_values(record) for record in find_records([str(tmp_path)])}
+    assert values[stopped]["pretrain steps"] == 525 and "pretrain steps" not in values[plain]

@@ -75,6 +75,11 @@ def test_the_pipeline_puts_midtrain_between_pretrain_and_the_rest(tmp_path):
     assert mid.init_from == str(lineage / "pretrain") and mid.model.rope_theta == 2e6
     assert (mid.data.seq_len, mid.model.max_position_embeddings, mid.train.max_steps) == (128, 128, 7)
     assert mid.optim.lr == 3e-4 and mid.loss == cfg.loss
+    with_target = compose("pipeline", ["stages=[pretrain,midtrain,eval_base,rl,eval_rl]", "train.stop_at.accuracy=0.3",
+                                       "task.difficulty=3"])
+    pre = stage_config("pretrain", with_target, lineage, "x", [])
+    assert pre.train.stop_at.accuracy == 0.3 and pre.task.difficulty == 3  # the pipeline's task is the one checked
+    assert stage_config("midtrain", with_target, lineage, "x", []).train.stop_at.accuracy is None
     assert stage_config("rl", cfg, lineage, "x", []).init_from == str(lineage / "midtrain")
     assert stage_config("eval_base", cfg, lineage, "x", []).model.name_or_path == str(lineage / "midtrain")
     plain = compose("pipeline", [])

@@ -331,3 +331,42 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients()
     assert runs[False][0] == 1 and runs[True][0] == 2, "with the switch on, the layer runs again in backward"
     for name, want in runs[False][1].items():
         assert torch.allclose(runs[True][1][name], want, atol=1e-6), name
+
+
+# The small policy's settings (tests/rl_helpers.py), checked every 10 steps: on 16 validation problems x 4
+# samples its avg@4 is 0.016 until step 40, then 0.047 at step 50.
+STOP_AT = ["data.difficulty=1", "data.seq_len=64", "train.batch_size=16", "train.micro_batch_size=16",
+           "train.max_steps=60", "train.eval_every=10", "train.save_every=10", "train.keep_last=10", "optim.lr=1e-2",
+           "optim.warmup_steps=5", "task.difficulty=1", "train.stop_at.problems=16", "train.stop_at.samples=4",
+           "train.stop_at.sampling.max_new_tokens=24", "train.stop_at.sampling.batch_size=64"]
+
+
+def test_stop_at_ends_pretraining_at_the_first_check_that_reaches_the_accuracy(tiny, tmp_path):
+    torch.set_num_threads(1)
+    plain = pretrain([*tiny, *STOP_AT, f"run_dir={tmp_path / 'plain'}"])
+    stopped = pretrain([*tiny, *STOP_AT, f"run_dir={tmp_path / 'stopped'}", "train.stop_at.accuracy=0.03"])
+
+    checks = [r for r in read_metrics(tmp_path / "stopped") if "val/task_avg@4" in r]
+    assert stopped["step"] == checks[-1]["step"] < 60 and plain["step"] == 60
+    assert checks[-1]["val/task_avg@4"] >= 0.03 > max(r["val/task_avg@4"] for r in checks[:-1])
+    assert stopped["stopped_at"] == {"step": stopped["step"], "metric": "avg@4", "value": checks[-1]["val/task_avg@4"],
+                                     "accuracy": 0.03, "split": "validation", "problems": 16}
+    assert "stopped_at" not in plain  # a run without train.stop_at says nothing of it
+    late = pretrain([*tiny, *STOP_AT, f"run_dir={tmp_path / 'late'}", "train.stop_at.accuracy=0.001",
+                     "train.stop_at.min_steps=25"])
+    assert late["step"] == 30 and [r["step"] for r in read_metrics(tmp_path / "late") if "val/task_avg@4" in r] == [30]
+    final = latest_checkpoint(tmp_path / "stopped" / "checkpoints")
+    assert final.name == f"step_{stopped['step']:08d}"
+    # The checks sample with seeds of their own: the weights are those of a run that never checked.
+    same_step = tmp_path / "plain" / "checkpoints" / final.name
+    from safetensors.torch import load_file
+    ours, theirs = load_file(final / "model.safetensors"), load_file(same_step / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    # Finished means finished: resume=auto trains no further, even from the checkpoint alone.
+    again = pretrain([*tiny, *STOP_AT, f"run_dir={tmp_path / 'stopped'}", "train.stop_at.accuracy=0.03", "resume=auto"])
+    assert again["step"] == stopped["step"]
+    (tmp_path / "stopped" / "results.json").unlink()
+    again = pretrain([*tiny, *STOP_AT, f"run_dir={tmp_path / 'stopped'}", "train.stop_at.accuracy=0.03", "resume=auto"])
+    assert again["step"] == stopped["step"] and again["stopped_at"]["value"] == stopped["stopped_at"]["value"]
+    assert latest_checkpoint(tmp_path / "stopped" / "checkpoints") == final

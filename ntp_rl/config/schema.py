@@ -189,6 +189,39 @@ class OptimConfig:
 
 
 @dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # softmax(z / T); 0 = greedy
+    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this much mass
+    max_new_tokens: int = 64  # a response is cut after this many tokens
+    # Sequences (samples, not problems) per generate call of generator=hf. eval fills each call with the
+    # samples of as many problems as fit, a problem's n samples spanning calls when n is larger: every problem
+    # still gets n (memory and speed, not maths). generator=vllm: eval gives the engine all its problems in
+    # one call, and the engine's scheduler batches them.
+    batch_size: int = 64
+
+
+def _rollout_sampling() -> SamplingConfig:
+    return SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=48, batch_size=128)
+
+
+@dataclass
+class StopAtConfig:
+    """Pre-training that ends once the model solves a share of a task's held-out problems (train.stop_at).
+
+    Checked at each validation (every train.eval_every steps, from step min_steps on): the run stops
+    at the first check where avg@samples on `problems` problems of the task's `split` reaches
+    `accuracy`, with a checkpoint there. Bases of different losses and seeds then start RL from about
+    the same accuracy instead of wherever a fixed step count left them (docs/rl-study.md)."""
+
+    accuracy: Optional[float] = None  # null: train all max_steps; e.g. 0.25
+    min_steps: int = 0  # no check before this step (one that cannot reach the accuracy yet only costs time)
+    split: str = "validation"  # not the test split: the stopping rule must not read what the study reports
+    problems: int = 128
+    samples: int = 8
+    sampling: SamplingConfig = field(default_factory=_rollout_sampling)  # as RL's held-out checks sample
+
+
+@dataclass
 class TrainConfig:
     # Optimizer steps. 600: the tiny default then solves about half of the held-out problems (54% at
     # T=1, seed 0; 13% after 400 steps), a base that RL visibly improves within minutes (docs/rl.md).
@@ -206,6 +239,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept in the run directory
     on_nonfinite: NonFinitePolicy = NonFinitePolicy.stop
     max_nonfinite_skips: int = 10  # on_nonfinite=skip: stop after this many skipped steps
+    stop_at: StopAtConfig = field(default_factory=StopAtConfig)  # stop early at a task accuracy (needs task=)
 
 
 @dataclass
@@ -248,18 +282,6 @@ class TaskConfig:
     question_field: str = "question"
     answer_field: str = "answer"
     answer_format: AnswerFormat = AnswerFormat.auto
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0  # softmax(z / T); 0 = greedy
-    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this much mass
-    max_new_tokens: int = 64  # a response is cut after this many tokens
-    # Sequences (samples, not problems) per generate call of generator=hf. eval fills each call with the
-    # samples of as many problems as fit, a problem's n samples spanning calls when n is larger: every problem
-    # still gets n (memory and speed, not maths). generator=vllm: eval gives the engine all its problems in
-    # one call, and the engine's scheduler batches them.
-    batch_size: int = 64
 
 
 class GeneratorKind(Enum):
@@ -318,6 +340,7 @@ class PretrainConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # the task train.stop_at checks (only read when it is set)
 
 
 @dataclass
@@ -343,10 +366,6 @@ class MidtrainConfig(PretrainConfig):
 
     stage: str = "midtrain"
     init_from: str = MISSING  # a pretrain/midtrain run directory, a checkpoint, or an HF model directory / hub name
-
-
-def _rollout_sampling() -> SamplingConfig:
-    return SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=48, batch_size=128)
 
 
 @dataclass

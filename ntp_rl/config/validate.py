@@ -26,6 +26,7 @@ def validate_pretrain(cfg: Any) -> None:
     _check_data(cfg.data)
     _check_optim(cfg.optim)
     _check_train(cfg.train)
+    _check_stop_at(cfg.train.stop_at, cfg.task)
 
 
 def validate_midtrain(cfg: Any) -> None:
@@ -88,6 +89,7 @@ def validate_pipeline(cfg: Any) -> None:
     _check_data(cfg.data)
     _check_optim(cfg.optim)
     _check_train(cfg.train)
+    _check_stop_at(cfg.train.stop_at, cfg.task)
     if "midtrain" in cfg.stages:
         for key in ("rope_theta", "seq_len", "max_steps"):
             _positive(cfg.midtrain[key], f"midtrain.{key}")
@@ -298,6 +300,26 @@ def _check_train(train: Any) -> None:
         _positive(train[key], f"train.{key}")
     # The split over processes is checked by the stage (micro_batches), which knows how many there are.
     micro_batches(train.batch_size, train.micro_batch_size, 1)
+
+
+def _check_stop_at(stop_at: Any, task: Any) -> None:
+    """train.stop_at: read only when its accuracy is set."""
+    from ntp_rl.tasks import task_splits
+
+    if stop_at.accuracy is None:
+        return
+    if not 0 < stop_at.accuracy <= 1:
+        raise ConfigError("train.stop_at.accuracy", "must be in (0, 1]: the share of held-out problems solved, or "
+                          "null to train all train.max_steps", stop_at.accuracy)
+    _positive(stop_at.problems, "train.stop_at.problems")
+    if stop_at.min_steps < 0:
+        raise ConfigError("train.stop_at.min_steps", "must be >= 0", stop_at.min_steps)
+    _positive(stop_at.samples, "train.stop_at.samples")
+    _check_sampling(stop_at.sampling, "train.stop_at.sampling")
+    if stop_at.split not in task_splits(task.kind):
+        raise ConfigError("train.stop_at.split", f"task {task.name} serves only: {', '.join(task_splits(task.kind))}",
+                          stop_at.split)
+    _check_scoring(task)
 
 
 def _check_sampling(sampling: Any, prefix: str = "sampling") -> None:

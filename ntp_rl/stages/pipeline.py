@@ -67,10 +67,13 @@ def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: S
                                                                "name": f"{name}/{lineage_stage}",
                                                                "tags": [*cfg.logger.wandb.tags, *tags]}})}
     sections = {
-        "pretrain": {"model": cfg.model, "data": cfg.data, "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train},
-        # The pre-training's settings, but for what mid-training changes (PipelineConfig.midtrain).
+        "pretrain": {"model": cfg.model, "data": cfg.data, "loss": cfg.loss, "optim": cfg.optim, "train": cfg.train,
+                     "task": cfg.task},
+        # The pre-training's settings, but for what mid-training changes (PipelineConfig.midtrain); train.stop_at
+        # decides when pre-training ends, not mid-training.
         "midtrain": {"data": OmegaConf.merge(cfg.data, {"seq_len": cfg.midtrain.seq_len}), "loss": cfg.loss,
-                     "optim": cfg.midtrain_optim, "train": OmegaConf.merge(cfg.train, {"max_steps": cfg.midtrain.max_steps})},
+                     "optim": cfg.midtrain_optim, "train": OmegaConf.merge(cfg.train, {"max_steps": cfg.midtrain.max_steps,
+                                                                                      "stop_at": {"accuracy": None}})},
         "rl": {"task": cfg.task, "rl": cfg.rl, "optim": cfg.rl_optim, "generator": cfg.generator},
         "eval": {"task": cfg.task, "eval": cfg.eval, "sampling": cfg.sampling, "diagnostics": cfg.diagnostics,
                  "data": cfg.data, "generator": cfg.generator},

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from ntp_rl import checkpoint as ckpt
 from ntp_rl import moe, stopping
-from ntp_rl.config.schema import ModelArch, NonFinitePolicy
+from ntp_rl.config.schema import GeneratorConfig, ModelArch, NonFinitePolicy
 from ntp_rl.config.validate import check_loss, check_seq_len, micro_batches
 from ntp_rl.data.packing import PretrainData
 from ntp_rl.errors import DataError
@@ -47,6 +47,7 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     # Everything a user can get wrong is found before the run directory exists.
     data = build_data(cfg, session)
     check_loss(cfg.loss, vocab_size=len(data.tokenizer))
+    stop_at = build_stop_at(cfg)
     if data.skipped_rows:
         session.notice("rows_without_text", data.skipped_rows, f"{data.skipped_rows} row(s) of data.path={cfg.data.path} "
                        f"have no text in data.text_field={cfg.data.text_field} (null or empty) and were left out")
@@ -58,10 +59,10 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
     with session.open(resume_step=session.resume_step()) as tracker:
         training = setup_training(cfg, session, lm, batching)
         restore(training, session.resume_from, data, session)
-        announce(cfg, session, data, training)
+        announce(cfg, session, data, training, stop_at)
         tracker.summary({"unigram_nll": data.unigram_nll, "params": count_parameters(lm)})
         started = time.perf_counter()
-        val_metrics = train(cfg, session, data, training, tracker)
+        val_metrics = train(cfg, session, data, training, tracker, stop_at)
         wall = time.perf_counter() - started
         return finish(cfg, session, data, training, val_metrics, wall)
 
@@ -79,6 +80,16 @@ class Training:
     step: int = 0
     nonfinite_skips: int = 0
     moe_metrics: dict = field(default_factory=dict)  # the last step's expert load (MoE models)
+    stopped_at: Optional[dict] = None  # train.stop_at: the check that reached the accuracy (step, avg@n)
+
+
+@dataclass
+class StopAt:
+    """train.stop_at's check: the task and the held-out problems it samples."""
+
+    task: Any
+    problems: list
+    accuracy_key: str
 
 
 # ---------------------------------------------------------------------------
@@ -93,6 +104,18 @@ def build_data(cfg: Any, session: StageSession) -> PretrainData:
     tokenizer_source = cfg.data.tokenizer or (cfg.model.name_or_path if cfg.model.arch is ModelArch.hf else None)
     with session.accelerator.main_process_first():
         return build_pretrain_data(cfg.data, cache_dir=cache_dir, seed=cfg.seed, tokenizer_name_or_path=tokenizer_source)
+
+
+def build_stop_at(cfg: Any) -> Optional[StopAt]:
+    """The task check of train.stop_at (None when unset); built before the run directory, so a task that
+    cannot be built fails first."""
+    stop_at = cfg.train.stop_at
+    if stop_at.accuracy is None:
+        return None
+    from ntp_rl.tasks import build_task
+
+    task = build_task(cfg.task)
+    return StopAt(task, task.problems(stop_at.split, stop_at.problems), f"avg@{stop_at.samples}")
 
 
 def build_lm(cfg: Any, data: PretrainData, resume_from: Optional[Path], empty: bool = False) -> torch.nn.Module:
@@ -130,6 +153,7 @@ def restore(training: Training, resume_from: Optional[Path], data: PretrainData,
     state = ckpt.load_training_state(resume_from, session.accelerator, training.model, training.optimizer)
     training.scheduler.load_state_dict(state["scheduler"])
     training.step, training.nonfinite_skips = int(state["step"]), int(state.get("nonfinite_skips", 0))
+    training.stopped_at = state.get("stopped_at")  # a run that reached train.stop_at trains no further
     saved_order = state.get("data_order")
     if saved_order != data.order_key and (saved_order or data.order_key):
         raise DataError(f"resume: {resume_from} was trained on other data or another data.seq_len than this run's "
@@ -138,7 +162,7 @@ def restore(training: Training, resume_from: Optional[Path], data: PretrainData,
     data.train.seek(int(state["data_position"]))
 
 
-def announce(cfg: Any, session: StageSession, data: PretrainData, training: Training) -> None:
+def announce(cfg: Any, session: StageSession, data: PretrainData, training: Training, stop_at: Optional[StopAt]) -> None:
     loss = cfg.loss
     session.say(f"ntp-rl {cfg.stage} -> {shown_path(session.run_dir.path)}")
     session.say(f"  data:  {data.description}; unigram baseline NLL {data.unigram_nll:.3f}")
@@ -149,6 +173,11 @@ def announce(cfg: Any, session: StageSession, data: PretrainData, training: Trai
     if cfg.stage == "midtrain":
         session.say(f"  from {cfg.model.name_or_path}: RoPE base {rope_theta_of(training.lm.config):g}, "
                     f"sequence length {cfg.data.seq_len}")
+    if stop_at is not None:
+        target = cfg.train.stop_at
+        session.say(f"  stops at the first check (every {cfg.train.eval_every} steps from step {target.min_steps}) where {stop_at.accuracy_key} on "
+                    f"{len(stop_at.problems)} {target.split} problems of task {stop_at.task.name} reaches "
+                    f"{target.accuracy:g}, else at step {cfg.train.max_steps}")
     if training.step:
         session.say(f"  resumed from {session.resume_from} at step {training.step}")
 
@@ -157,8 +186,10 @@ def announce(cfg: Any, session: StageSession, data: PretrainData, training: Trai
 # The loop
 
 
-def train(cfg: Any, session: StageSession, data: PretrainData, training: Training, tracker: Tracker) -> dict[str, float]:
-    """Steps until train.max_steps; returns the last held-out metrics."""
+def train(cfg: Any, session: StageSession, data: PretrainData, training: Training, tracker: Tracker,
+          stop_at: Optional[StopAt] = None) -> dict[str, float]:
+    """Steps until train.max_steps, or until a check of train.stop_at reaches its accuracy; returns the last
+    held-out metrics."""
     max_steps = cfg.train.max_steps
     speed = Throughput(cfg, session, training.lm)
     val_metrics: dict[str, float] = {}
@@ -166,7 +197,7 @@ def train(cfg: Any, session: StageSession, data: PretrainData, training: Trainin
         val_metrics = validate(cfg, session, data, training, tracker, step=0)
     bar = session.progress(total=max_steps, initial=training.step, logs=True)
     with stopping.checkpointing():  # SIGTERM: a checkpoint at the end of the step, then the run stops
-        while training.step < max_steps:
+        while training.step < max_steps and training.stopped_at is None:
             step_start = time.perf_counter()
             loss_sum, stat_sums, grad_norm = train_step(cfg, session, data, training, bar)
             step = training.step
@@ -179,11 +210,16 @@ def train(cfg: Any, session: StageSession, data: PretrainData, training: Trainin
                 bar.set_postfix(**progress_fields(metrics))
             if step % cfg.train.eval_every == 0 or step == max_steps:
                 val_metrics = validate(cfg, session, data, training, tracker, step)
-            saved = step % cfg.train.save_every == 0 or step == max_steps
+                if stop_at is not None and step >= cfg.train.stop_at.min_steps:
+                    check_stop_at(cfg, session, data, training, tracker, stop_at, step)
+            saved = step % cfg.train.save_every == 0 or step == max_steps or training.stopped_at is not None
             if saved:
                 save(cfg, session, data, training)
             stopping.stop_if_asked(session.accelerator, lambda: saved or save(cfg, session, data, training))
     bar.close()
+    if stop_at is not None and training.stopped_at is None:
+        session.notice("stop_at_not_reached", 1, f"train.stop_at.accuracy={cfg.train.stop_at.accuracy:g} was not reached "
+                       f"in {max_steps} steps: the model is pre-trained for all of train.max_steps")
     if not val_metrics:  # resumed from the final checkpoint of a run that died before finishing
         val_metrics = validate(cfg, session, data, training, tracker, training.step)
     return val_metrics
@@ -295,9 +331,40 @@ def held_out_metrics(model: torch.nn.Module, windows: torch.Tensor, micro_batch_
     return metrics
 
 
+def check_stop_at(cfg: Any, session: StageSession, data: PretrainData, training: Training, tracker: Tracker,
+                  stop_at: StopAt, step: int) -> None:
+    """Sample the held-out problems (every process its share of the calls) and mark the run stopped when
+    avg@n reaches train.stop_at.accuracy. The check has its own seeds, as RL's held-out checks do, and leaves
+    the training's random state as it found it."""
+    from ntp_rl.engines import make_generator, sampling_weights
+    from ntp_rl.evaluation import sample_and_score_chunks, summarize
+    from ntp_rl.generation import Sampling
+    from ntp_rl.seeding import rl_eval_seed
+
+    target = cfg.train.stop_at
+    generator_cfg = GeneratorConfig()  # the trained model itself samples
+    generator = make_generator(generator_cfg, training.lm, data.tokenizer, stop_at.task.stop_strings,
+                               target.sampling.batch_size, "", session)
+    sampling = Sampling(target.sampling.temperature, target.sampling.top_p, target.sampling.max_new_tokens)
+    per_call = max(1, target.sampling.batch_size // target.samples)
+    devices = [session.device] if session.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), sampling_weights(generator_cfg, training.model):
+        results = sample_and_score_chunks(generator, stop_at.task, stop_at.problems, target.samples, sampling, [1],
+                                          lambda chunk: rl_eval_seed(cfg.seed, chunk), session.rank, session.world,
+                                          per_call)
+    training.model.train()
+    accuracy = summarize(results, [1])[stop_at.accuracy_key]
+    tracker.log({f"val/task_{stop_at.accuracy_key}": accuracy}, step=step)
+    session.say(f"  task @ {step}: {stop_at.accuracy_key} {accuracy:.3f} on {len(stop_at.problems)} {target.split} "
+                f"problems (stop at {target.accuracy:g})")
+    if accuracy >= target.accuracy:
+        training.stopped_at = {"step": step, "metric": stop_at.accuracy_key, "value": accuracy,
+                               "accuracy": target.accuracy, "split": target.split, "problems": len(stop_at.problems)}
+
+
 def save(cfg: Any, session: StageSession, data: PretrainData, training: Training) -> Path:
     state = {"step": training.step, "data_position": data.train.position, "data_order": data.order_key, "scheduler": training.scheduler.state_dict(),
-             "nonfinite_skips": training.nonfinite_skips, "world_size": session.world}
+             "nonfinite_skips": training.nonfinite_skips, "world_size": session.world, "stopped_at": training.stopped_at}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, training.step, session.accelerator, training.model,
                                 lambda m: m.lm, training.optimizer, data.tokenizer, state, cfg.train.keep_last)
 
@@ -313,8 +380,13 @@ def finish(cfg: Any, session: StageSession, data: PretrainData, training: Traini
     results = {"stage": cfg.stage, "step": step, "checkpoint": str(final), "unigram_nll": data.unigram_nll,
                "val": val_metrics, "train_wall_time_s": wall, "tokens": step * tokens_per_step,
                "num_processes": session.world, "loss": OmegaConf.to_container(cfg.loss, resolve=True, enum_to_str=True)}
+    if cfg.train.stop_at.accuracy is not None:  # null when max_steps came first
+        results["stopped_at"] = training.stopped_at
     session.tracker.summary({f"final/val_{k}": v for k, v in val_metrics.items()})
     session.finish(results, step=step, checkpoint=str(final))
+    if (stopped := training.stopped_at) is not None:
+        session.say(f"  stopped at step {step} of {cfg.train.max_steps}: {stopped['split']} {stopped['metric']} "
+                    f"{stopped['value']:.3f} >= train.stop_at.accuracy={stopped['accuracy']:g}")
     session.say(f"done: {step} steps in {wall:.0f}s | val nll {val_metrics['nll']:.4f} vs unigram {data.unigram_nll:.3f}"
                 f" | ppl {val_metrics['ppl']:.3f} | entropy {val_metrics['entropy']:.3f}\n  model: {shown_path(final)}")
     return results

@@ -147,9 +147,10 @@ class StageSession:
         return int(torch.load(Path(self.resume_from) / TRAINER_STATE, map_location="cpu", weights_only=True)["step"])
 
     def finished_results(self, max_steps: int) -> Optional[dict]:
-        """The results of this run if it already finished all `max_steps` (resume=auto of a finished run)."""
+        """The results of this run if it already finished: all `max_steps`, or stopped early by its own rule
+        (pretrain's train.stop_at) (resume=auto of a finished run)."""
         finished = rundir.read_results(self.run_dir.path) if self.resume_from else None
-        if finished is None or finished["step"] < max_steps:
+        if finished is None or (finished["step"] < max_steps and not finished.get("stopped_at")):
             return None
         self.accelerator.print(f"ntp-rl {self.stage}: {rundir.shown_path(self.run_dir.path)} already finished at step {finished['step']}")
         return finished

@@ -34,8 +34,11 @@ def label_settings(records: Sequence[Record]) -> dict[tuple[str, ...], str]:
 def record_values(record: Record) -> dict[str, float]:
     """The table's numbers for one record (a key is absent when its stage or metric is)."""
     values: dict[str, Any] = {}
-    val = record.results("pretrain").get("val") or {}
+    pretrain = record.results("pretrain")
+    val = pretrain.get("val") or {}
     values |= {f"pretrain {key}": val.get(key) for key in ("nll", "ppl", "entropy")}
+    if "stopped_at" in pretrain:  # train.stop_at: the steps each prior needed to reach the accuracy are a result
+        values["pretrain steps"] = pretrain.get("step")
     if _number(val.get("entropy")) and _number(val.get("nll")):
         # Over- or under-confidence: the loss's shape shows here even when runs stopped at
         # different NLLs, where raw entropy mostly tracks how far training got.
