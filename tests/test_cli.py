@@ -51,7 +51,7 @@ def test_each_stage_help_names_its_own_groups_presets_and_keys(stage, capsys):
     for key in STAGES[stage].keys:
         assert f"\n  {key} " in out and field_comment(STAGES[stage].schema, key), key
     if stage == "pretrain":
-        assert groups == {"model", "data", "loss", "optim"}  # not task, sampling or eval
+        assert groups == {"model", "data", "loss", "optim", "task"}  # task: what train.stop_at checks; not sampling or eval
         assert "  loss=         ce, dft, diversity, head_reward, precision, tail_penalty" in out
         assert "  loss.beta                    0.0          ground-truth reward factor: < 0 precision" in out
     if stage == "rl":

@@ -35,7 +35,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("pretrain", "pre-train a model with the reward-shaped next-token loss", "ntp_rl.stages.pretrain",
           schema.PretrainConfig, checks.validate_pretrain,
           ("loss.beta", "loss.lambda_top", "loss.lambda_tail", "loss.k", "train.max_steps", "train.batch_size",
-           "optim.lr", "data.seq_len", "seed", "resume", "run_dir")),
+           "optim.lr", "data.seq_len", "train.stop_at.accuracy", "seed", "resume", "run_dir")),
     Stage("midtrain", "continue pre-training a checkpoint with a new RoPE base, sequence length and schedule",
           "ntp_rl.stages.pretrain", schema.MidtrainConfig, checks.validate_midtrain,
           ("init_from", "model.rope_theta", "data.seq_len", "train.max_steps", "optim.lr", "optim.min_lr_ratio", "seed",
