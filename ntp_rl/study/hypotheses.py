@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ntp_rl.config.paths import conf_dir
 from ntp_rl.errors import DataError
 from ntp_rl.stats import ALPHA, MeanCI
 from ntp_rl.study.predictors import Predictors
@@ -78,13 +78,13 @@ def resolve(name_or_path: str) -> Path:
         if not path.is_file():
             raise DataError(f"compare: --hypotheses {name_or_path}: no such file")
         return path
-    packaged = resources.files("ntp_rl.conf").joinpath(PACKAGED, f"{name_or_path}.yaml")
+    shipped = conf_dir() / PACKAGED  # the config tree the stages compose from, not another install's
+    packaged = shipped / f"{name_or_path}.yaml"
     if not packaged.is_file():
-        shipped = sorted(p.name[:-5] for p in resources.files("ntp_rl.conf").joinpath(PACKAGED).iterdir()
-                         if p.name.endswith(".yaml"))
+        names = sorted(p.stem for p in shipped.glob("*.yaml"))
         raise DataError(f"compare: --hypotheses {name_or_path}: neither a YAML file nor a shipped one "
-                        f"({', '.join(shipped)})")
-    return Path(str(packaged))
+                        f"({', '.join(names)})")
+    return packaged
 
 
 def load(name_or_path: str) -> Preregistration:
