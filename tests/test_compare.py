@@ -390,6 +390,9 @@ def test_a_straddling_interval_cannot_tell_and_the_shipped_study_file_loads(tmp_
     assert study.baseline == "loss=ce" and [h.id for h in study.hypotheses] == ["1", "2", "3", "4", "5", "6", "6", "7"]
     assert {h.metric for h in study.hypotheses} == {"rl avg@8", "base entropy-nll", "pretrain nll", "base avg@8",
                                                    "rl entropy change", "gain avg@8", "gain pass@8", "Avg@n"}
+    matched = load("rl_study_matched")  # its primary is RL's gain; the base scores are the matching's check
+    assert (matched.hypotheses[0].metric, matched.hypotheses[0].rule) == ("gain avg@8", "direction")
+    assert {h.metric for h in matched.hypotheses} <= {h.metric for h in study.hypotheses}
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -104,6 +104,14 @@ def test_rl_study_tunes_on_validation_and_reports_on_test():
     assert cfg.hypotheses == "rl_study"  # its closing compare judges the pre-registered hypotheses
 
 
+def test_rl_study_matched_stops_every_base_at_one_validation_accuracy():
+    """docs/rl-study-matched.md: rl_study's RL and evals, with pre-training ended by accuracy on validation."""
+    cfg = compose("pipeline", ["experiment=rl_study_matched"])
+    assert cfg.train.stop_at.accuracy == 0.25 and cfg.train.stop_at.split == "validation"
+    assert cfg.rl.eval_split == "validation" and cfg.eval.split == "test" and cfg.rl.max_steps == 150
+    assert cfg.hypotheses == "rl_study_matched"
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates_at_every_point(experiment, monkeypatch):
     # the GPU experiment included: its sizes are checked here even where it cannot run (its SLURM launcher
