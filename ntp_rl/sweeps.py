@@ -312,7 +312,18 @@ def compare_lineages(lineages: list[str], cfg: Any, overrides: Sequence[str], sw
     wandb = WandbOptions(mode=cfg.logger.wandb.mode.value,
                          project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
                          group=cfg.logger.wandb.group or label or sweep_dir.name)  # the verdict beside its lineages
-    summary = compare(sorted(set(lineages)), str(out_dir), wandb=wandb, hypotheses=cfg.get("hypotheses"))
+    hypotheses = cfg.get("hypotheses")
+    try:
+        summary = compare(sorted(set(lineages)), str(out_dir), wandb=wandb, hypotheses=hypotheses)
+    except UserError as exc:
+        if not hypotheses:
+            raise
+        # The verdicts need their baseline among the lineages; a study run a point at a time (or a few
+        # points of it) has not got it yet. Its lineages finished all the same: the table still is written.
+        print(f"ntp-rl: the verdicts of hypotheses={hypotheses} were not judged ({first_line(exc)}); once the "
+              f"lineages they compare have finished: ntp-rl compare <their directories> --hypotheses {hypotheses}",
+              file=sys.stderr)
+        summary = compare(sorted(set(lineages)), str(out_dir), wandb=wandb)
     print(summary["table"], end="")
     if summary["verdicts"]:
         print("\n" + summary["verdicts"], end="")

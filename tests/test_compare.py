@@ -429,3 +429,23 @@ def test_bases_stopped_at_an_accuracy_report_the_steps_they_needed(tmp_path):
                       {**results, "step": 525, "stopped_at": {"step": 525, "metric": "avg@8", "value": 0.27}})
     values = {record.path: record_values(record) for record in find_records([str(tmp_path)])}
     assert values[stopped]["pretrain steps"] == 525 and "pretrain steps" not in values[plain]
+
+
+def test_a_sweep_without_the_baseline_writes_its_table_and_says_the_verdicts_wait(tmp_path, capsys):
+    """A pre-registered study run a point at a time: the first points' closing compare has no baseline yet."""
+    from ntp_rl.config.compose import compose
+    from ntp_rl.sweeps import compare_lineages
+
+    root = tmp_path / "outputs" / "pipeline"
+    ce, precision = write_lineage(root, "ce", 0, 0.1, 0.3), write_lineage(root, "precision", 0, 0.12, 0.3)
+    (tmp_path / "h.yaml").write_text("baseline: loss=ce\nhypotheses:\n"
+                                     "  - {id: a, finding: same base, metric: base avg@4, within: 0.02}\n")
+    cfg = compose("pipeline", [f"out_dir={tmp_path / 'outputs'}", "logger.wandb.mode=disabled",
+                               f"hypotheses={tmp_path / 'h.yaml'}"])
+    out = tmp_path / "outputs" / "experiments" / "study"
+    compare_lineages([str(precision)], cfg, ["experiment=study"], tmp_path)
+    err = capsys.readouterr().err
+    assert "the verdicts of hypotheses=" in err and "--baseline loss=ce matches no setting" in err
+    assert (out / "compare.md").exists() and not (out / "verdicts.md").exists()
+    compare_lineages([str(ce), str(precision)], cfg, ["experiment=study"], tmp_path)
+    assert "were not judged" not in capsys.readouterr().err and (out / "verdicts.md").exists()
