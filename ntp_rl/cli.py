@@ -8,9 +8,11 @@ even in the middle of a sweep.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ntp_rl.errors import TrainingDiverged, UserError, first_line
@@ -125,8 +127,6 @@ def expand_model_paths(args: list[str]) -> list[str]:
     lets `ntp-rl eval model=outputs/pretrain/<run>` say what it means. A bare word stays a
     preset name, so a typo (`model=tinyy`) is told the presets instead of searched on the hub.
     """
-    from pathlib import Path
-
     expanded = []
     for arg in args:
         key, eq, value = arg.partition("=")
@@ -149,6 +149,9 @@ def run_with_hydra(stage: str, hydra_args: list[str], checked: "CheckedCommand")
     RememberSweepDir.command = sweep_command(stage, checked.overrides) if checked.plan is not None else None
     if checked.plan is not None and checked.first.get("resume") == "auto":
         hydra_args = [*hydra_args, *_continued_sweep(stage, checked, hydra_args)]
+    fresh = None
+    if checked.plan is not None and not any(a.startswith("hydra.sweep.dir=") for a in hydra_args):
+        fresh, hydra_args = _fresh_sweep_dir(checked.plan, hydra_args)
     task = _stage_task(stage, checked.plan)
     sys.argv = [f"{PROG} {stage}", *hydra_args]
     code = 0
@@ -165,6 +168,9 @@ def run_with_hydra(stage: str, hydra_args: list[str], checked: "CheckedCommand")
         code = 1
     if checked.plan is not None:
         code = finish_sweep(stage, checked.plan, checked.first, checked.overrides) or code
+    if fresh is not None:
+        with contextlib.suppress(OSError):  # removed only while empty: Hydra stopped before the sweep started
+            fresh.rmdir()
     if code:
         raise SystemExit(code)
 
@@ -180,10 +186,21 @@ def _continued_sweep(stage: str, checked: "CheckedCommand", hydra_args: list[str
         return []
     found = sweep_to_continue(stage, checked.first.out_dir, checked.overrides)
     if found is None:
-        print(f"note: resume=auto found no earlier sweep of this command; a new sweep starts")
+        print("note: resume=auto found no earlier sweep of this command; a new sweep starts")
         return []
     print(f"resume=auto: continuing the sweep in {shown_path(found)}")
     return [f"hydra.sweep.dir={hydra_quote(str(found))}"]
+
+
+def _fresh_sweep_dir(plan: "SweepPlan", hydra_args: list[str]) -> tuple[Path, list[str]]:
+    """A new sweep's directory, created here and by no other command: two sweeps started in the same second
+    would otherwise share `<stage>-<time>/`, and each would read the other's point records and command."""
+    from ntp_rl.overrides import hydra_quote
+    from ntp_rl.rundir import make_fresh
+
+    composed = Path(plan.sweep_dir)
+    fresh = make_fresh(composed.parent, composed.name)
+    return fresh, [*hydra_args, f"hydra.sweep.dir={hydra_quote(str(fresh))}"]
 
 
 def _stage_task(stage: str, plan: Optional["SweepPlan"]) -> Callable:

@@ -181,19 +181,23 @@ _created: set[Path] = set()
 def claim_fresh(stage_root: Path, name: str) -> Path:
     """A new directory `<time>-<name>`, created atomically: a second process in the same
     second finds it taken and claims `<time>-<name>-1` instead."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    stage_root.mkdir(parents=True, exist_ok=True)
+    path = make_fresh(stage_root, f"{time.strftime('%Y%m%d-%H%M%S')}-{dir_name(name)}")
+    _created.add(path)
+    lock(path, "run_dir")
+    return path
+
+
+def make_fresh(parent: Path, name: str) -> Path:
+    """`parent/name`, created by this call and no other: taken already, `name-1`, `name-2`, ..."""
+    parent.mkdir(parents=True, exist_ok=True)
     suffix = 0
     while True:
-        path = stage_root / (f"{stamp}-{dir_name(name)}" + (f"-{suffix}" if suffix else ""))
+        path = parent / (name + (f"-{suffix}" if suffix else ""))
         try:
             path.mkdir()
+            return path
         except FileExistsError:
             suffix += 1
-            continue
-        _created.add(path)
-        lock(path, "run_dir")
-        return path
 
 
 def lock(path: Path, key: str) -> None:

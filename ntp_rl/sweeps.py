@@ -67,6 +67,7 @@ class SweepPlan:
     at_once: int = 1  # points running at the same time (the sweeper's batch)
     tasks_per_point: int = 1  # processes of each point on one machine (tasks_per_node)
     search: bool = False  # an Optuna sweeper: each job returns its objective
+    sweep_dir: str = ""  # hydra.sweep.dir as composed (outputs/sweeps/<stage>-<time>); the CLI claims it
 
     def threads_per_task(self, cores: Optional[int] = None) -> int:
         """The machine's cores shared out between the processes of the points running at once."""
@@ -80,7 +81,7 @@ def plan_from_hydra(hydra_cfg: Any, swept_keys: list[str], num_points: int) -> S
     batch = sweeper.get("n_jobs") if search else sweeper.get("max_batch_size")
     return SweepPlan(swept_keys=swept_keys, num_points=total, at_once=min(int(batch or total), total),
                      tasks_per_point=int(launcher.get("tasks_per_node") or 1),
-                     search=search)
+                     search=search, sweep_dir=str(hydra_cfg.sweep.dir))
 
 
 def require_search_extra(overrides: list[str]) -> None:

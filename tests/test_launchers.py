@@ -107,6 +107,29 @@ def test_a_failed_point_is_named_at_the_end_and_the_others_finish(tiny, tmp_path
     assert "sweep: 1 of 2 point(s) finished" in result.stdout
 
 
+def test_a_sweep_started_in_a_second_another_sweep_took_gets_a_directory_of_its_own(tiny, tmp_path):
+    # Another sweep of the same stage holds <stage>-<time>/ for every second this one may start in: each
+    # sweep would read the other's point records (and resume=auto its command) from a shared directory.
+    import time
+
+    outputs = tmp_path / "outputs"
+    start = time.time()
+    taken = [outputs / "sweeps" / time.strftime("pretrain-%Y%m%d-%H%M%S", time.localtime(start + s))
+             for s in range(-5, 120)]
+    foreign = {"num": 0, "overrides": ["seed=9"], "status": "finished", "run_dir": "elsewhere"}
+    for path in taken:
+        (path / "points").mkdir(parents=True)
+        (path / "points" / "0.json").write_text(json.dumps(foreign))
+    result = run_cli("pretrain", "-m", "seed=1", *tiny, "train.max_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ours,) = [p for p in (outputs / "sweeps").iterdir() if (p / "command.json").exists()]
+    assert ours.name.endswith("-1") and ours.with_name(ours.name[:-2]) in taken
+    assert result.stdout.strip().splitlines()[-1].endswith(f"records in {ours}")
+    (record,) = [json.loads(p.read_text()) for p in (ours / "points").glob("*.json")]
+    assert record["overrides"][0] == "seed=1" and record["status"] == "finished"
+    assert all(json.loads((p / "points" / "0.json").read_text()) == foreign for p in taken)
+
+
 @pytest.mark.slow
 def test_two_pipeline_points_run_as_local_processes_and_a_rerun_skips_them(pipe, tmp_path):
     args = ["pipeline", "-m", "hydra/launcher=local", "loss=ce,precision", *pipe]
