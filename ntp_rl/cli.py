@@ -98,6 +98,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         run_with_hydra(stage, rest, checked)
     except KeyboardInterrupt as exc:
+        if isinstance(exc, stopping.Stopped) and checked.plan is not None and checked.plan.local_jobs:
+            from ntp_rl.sweeps import stop_local_jobs
+
+            stop_local_jobs()
         interrupted(stage, exc, sweep=checked.plan is not None)
 
 

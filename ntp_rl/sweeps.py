@@ -14,6 +14,7 @@ or as SLURM jobs (hydra/launcher=slurm), both through hydra-submitit-launcher. n
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -68,6 +69,7 @@ class SweepPlan:
     tasks_per_point: int = 1  # processes of each point on one machine (tasks_per_node)
     search: bool = False  # an Optuna sweeper: each job returns its objective
     sweep_dir: str = ""  # hydra.sweep.dir as composed (outputs/sweeps/<stage>-<time>); the CLI claims it
+    local_jobs: bool = False  # hydra/launcher=local: the points are child processes of this one
 
     def threads_per_task(self, cores: Optional[int] = None) -> int:
         """The machine's cores shared out between the processes of the points running at once."""
@@ -81,7 +83,8 @@ def plan_from_hydra(hydra_cfg: Any, swept_keys: list[str], num_points: int) -> S
     batch = sweeper.get("n_jobs") if search else sweeper.get("max_batch_size")
     return SweepPlan(swept_keys=swept_keys, num_points=total, at_once=min(int(batch or total), total),
                      tasks_per_point=int(launcher.get("tasks_per_node") or 1),
-                     search=search, sweep_dir=str(hydra_cfg.sweep.dir))
+                     search=search, sweep_dir=str(hydra_cfg.sweep.dir),
+                     local_jobs=str(launcher.get("_target_", "")).endswith(".LocalLauncher"))
 
 
 def require_search_extra(overrides: list[str]) -> None:
@@ -153,6 +156,27 @@ def prepare_job(plan: SweepPlan, launcher_cfg: Any) -> None:
     torch.set_num_threads(threads)
     print(f"ntp-rl: {executor} job {env.job_id}, task {env.global_rank} of {env.num_tasks}: {threads} thread(s), "
           f"pid {os.getpid()}", flush=True)
+
+
+def stop_local_jobs(timeout_s: float = 300.0) -> None:
+    """SIGTERM to a local sweep's `ntp-rl` reaches it alone (Ctrl-C reaches the terminal's whole process group),
+    so its jobs would train on, orphaned. It is passed on, and the jobs are waited for while each saves a
+    checkpoint and marks its run interrupted: once `ntp-rl` has exited, the same command resumes them all."""
+    import psutil
+
+    # The jobs' controllers (submitit.local._local) pass SIGTERM on to their tasks, the points' processes.
+    jobs = psutil.Process().children()
+    if not jobs:
+        return
+    print(f"ntp-rl: passing SIGTERM to the sweep's {len(jobs)} running local job(s); waiting while they save "
+          f"a checkpoint and stop", file=sys.stderr, flush=True)
+    for job in jobs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            job.terminate()
+    _, running = psutil.wait_procs(jobs, timeout=timeout_s)
+    if running:
+        print(f"ntp-rl: {len(running)} local job(s) still running after {timeout_s:.0f} s: pid(s) "
+              f"{' '.join(str(p.pid) for p in running)}", file=sys.stderr)
 
 
 def is_rank_zero() -> bool:

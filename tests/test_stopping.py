@@ -104,3 +104,43 @@ def test_a_job_signalled_by_submitit_saves_is_requeued_and_resumes(tiny, tmp_pat
     assert info["status"] == "finished"
     assert sorted(train_rows(sweep / "0")) == list(range(1, 11))
     assert "sweep: 1 of 1 point(s) finished" in result.stdout
+
+
+@pytest.mark.slow  # a local job and the ntp-rl that launched it: ~40 s on 2 cores
+def test_sigterm_to_a_local_sweep_stops_its_jobs_after_a_checkpoint(tiny, tmp_path):
+    """`kill <ntp-rl's pid>` reaches that process alone (Ctrl-C reaches the terminal's whole process group), not the
+    jobs of hydra/launcher=local: ntp-rl passes it on and waits while each job saves a checkpoint and stops."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import REPO
+
+    sweeps = tmp_path / "outputs" / "sweeps"
+    driver = subprocess.Popen([sys.executable, "-m", "ntp_rl", "pretrain", "-m", "hydra/launcher=local", "seed=0",
+                               *tiny, "train.max_steps=100000", "train.save_every=100000", "train.log_every=1"],
+                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(train_rows(p.parent) for p in sweeps.glob("*/0/metrics.jsonl")):
+            assert driver.poll() is None and time.monotonic() < deadline, "the job never started training"
+            time.sleep(0.5)
+        (task,) = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                   if "submitit.core._submit" in " ".join(p.cmdline())]
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=300)
+    finally:
+        for process in psutil.Process(driver.pid).children(recursive=True) if driver.poll() is None else []:
+            process.kill()
+        driver.kill()
+    assert driver.returncode == 143, err
+    assert "passing SIGTERM to the sweep's 1 running local job(s)" in err, err
+    assert err.strip().splitlines()[-1].startswith("ntp-rl: stopped by SIGTERM; "), err
+    assert not task.is_running(), "the job's process outlived ntp-rl"
+    (run,) = sweeps.glob("*/0")
+    info = json.loads((run / "run.json").read_text())
+    assert (info["status"], info["signal"]) == ("interrupted", "SIGTERM")
+    assert latest_checkpoint(run / "checkpoints") is not None, "the job saved a checkpoint before it stopped"
