@@ -59,3 +59,13 @@ def test_every_command_the_readme_shows_composes(argv, capsys):
         return
     cfg = compose(stage, quote_path_values(expand_model_paths(as_typed(args))))
     assert cfg.stage == stage
+
+
+def test_every_docs_page_is_in_the_site_nav():
+    """`mkdocs build --strict` (CI's docs step, after the first test run) fails on a page left out of the nav;
+    this catches it in the first run, without the docs extra."""
+    import yaml  # omegaconf depends on PyYAML
+    listed = set(re.findall(r"[\w./-]+\.md", yaml.safe_dump(yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"])))
+    pages = {str(p.relative_to(REPO / "docs")) for p in (REPO / "docs").rglob("*.md")}
+    assert pages - listed == set(), "docs pages missing from mkdocs.yml's nav"
+    assert listed - pages == set(), "mkdocs.yml's nav names pages that do not exist"
