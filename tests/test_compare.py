@@ -431,6 +431,21 @@ def test_bases_stopped_at_an_accuracy_report_the_steps_they_needed(tmp_path):
     assert values[stopped]["pretrain steps"] == 525 and "pretrain steps" not in values[plain]
 
 
+def test_rl_stopped_at_a_plateau_reports_the_steps_it_took(tmp_path):
+    from ntp_rl.study.records import find_records
+    from ntp_rl.study.table import record_values
+
+    levelled, capped = write_lineage(tmp_path, "ce", 0, 0.3, 0.6), write_lineage(tmp_path, "precision", 0, 0.3, 0.6)
+    for lineage, rl_results in ((levelled, {"step": 225, "stopped_at": {"step": 225, "rule": "plateau"}}),
+                                (capped, {"step": 400, "stopped_at": None})):  # rl.plateau set, the cap came first
+        results = json.loads((lineage / "rl" / "results.json").read_text())
+        write_json_atomic(lineage / "rl" / "results.json", {**results, **rl_results})
+    plain = write_lineage(tmp_path, "diversity", 0, 0.3, 0.6)
+    values = {record.path: record_values(record) for record in find_records([str(tmp_path)])}
+    assert values[levelled]["rl steps"] == 225 and values[capped]["rl steps"] == 400
+    assert "rl steps" not in values[plain]
+
+
 def test_a_sweep_without_the_baseline_writes_its_table_and_says_the_verdicts_wait(tmp_path, capsys):
     """A pre-registered study run a point at a time: the first points' closing compare has no baseline yet."""
     from ntp_rl.config.compose import compose

@@ -199,6 +199,9 @@ def test_two_processes_match_one_with_the_same_global_batch(rl_args, tmp_path):
         (["rl.prompts_per_generate_call=-2"], ["rl.prompts_per_generate_call", "> 0"]),
         (["task=nope"], ["task=nope", "chain_sum", "gsm8k"]),
         (["rl.num_generation=4"], ["rl.num_generation", "num_generations"]),
+        (["rl.plateau.patience=50"], ["rl.plateau.patience", "rl.eval_split=test", "rl.eval_split=validation"]),
+        (["rl.plateau.patience=0", "rl.eval_split=validation"], ["rl.plateau.patience", "> 0"]),
+        (["rl.plateau.patience=50", "rl.plateau.min_gain=-0.1", "rl.eval_split=validation"], ["rl.plateau.min_gain"]),
     ],
 )
 def test_bad_config_fails_with_one_line_naming_the_key(args, names, tmp_path):

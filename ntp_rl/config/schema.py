@@ -369,6 +369,20 @@ class MidtrainConfig(PretrainConfig):
 
 
 @dataclass
+class PlateauConfig:
+    """RL that ends once held-out accuracy levels off (rl.plateau): early stopping on the held-out checks.
+
+    At each held-out evaluation (every rl.eval_every steps, on rl.eval_split) avg@rl.eval_samples improves
+    when it beats the best so far by more than min_gain; the run stops, with a checkpoint, at the first
+    evaluation from min_steps on that comes `patience` or more steps after the last improvement. rl.max_steps
+    is then a cap (docs/rl.md, "Until it levels off")."""
+
+    patience: Optional[int] = None  # null: run all rl.max_steps; e.g. 50 (two checks at eval_every 25)
+    min_gain: float = 0.01  # an improvement must beat the best by more than this (above the checks' noise)
+    min_steps: int = 0  # never stop before this step
+
+
+@dataclass
 class GRPOConfig:
     """GRPO with verifiable rewards, DAPO-style (clip-higher, dynamic sampling, token-level loss).
 
@@ -436,6 +450,7 @@ class GRPOConfig:
     eval_samples: int = 8  # n per problem: avg@n is the mean accuracy
     eval_ks: list[int] = field(default_factory=lambda: [1, 8])  # unbiased pass@k for each k <= n
     eval_sampling: SamplingConfig = field(default_factory=_rollout_sampling)
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)  # stop once held-out accuracy levels off
 
 
 @dataclass

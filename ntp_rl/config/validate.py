@@ -421,6 +421,24 @@ def _check_grpo(rl: Any, optim: Any, task: Any, optim_key: str = "optim") -> Non
     bad_ks = [k for k in rl.eval_ks if not 1 <= k <= rl.eval_samples]
     if bad_ks:
         raise ConfigError("rl.eval_ks", f"every k must be in 1..rl.eval_samples={rl.eval_samples}", list(rl.eval_ks))
+    _check_plateau(rl)
+
+
+def _check_plateau(rl: Any) -> None:
+    """rl.plateau: read only when its patience is set."""
+    plateau = rl.plateau
+    if plateau.patience is None:
+        return
+    _positive(plateau.patience, "rl.plateau.patience")
+    _finite(plateau.min_gain, "rl.plateau.min_gain")
+    if plateau.min_gain < 0:
+        raise ConfigError("rl.plateau.min_gain", "must be >= 0", plateau.min_gain)
+    if plateau.min_steps < 0:
+        raise ConfigError("rl.plateau.min_steps", "must be >= 0", plateau.min_steps)
+    if rl.eval_split == "test":
+        raise ConfigError("rl.plateau.patience", "stops on the held-out checks of rl.eval_split=test: a stopping "
+                          "rule must not read the split a study reports; set rl.eval_split=validation",
+                          plateau.patience)
 
 
 _VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")

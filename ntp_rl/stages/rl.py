@@ -9,7 +9,8 @@ Top to bottom: load the task and the policy, then each step runs five phases.
   update         mu x mini-batch clipped-surrogate updates; the loss is averaged over the
                  response tokens of the global batch, so any number of processes makes the same update;
   log            rewards, lengths, clipping, entropy, throughput.
-A held-out evaluation runs before training, every rl.eval_every steps and at the end.
+A held-out evaluation runs before training, every rl.eval_every steps and at the end; with rl.plateau set,
+the run ends at the evaluation where held-out accuracy has levelled off (ntp_rl/rl/plateau.py).
 
 Rollouts are seeded by (run seed, step, round, prompt position) and the prompt position is
 saved in each checkpoint, so `resume=auto` reproduces the run from its last checkpoint.
@@ -39,6 +40,7 @@ from ntp_rl.generation import Sampling
 from ntp_rl.metrics import Sums
 from ntp_rl.models import check_vocab, count_parameters, enable_activation_checkpointing, load_pretrained
 from ntp_rl.optim import build_adamw, lr_lambda
+from ntp_rl.rl.plateau import Plateau
 from ntp_rl.rl.rollout import PolicyLogprobs, PromptStream
 from ntp_rl.rundir import shown_path
 from ntp_rl.seeding import rl_eval_seed, seed_everything
@@ -80,10 +82,11 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
         eval_after = None
         if state.step == 0:
             eval_after = state.eval_before = evaluate_held_out(state, 0)
+            check_plateau(state, eval_after)
         bar = session.progress(total=cfg.rl.max_steps, initial=state.step, logs=True)
         last_step_metrics: dict = {}
         started = time.perf_counter()
-        while state.step < cfg.rl.max_steps:
+        while state.step < cfg.rl.max_steps and state.stopped_at is None:
             step_start = time.perf_counter()
             state.step += 1
             collected, gen_time = sample(state)
@@ -98,7 +101,8 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> dict:
             last_step_metrics = log(state, collected, batch, sums, counts, timing, bar)
             if state.step % cfg.rl.eval_every == 0 or state.step == cfg.rl.max_steps:
                 eval_after = evaluate_held_out(state, state.step)
-            saved = state.step % cfg.rl.save_every == 0 or state.step == cfg.rl.max_steps
+                check_plateau(state, eval_after)
+            saved = state.step % cfg.rl.save_every == 0 or state.step == cfg.rl.max_steps or state.stopped_at is not None
             if saved:
                 save(state)
             stopping.stop_if_asked(session.accelerator, lambda: saved or save(state))
@@ -147,6 +151,7 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         sampling=Sampling(rl.sampling.temperature, rl.sampling.top_p, rl.sampling.max_new_tokens),
         eval_sampling=Sampling(rl.eval_sampling.temperature, rl.eval_sampling.top_p, rl.eval_sampling.max_new_tokens),
         per_rank=rl.prompts_per_step // session.world, model_dir=model_dir,
+        plateau=Plateau(rl.plateau.patience, rl.plateau.min_gain, rl.plateau.min_steps) if rl.plateau.patience else None,
     )
     if session.resume_from is not None:
         saved = ckpt.load_training_state(session.resume_from, session.accelerator, model, optimizer)
@@ -157,6 +162,9 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         state.nonfinite_skips = int(saved.get("nonfinite_skips", 0))
         state.short_steps, state.filled_groups = int(saved.get("short_steps", 0)), int(saved.get("filled_groups", 0))
         state.equal_reward_steps = int(saved.get("equal_reward_steps", 0))
+        state.stopped_at = saved.get("stopped_at")  # a run that levelled off trains no further
+        if state.plateau is not None:
+            state.plateau.load_state_dict(saved.get("plateau"))
     return state
 
 
@@ -174,6 +182,10 @@ def announce(state: RLState, init_dir: Any) -> None:
     if not session.accelerator.unwrap_model(state.model).chunked:
         session.say("  log-probs: the LM head is not a plain linear map (a bias, soft-cap or logit scale), so full "
                     "logits are materialised: memory grows with response tokens x vocabulary")
+    if (plateau := rl.plateau).patience:
+        session.say(f"  stops once held-out avg@{rl.eval_samples} ({rl.eval_split}) has not beaten its best by more than "
+                    f"{plateau.min_gain:g} for {plateau.patience} steps (checked every {rl.eval_every} steps, from step "
+                    f"{plateau.min_steps}); rl.max_steps={rl.max_steps} is the cap")
     if state.step:
         session.say(f"  resumed from {session.resume_from} at step {state.step}")
 
@@ -205,6 +217,17 @@ def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
     return summary
 
 
+def check_plateau(state: RLState, summary: dict[str, float]) -> None:
+    """Feed rl.plateau's rule the evaluation just made; mark the run stopped when accuracy has levelled off."""
+    rl = state.cfg.rl
+    key = f"avg@{rl.eval_samples}"
+    if state.plateau is None or not state.plateau.levelled_off(state.step, summary[key]):
+        return
+    state.stopped_at = {"step": state.step, "rule": "plateau", "metric": key, "value": summary[key],
+                        "best": state.plateau.best, "best_step": state.plateau.best_step, "split": rl.eval_split,
+                        "patience": rl.plateau.patience, "min_gain": rl.plateau.min_gain}
+
+
 def save(state: RLState) -> Path:
     session = state.session
     trainer_state = {"step": state.step, "prompt_position": state.prompt_position,
@@ -212,7 +235,8 @@ def save(state: RLState) -> Path:
                      "eval_before": state.eval_before, "train_first_step": state.first_step_metrics,
                      "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
                      "short_steps": state.short_steps,
-                     "filled_groups": state.filled_groups, "equal_reward_steps": state.equal_reward_steps}
+                     "filled_groups": state.filled_groups, "equal_reward_steps": state.equal_reward_steps,
+                     "plateau": state.plateau.state_dict() if state.plateau else None, "stopped_at": state.stopped_at}
     return ckpt.save_checkpoint(session.run_dir.checkpoints, state.step, session.accelerator, state.model, lambda m: m.lm,
                                 state.optimizer, state.tokenizer, trainer_state, state.cfg.rl.keep_last)
 
@@ -229,12 +253,22 @@ def finish(state: RLState, init_dir: Any, eval_after: dict, last_step_metrics: d
                "empty_mini_batches": state.empty_mini_batches, "nonfinite_skips": state.nonfinite_skips,
                "dynamic_sampling": {"short_steps": state.short_steps, "filled_groups": state.filled_groups,
                                     "groups_per_step": state.cfg.rl.prompts_per_step}}
+    if state.plateau is not None:  # null when rl.max_steps came first
+        results["stopped_at"] = state.stopped_at
+        if state.stopped_at is None:
+            session.notice("plateau_not_reached", 1, f"held-out accuracy had not levelled off by rl.max_steps={step} "
+                           f"(rl.plateau.patience={state.cfg.rl.plateau.patience}, min_gain={state.cfg.rl.plateau.min_gain:g}): "
+                           "RL ran all of its steps")
     session.tracker.summary({f"final/eval_{k}": v for k, v in eval_after.items()})
     if state.equal_reward_steps:
         session.notice("equal_reward_steps", state.equal_reward_steps,
                        f"{state.equal_reward_steps} of {step} steps had equal rewards within every group: zero "
                        "advantages, policy_loss 0, nothing learned from them")
     session.finish(results, step=step, checkpoint=str(final))
+    if (stopped := state.stopped_at) is not None:
+        session.say(f"  stopped at step {step} of {state.cfg.rl.max_steps}: {stopped['split']} {stopped['metric']} "
+                    f"{stopped['value']:.3f}, no gain above {stopped['min_gain']:g} on its best ({stopped['best']:.3f} "
+                    f"at step {stopped['best_step']}) for {step - stopped['best_step']} steps")
     before = f"{state.eval_before[accuracy_key]:.3f}" if state.eval_before else "?"
     session.say(f"done: {step} steps in {wall:.0f}s | held-out ({state.cfg.rl.eval_split}) {accuracy_key} {before} -> {eval_after[accuracy_key]:.3f}"
                 f" | mean length {eval_after['mean_length']:.1f}\n  model: {shown_path(final)}")

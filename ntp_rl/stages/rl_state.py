@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from ntp_rl.generation import Generator, Sampling
+from ntp_rl.rl.plateau import Plateau
 from ntp_rl.rl.rollout import PromptStream
 from ntp_rl.stages.session import StageSession
 from ntp_rl.tasks import Task, TaskProblem
@@ -43,6 +44,8 @@ class RLState:
     equal_reward_steps: int = 0  # over the run: steps in which every group had equal rewards (nothing to learn)
     filled_groups: int = 0  # over the run: batch places those steps left without a group to train on
     engine_stale: bool = False  # the policy has changed since the sampling engine last took its weights
+    plateau: Optional[Plateau] = None  # rl.plateau's rule, when set
+    stopped_at: Optional[dict] = None  # the held-out check where rl.plateau found accuracy levelled off
 
     @property
     def updates_per_step(self) -> int:

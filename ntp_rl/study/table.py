@@ -39,6 +39,8 @@ def record_values(record: Record) -> dict[str, float]:
     values |= {f"pretrain {key}": val.get(key) for key in ("nll", "ppl", "entropy")}
     if "stopped_at" in pretrain:  # train.stop_at: the steps each prior needed to reach the accuracy are a result
         values["pretrain steps"] = pretrain.get("step")
+    if "stopped_at" in record.results("rl"):  # rl.plateau: the steps each prior's RL took to level off are a result
+        values["rl steps"] = record.results("rl").get("step")
     if _number(val.get("entropy")) and _number(val.get("nll")):
         # Over- or under-confidence: the loss's shape shows here even when runs stopped at
         # different NLLs, where raw entropy mostly tracks how far training got.
