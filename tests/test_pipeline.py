@@ -73,6 +73,29 @@ def test_an_interrupted_stage_resumes_and_the_finished_ones_are_kept(pipe, tmp_p
     assert info(lineage)["status"] == "finished" and info(lineage / "eval_rl")["status"] == "finished"
 
 
+def test_a_lineages_rl_continued_in_a_copy_runs_on_and_is_evaluated_again(pipe, tmp_path, capsys):
+    """How a study's RL is made longer after the fact (docs/studies.md): a copy of the finished lineage without
+    its RL results and its eval_rl, run again with more RL steps; the original is left as it was."""
+    import shutil
+
+    first = run_stage("pipeline", compose("pipeline", pipe), overrides=[])
+    lineage, copy = Path(first["lineage"]), tmp_path / "longer"
+    shutil.copytree(lineage, copy)
+    (copy / "rl" / "results.json").unlink()
+    shutil.rmtree(copy / "eval_rl")
+    longer = [*pipe, f"run_dir={copy}", "rl.max_steps=6"]
+    with pytest.raises(UserError, match="rl.max_steps"):
+        run_stage("pipeline", compose("pipeline", longer), overrides=longer[-1:])
+    capsys.readouterr()
+    longer.append("resume_allow_changes=true")
+    run_stage("pipeline", compose("pipeline", longer), overrides=longer[-2:])
+    out = capsys.readouterr().out
+    assert "[pretrain] already finished" in out and "[rl] resuming" in out and "rl.max_steps 4 -> 6" in out
+    assert json.loads((copy / "rl" / "results.json").read_text())["step"] == 6
+    assert json.loads((copy / "eval_rl" / "results.json").read_text())["model"] == str(copy / "rl" / "checkpoints" / "step_00000006")
+    assert json.loads((lineage / "rl" / "results.json").read_text())["step"] == 4, "the original lineage is kept"
+
+
 def test_paper_small_is_the_papers_five_settings_over_seeds():
     from ntp_rl.config.compose import compose as compose_with
 

@@ -62,3 +62,20 @@ def test_the_rule_resumes_where_it_was_and_a_cap_reached_first_is_said(rl_args, 
     # step 6; a rule that started over at the resume would first stop at step 12.
     more = rl_run([*plateau_args(rl_args, 6, 1.0, 20), f"run_dir={run_dir}", "resume=auto", "resume_allow_changes=true"])
     assert more["step"] == 6 and more["stopped_at"]["best_step"] == 0
+
+
+def test_a_run_continued_with_the_rule_reads_the_checks_it_logged_before(rl_args, tmp_path, capsys):
+    """A run trained without rl.plateau, then continued with it (resume_allow_changes=true): its checkpoints
+    hold no rule state, so the rule reads the logged checks, and stops where a run with the rule from the
+    start would have."""
+    run_dir = tmp_path / "run"
+    plain = rl_run([*rl_args, "rl.eval_split=validation", "rl.max_steps=4", "rl.eval_every=2", f"run_dir={run_dir}"])
+    assert "stopped_at" not in plain
+    more = rl_run([*plateau_args(rl_args, 6, 1.0, 20), f"run_dir={run_dir}", "resume=auto", "resume_allow_changes=true"])
+    assert more["step"] == 6 and more["stopped_at"]["best_step"] == 0, "the step-0 check, read from the log"
+    # Had the rule read a curve on which it would already have stopped, the run says so and stops at its next check.
+    again = tmp_path / "again"
+    rl_run([*rl_args, "rl.eval_split=validation", "rl.max_steps=4", "rl.eval_every=2", f"run_dir={again}"])
+    late = rl_run([*plateau_args(rl_args, 2, 1.0, 20), f"run_dir={again}", "resume=auto", "resume_allow_changes=true"])
+    assert late["step"] == 6 and late["notices"]["plateau_before_resume"] == 2
+    assert "rl.plateau would have stopped this run at step 2" in capsys.readouterr().out

@@ -31,14 +31,16 @@ class Plateau:
     def state_dict(self) -> dict:
         return {"best": self.best, "best_step": self.best_step}
 
-    def load_state_dict(self, saved: Optional[dict]) -> None:
-        """A checkpoint's state; one saved before rl.plateau was set has none, and the rule then starts from the
-        first evaluation after the resume."""
-        if saved:
-            self.best, self.best_step = saved["best"], int(saved["best_step"])
+    def load_state_dict(self, saved: dict) -> None:
+        self.best, self.best_step = saved["best"], int(saved["best_step"])
+
+    def replay(self, curve: list[tuple[int, float]]) -> Optional[int]:
+        """Take in a logged curve of (step, held-out accuracy), in step order, as if the rule had read it: for a
+        run continued with the rule from a checkpoint saved without it. Returns the step where the rule would
+        have stopped that curve, if it would have."""
+        return next((step for step, value in curve if self.levelled_off(step, value)), None)
 
 
 def stopping_step(curve: list[tuple[int, float]], patience: int, min_gain: float, min_steps: int = 0) -> Optional[int]:
     """Where the rule stops a logged curve of (step, held-out accuracy), in step order; None: it never does."""
-    rule = Plateau(patience, min_gain, min_steps)
-    return next((step for step, value in curve if rule.levelled_off(step, value)), None)
+    return Plateau(patience, min_gain, min_steps).replay(curve)

@@ -62,7 +62,9 @@ def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: S
         stage_cfg.model.name_or_path = upstream
     elif stage in ("rl", "midtrain"):
         stage_cfg.init_from = upstream
+    # resume_allow_changes reaches the stage the pipeline resumes: a lineage's RL continued with more steps.
     shared = {"seed": cfg.seed, "out_dir": cfg.out_dir, "run_dir": str(lineage / lineage_stage), "resume": None,
+              "resume_allow_changes": cfg.resume_allow_changes,
               "logger": OmegaConf.merge(cfg.logger, {"wandb": {"group": cfg.logger.wandb.group or name,
                                                                "name": f"{name}/{lineage_stage}",
                                                                "tags": [*cfg.logger.wandb.tags, *tags]}})}

@@ -49,6 +49,7 @@ from ntp_rl.stages.rl_sample import sample, score, sync_engine
 from ntp_rl.stages.rl_state import RLState
 from ntp_rl.stages.rl_update import STEP_MAXIMA, STEP_SUMS, old_logprobs, update
 from ntp_rl.stages.session import StageSession
+from ntp_rl.tracking import read_metrics
 from ntp_rl.tasks import Task, TaskProblem, build_task
 
 
@@ -164,8 +165,25 @@ def setup(cfg: Any, session: StageSession, task: Task, policy: torch.nn.Module, 
         state.equal_reward_steps = int(saved.get("equal_reward_steps", 0))
         state.stopped_at = saved.get("stopped_at")  # a run that levelled off trains no further
         if state.plateau is not None:
-            state.plateau.load_state_dict(saved.get("plateau"))
+            restore_plateau(state, saved.get("plateau"))
     return state
+
+
+def restore_plateau(state: RLState, saved: Optional[dict]) -> None:
+    """rl.plateau's rule as the checkpoint left it. A checkpoint saved without the rule (a run continued with
+    `resume_allow_changes=true rl.plateau.patience=...`) has no state: the rule then reads the held-out checks
+    the run logged up to it, so that it stops where a run that had the rule from the start would have."""
+    if saved is not None:
+        state.plateau.load_state_dict(saved)
+        return
+    key = f"eval/avg@{state.cfg.rl.eval_samples}"
+    logged = {row["step"]: row[key] for row in read_metrics(state.session.run_dir.path)
+              if isinstance(row.get(key), (int, float)) and row.get("step", state.step + 1) <= state.step}
+    would_have_stopped = state.plateau.replay(sorted(logged.items()))
+    if would_have_stopped is not None:
+        state.session.notice("plateau_before_resume", would_have_stopped, f"rl.plateau would have stopped this run at "
+                             f"step {would_have_stopped}, before the checkpoint it resumes (step {state.step}); it "
+                             "stops at its next held-out check")
 
 
 def announce(state: RLState, init_dir: Any) -> None:
