@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from ntp_rl.generation import Completion, Generator, Sampling
 from ntp_rl.metrics import majority_vote, pass_at_k
+from ntp_rl.seeding import rl_eval_seed
 from ntp_rl.tasks import Scored, Task, TaskProblem, score_all
 
 
@@ -165,6 +166,17 @@ def sample_and_score_calls(generator: Generator, task: Task, problems: Sequence[
     for problem, _, part in sorted(gathered, key=lambda part: part[:2]):
         samples[problem] += part
     return [problem_result(problem, s, ks, keep_samples) for problem, s in zip(problems, samples)]
+
+
+def held_out_check(generator: Generator, task: Task, problems: Sequence[TaskProblem], n: int, sampling: Sampling,
+                   ks: Sequence[int], seed: int, rank: int, world: int, batch_size: int) -> dict[str, float]:
+    """A training run's check on held-out problems (RL's evaluations, pretrain's train.stop_at), summarized: `n`
+    samples of each problem, in calls of as many whole problems as `batch_size` sequences hold, each call seeded
+    as it is at every check (`rl_eval_seed`), so checks differ only where the model does."""
+    per_call = max(1, batch_size // n)
+    results = sample_and_score_chunks(generator, task, problems, n, sampling, ks, lambda chunk: rl_eval_seed(seed, chunk),
+                                      rank, world, per_call)
+    return summarize(results, ks)
 
 
 def sample_and_score_chunks(generator: Generator, task: Task, problems: Sequence[TaskProblem], n: int, sampling: Sampling,

@@ -337,23 +337,20 @@ def check_stop_at(cfg: Any, session: StageSession, data: PretrainData, training:
     avg@n reaches train.stop_at.accuracy. The check has its own seeds, as RL's held-out checks do, and leaves
     the training's random state as it found it."""
     from ntp_rl.engines import make_generator, sampling_weights
-    from ntp_rl.evaluation import sample_and_score_chunks, summarize
+    from ntp_rl.evaluation import held_out_check
     from ntp_rl.generation import Sampling
-    from ntp_rl.seeding import rl_eval_seed
 
     target = cfg.train.stop_at
     generator_cfg = GeneratorConfig()  # the trained model itself samples
     generator = make_generator(generator_cfg, training.lm, data.tokenizer, stop_at.task.stop_strings,
                                target.sampling.batch_size, "", session)
     sampling = Sampling(target.sampling.temperature, target.sampling.top_p, target.sampling.max_new_tokens)
-    per_call = max(1, target.sampling.batch_size // target.samples)
     devices = [session.device] if session.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), sampling_weights(generator_cfg, training.model):
-        results = sample_and_score_chunks(generator, stop_at.task, stop_at.problems, target.samples, sampling, [1],
-                                          lambda chunk: rl_eval_seed(cfg.seed, chunk), session.rank, session.world,
-                                          per_call)
+        summary = held_out_check(generator, stop_at.task, stop_at.problems, target.samples, sampling, [1], cfg.seed,
+                                 session.rank, session.world, target.sampling.batch_size)
     training.model.train()
-    accuracy = summarize(results, [1])[stop_at.accuracy_key]
+    accuracy = summary[stop_at.accuracy_key]
     tracker.log({f"val/task_{stop_at.accuracy_key}": accuracy}, step=step)
     session.say(f"  task @ {step}: {stop_at.accuracy_key} {accuracy:.3f} on {len(stop_at.problems)} {target.split} "
                 f"problems (stop at {target.accuracy:g})")

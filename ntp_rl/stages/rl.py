@@ -34,7 +34,7 @@ from ntp_rl.config.validate import rl_prompt_split
 from ntp_rl.data.tokenizer import load_tokenizer
 from ntp_rl.errors import ConfigError
 from ntp_rl.engines import make_generator, sampling_weights
-from ntp_rl.evaluation import sample_and_score_chunks, summarize
+from ntp_rl.evaluation import held_out_check
 from ntp_rl.faults import kill_point
 from ntp_rl.generation import Sampling
 from ntp_rl.metrics import Sums
@@ -43,7 +43,7 @@ from ntp_rl.optim import build_adamw, lr_lambda
 from ntp_rl.rl.plateau import Plateau
 from ntp_rl.rl.rollout import PolicyLogprobs, PromptStream
 from ntp_rl.rundir import shown_path
-from ntp_rl.seeding import rl_eval_seed, seed_everything
+from ntp_rl.seeding import seed_everything
 from ntp_rl.stages.rl_log import log
 from ntp_rl.stages.rl_sample import sample, score, sync_engine
 from ntp_rl.stages.rl_state import RLState
@@ -223,12 +223,9 @@ def evaluate_held_out(state: RLState, step: int) -> dict[str, float]:
     sync_engine(state)
     evaluator = make_generator(state.cfg.generator, state.lm, state.tokenizer, state.task.stop_strings,
                                rl.eval_sampling.batch_size, state.model_dir, session)  # vLLM: the same engine
-    per_call = max(1, rl.eval_sampling.batch_size // rl.eval_samples)
     with sampling_weights(state.cfg.generator, state.model):
-        results = sample_and_score_chunks(evaluator, state.task, state.eval_problems, rl.eval_samples,
-                                          state.eval_sampling, list(rl.eval_ks), lambda chunk: rl_eval_seed(seed, chunk),
-                                          session.rank, session.world, per_call)
-    summary = summarize(results, list(rl.eval_ks))
+        summary = held_out_check(evaluator, state.task, state.eval_problems, rl.eval_samples, state.eval_sampling,
+                                 list(rl.eval_ks), seed, session.rank, session.world, rl.eval_sampling.batch_size)
     session.tracker.log({f"eval/{k}": v for k, v in summary.items() if k not in ("problems", "n")}, step=step)
     shown = " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith(("avg@", "pass@", "cons@")))
     session.say(f"  eval @ {step}: {shown} | mean length {summary['mean_length']:.1f}")
