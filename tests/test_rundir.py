@@ -16,9 +16,13 @@ from ntp_rl.errors import ConfigError
 
 
 def start_cli(*args: str) -> subprocess.Popen:
+    """`ntp-rl` as a terminal would start it. SIGINT's default comes back first: a shell starts background
+    commands with SIGINT ignored (`.ci/run &`, `nohup pytest &`), their children inherit that, and Python then
+    never turns Ctrl-C into KeyboardInterrupt, so the tests that send it would wait on a run that ignores it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "ntp_rl", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, timeout=120.0):
