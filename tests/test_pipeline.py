@@ -135,6 +135,26 @@ def test_rl_study_matched_stops_every_base_at_one_validation_accuracy():
     assert cfg.hypotheses == "rl_study_matched"
 
 
+def test_rl_study_plateau_is_rl_study_matched_with_rl_run_until_it_levels_off():
+    """The registered extension (docs/rl-study-matched.md): its lineages must be rl_study_matched's in every
+    key but RL's length, or its verdicts would not be the same study's once RL has levelled off."""
+    from omegaconf import OmegaConf
+
+    def keys(overrides):
+        flat = {}
+
+        def walk(node, prefix=""):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.") if isinstance(value, dict) else flat.update({prefix + key: value})
+        walk(OmegaConf.to_container(compose("pipeline", overrides), resolve=True))
+        return flat
+
+    matched, plateau = keys(["experiment=rl_study_matched", "loss=precision"]), keys(["experiment=rl_study_plateau", "loss=precision"])
+    differ = {key for key in matched.keys() | plateau.keys() if matched.get(key) != plateau.get(key)}
+    assert {"rl.max_steps", "rl.plateau.patience"} <= differ <= {"rl.max_steps", "rl.plateau.patience", "rl.plateau.min_gain"}
+    assert (plateau["rl.max_steps"], plateau["rl.plateau.patience"], plateau["rl.plateau.min_gain"]) == (600, 50, 0.01)
+    assert plateau["rl.eval_split"] == "validation"  # the rule reads validation checks, the verdicts the test split
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates_at_every_point(experiment, monkeypatch):
     # the GPU experiment included: its sizes are checked here even where it cannot run (its SLURM launcher
