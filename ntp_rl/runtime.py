@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -111,10 +112,23 @@ def flops_per_token(num_params_no_embedding: int, num_layers: int, num_heads: in
     return 6 * num_params_no_embedding + 12 * num_layers * num_heads * head_dim * seq_len
 
 
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name as the kernel reports it (Linux); platform.processor() is often just the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment(device: Any, distributed: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What a run's numbers depend on beyond its config, recorded in run.json: library versions, the
     CPU threads torch uses (reductions are summed in another order with another count), the device,
-    and how the run is split over processes (`parallelism`)."""
+    the CPU and the vector instructions torch's CPU kernels run with (`cpu_capability`: AVX2 and AVX512
+    kernels round differently, so the same run on another CPU drifts, and a threshold such as
+    train.stop_at turns that drift into another stopping step), and how the run is split over processes."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -129,4 +143,5 @@ def environment(device: Any, distributed: Optional[dict[str, Any]] = None) -> di
             "ntp_rl": installed("ntp-rl"), "accelerate": installed("accelerate"), "torch_threads": torch.get_num_threads(),
             "device": device.type, "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                                    else platform.processor() or platform.machine()),
+            "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cuda": torch.version.cuda, "distributed": distributed or {"kind": "single", "world_size": 1}}

@@ -119,6 +119,8 @@ def test_run_json_records_what_the_numbers_depend_on(tmp_path, shared_cache):
     assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
     assert env["ntp_rl"] == "0.1.0" and env["torch_threads"] == torch.get_num_threads() and env["device"] == "cpu"
     assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+    # the same run on a CPU with other vector instructions drifts: the record must say which kernels ran
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu_capability"]
 
 
 def test_progress_on_a_log_file_is_plain_lines_at_the_log_interval(tmp_path, shared_cache, capsys):
