@@ -7,6 +7,7 @@ would otherwise read its own clock. `run.json` says what state the run is in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -159,7 +160,9 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(path: Path, cfg: Any) -> list[dict]:
     """The keys, other than bookkeeping and cadence, whose value differs from the run's own config.yaml.
 
-    A key only one side has (a config from another ntp-rl version) is not a change of this run's computation.
+    A key the run's config.yaml lacks (it was saved by an ntp-rl without that key) ran as the key's schema
+    default, which is how a new key keeps the old behaviour: set to anything else, it is a change (an old RL
+    run continued with rl.plateau, say). A key only the old config has, or one with no schema default, is not.
     """
     try:
         was = _flat(OmegaConf.to_container(OmegaConf.load(Path(path) / CONFIG_FILE), resolve=True))
@@ -167,8 +170,20 @@ def config_changes(path: Path, cfg: Any) -> list[dict]:
         return []
     now = _flat(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     free = BOOKKEEPING_KEYS | CADENCE_KEYS
+    defaults = _schema_defaults(cfg) if now.keys() - was.keys() else {}
+    was |= {key: defaults[key] for key in now.keys() - was.keys() if key in defaults}
     return [{"key": key, "was": was[key], "now": now[key]} for key in sorted(was.keys() & now.keys())
             if key not in free and not key.startswith("logger.") and was[key] != now[key]]
+
+
+def _schema_defaults(cfg: Any) -> dict[str, Any]:
+    """Every key's default in the config's dataclasses (flat), where it has one that is a plain value."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return {}
+    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(schema), resolve=False, enum_to_str=True))
+    return {key: value for key, value in defaults.items()
+            if not (isinstance(value, str) and (value == "???" or value.startswith("${")))}
 
 
 # Run directories this process writes: the open descriptor of each one's lock file (held for

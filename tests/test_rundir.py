@@ -142,3 +142,21 @@ def test_console_paths_are_relative_to_the_current_directory_when_under_it(tmp_p
     assert rundir.shown_path(tmp_path / "outputs" / "pretrain" / "x") == "outputs/pretrain/x"
     assert rundir.shown_path(Path("outputs/rl/y")) == "outputs/rl/y"
     assert rundir.shown_path(Path("/elsewhere/z")) == "/elsewhere/z"
+
+
+def test_a_key_the_runs_config_lacks_is_compared_with_its_schema_default(tmp_path):
+    """A run saved by an ntp-rl that had no rl.plateau ran without it: continuing it with the rule changes its
+    computation and must be named (refused without resume_allow_changes); the key at its default is no change."""
+    from omegaconf import OmegaConf
+
+    from ntp_rl.config.compose import compose
+
+    saved = OmegaConf.to_container(compose("rl", ["init_from=x"]), resolve=True, enum_to_str=True)
+    del saved["rl"]["plateau"]  # as an older version wrote it
+    (tmp_path / rundir.CONFIG_FILE).write_text(OmegaConf.to_yaml(saved))
+
+    assert rundir.config_changes(tmp_path, compose("rl", ["init_from=x"])) == []
+    assert rundir.config_changes(tmp_path, compose("rl", ["init_from=x", "rl.plateau.patience=50"])) == [
+        {"key": "rl.plateau.patience", "was": None, "now": 50}]
+    assert rundir.config_changes(tmp_path, compose("rl", ["init_from=x", "rl.plateau.patience=50", "rl.max_steps=7"])) == [
+        {"key": "rl.max_steps", "was": 60, "now": 7}, {"key": "rl.plateau.patience", "was": None, "now": 50}]
