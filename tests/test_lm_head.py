@@ -105,7 +105,9 @@ def test_an_update_through_the_chunked_head_equals_the_materialised_one(tied, se
     if setting != "one_update":
         assert materialised["sums"]["kl"] > 0 and materialised["sums"]["is_clipped"] > 0, "KL and TIS both act"
     for key, want in materialised["sums"].items():
-        assert chunked["sums"][key] == pytest.approx(want, abs=1e-5), key
+        # sums over a batch's tokens reach the hundreds, where fp32's spacing is 3e-5: summed in another
+        # order they differ in the last bits (seen on an AVX512 machine), so the tolerance is relative
+        assert chunked["sums"][key] == pytest.approx(want, rel=1e-6, abs=1e-5), key
     grads = materialised["grads"]
     assert set(chunked["grads"]) == set(grads)
     for name, want in grads.items():
