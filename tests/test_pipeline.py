@@ -138,16 +138,10 @@ def test_rl_study_matched_stops_every_base_at_one_validation_accuracy():
 def test_rl_study_plateau_is_rl_study_matched_with_rl_run_until_it_levels_off():
     """The registered extension (docs/rl-study-matched.md): its lineages must be rl_study_matched's in every
     key but RL's length, or its verdicts would not be the same study's once RL has levelled off."""
-    from omegaconf import OmegaConf
+    from ntp_rl.rundir import _flat  # the flattening resume compares configs with
 
     def keys(overrides):
-        flat = {}
-
-        def walk(node, prefix=""):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.") if isinstance(value, dict) else flat.update({prefix + key: value})
-        walk(OmegaConf.to_container(compose("pipeline", overrides), resolve=True))
-        return flat
+        return _flat(OmegaConf.to_container(compose("pipeline", overrides), resolve=True))
 
     matched, plateau = keys(["experiment=rl_study_matched", "loss=precision"]), keys(["experiment=rl_study_plateau", "loss=precision"])
     differ = {key for key in matched.keys() | plateau.keys() if matched.get(key) != plateau.get(key)}
