@@ -96,6 +96,7 @@ CASES = [
     ("midtrain init_from={run} data.seq_len=64 model.max_position_embeddings=32", "data.seq_len"),
     ("pipeline stages=[midtrain,pretrain]", "stages"),
     ("pipeline stages=[pretrain,midtrain] midtrain.seq_len=0", "midtrain.seq_len"),
+    ("pipeline stages=[pretrain,midtrain] midtrain.loss=sft", "midtrain.loss"),
     # rl
     ("rl init_from=/no/such/run", "init_from"),
     ("rl init_from={run} rl.num_generations=1", "rl.num_generations"),

@@ -87,15 +87,27 @@ def test_the_pipeline_puts_midtrain_between_pretrain_and_the_rest(tmp_path):
     assert stage_config("rl", plain, lineage, "x", []).init_from == str(lineage / "pretrain")
 
 
+def test_midtrain_loss_names_a_preset_for_mid_training_alone(tmp_path):
+    cfg = compose("pipeline", ["stages=[pretrain,midtrain,eval_base,rl,eval_rl]", "loss=precision", "loss.k=10",
+                               "midtrain.loss=dft"])
+    lineage = tmp_path / "lineage"
+    pre, mid = (stage_config(stage, cfg, lineage, "x", []).loss for stage in ("pretrain", "midtrain"))
+    assert (pre.beta, pre.k) == (-0.25, 10)
+    dft = compose("pretrain", ["loss=dft"]).loss
+    assert mid == dft and mid.positive_form.value == "constant" and mid.k != 10  # the preset's numbers, not loss.*
+
+
 @pytest.mark.slow
 def test_a_pipeline_with_midtrain_runs_end_to_end(tmp_path, shared_cache):
-    overrides = ["stages=[pretrain,midtrain,eval_base,rl,eval_rl]", "midtrain.seq_len=64", "midtrain.max_steps=2"]
+    overrides = ["stages=[pretrain,midtrain,eval_base,rl,eval_rl]", "midtrain.seq_len=64", "midtrain.max_steps=2",
+                 "midtrain.loss=dft"]
     args = [*PIPE, f"out_dir={tmp_path / 'outputs'}", f"data.cache_dir={shared_cache}", *overrides]
     results = run_stage("pipeline", compose("pipeline", args), overrides=overrides)
     lineage = Path(results["lineage"])
     mid_ckpt = latest_checkpoint(lineage / "midtrain" / "checkpoints")
     assert json.loads((mid_ckpt / "config.json").read_text())["rope_parameters"]["rope_theta"] == 1e6
     assert OmegaConf.load(lineage / "rl" / "config.yaml").init_from == str(lineage / "midtrain")
+    assert [OmegaConf.load(lineage / stage / "config.yaml").loss.name for stage in ("pretrain", "midtrain")] == ["ce", "dft"]
     base = json.loads((lineage / "eval_base" / "results.json").read_text())
     assert base["model"] == str(mid_ckpt)
     assert "midtrain_nll" in results["summary"] and "rl_avg@4" in results["summary"]

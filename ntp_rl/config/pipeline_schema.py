@@ -26,6 +26,9 @@ class MidtrainSettings:
     rope_theta: float = 1.0e6  # the paper: 1e4 -> 1e6
     seq_len: int = 512  # the paper: 4096 -> 16384; here twice the tiny pre-training's
     max_steps: int = 100
+    # A loss preset (conf/loss/<name>.yaml) for mid-training alone; unset, mid-training keeps the pipeline's
+    # loss (the paper does). A fine-tuning loss such as dft, which cannot pre-train from scratch, goes here.
+    loss: Optional[str] = None
 
 
 @dataclass

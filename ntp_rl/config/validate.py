@@ -94,6 +94,13 @@ def validate_pipeline(cfg: Any) -> None:
         for key in ("rope_theta", "seq_len", "max_steps"):
             _positive(cfg.midtrain[key], f"midtrain.{key}")
         _check_optim(cfg.midtrain_optim, "midtrain_optim")
+        if cfg.midtrain.loss is not None:
+            from ntp_rl.config.paths import conf_dir
+
+            presets = sorted(path.stem for path in (conf_dir() / "loss").glob("*.yaml"))
+            if cfg.midtrain.loss not in presets:
+                raise ConfigError("midtrain.loss", f"must name a loss preset in conf/loss: {', '.join(presets)}",
+                                  cfg.midtrain.loss)
     _check_grpo(cfg.rl, cfg.rl_optim, cfg.task, optim_key="rl_optim")
     _check_evaluation(cfg.eval, cfg.sampling, cfg.diagnostics, cfg.data, cfg.task)
     _check_generator(cfg.generator, cfg.rl)

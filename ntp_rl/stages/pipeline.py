@@ -73,7 +73,7 @@ def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: S
                      "task": cfg.task},
         # The pre-training's settings, but for what mid-training changes (PipelineConfig.midtrain); train.stop_at
         # decides when pre-training ends, not mid-training.
-        "midtrain": {"data": OmegaConf.merge(cfg.data, {"seq_len": cfg.midtrain.seq_len}), "loss": cfg.loss,
+        "midtrain": {"data": OmegaConf.merge(cfg.data, {"seq_len": cfg.midtrain.seq_len}), "loss": midtrain_loss(cfg),
                      "optim": cfg.midtrain_optim, "train": OmegaConf.merge(cfg.train, {"max_steps": cfg.midtrain.max_steps,
                                                                                       "stop_at": {"accuracy": None}})},
         "rl": {"task": cfg.task, "rl": cfg.rl, "optim": cfg.rl_optim, "generator": cfg.generator},
@@ -87,6 +87,14 @@ def stage_config(lineage_stage: str, cfg: Any, lineage: Path, name: str, tags: S
     if stage == "eval":  # the held-out text follows the task's difficulty, as in `ntp-rl eval`
         stage_cfg.data.difficulty = cfg.task.difficulty
     return stage_cfg
+
+
+def midtrain_loss(cfg: Any) -> Any:
+    """Mid-training's loss: the preset midtrain.loss names, with that preset's own numbers (none of the
+    pipeline's loss.* carry over), or the pipeline's loss when it is unset."""
+    if cfg.midtrain.loss is None:
+        return cfg.loss
+    return compose("midtrain", [f"loss={cfg.midtrain.loss}"]).loss
 
 
 def check_one_precision(cfg: Any) -> None:
