@@ -61,6 +61,22 @@ def no_figures(monkeypatch):
     monkeypatch.setattr("ntp_rl.stages.compare.write_figures", lambda *args, **kwargs: [])
 
 
+
+def test_a_midtrain_stage_has_columns_of_its_own(tmp_path, no_figures):
+    root = tmp_path / "pipeline"
+    for seed in (0, 1):
+        write_lineage(root, "ce", seed, accuracy=0.1, after=0.2)
+        mid = write_lineage(root, "dft", seed, accuracy=0.1, after=0.3)
+        write_run(mid / "midtrain", "midtrain", seed=seed,
+                  results={"val": {"nll": 0.6 + seed / 10, "ppl": 1.9, "entropy": 0.2}, "loss": {"name": "dft"}})
+    rows = {r["setting"]: r for r in compare([str(root)], str(tmp_path / "out"))["rows"]}
+    assert rows["loss=dft"]["midtrain nll"] == pytest.approx(0.65)
+    assert rows["loss=dft"]["midtrain entropy-nll"] == pytest.approx(-0.45)  # 0.2 - 0.6 and 0.2 - 0.7
+    assert rows["loss=dft"]["pretrain nll"] == pytest.approx(0.55)  # pre-training's own, beside it
+    assert "midtrain nll" not in rows["loss=ce"]
+    header = next(line for line in (tmp_path / "out" / "compare.md").read_text().splitlines() if line.startswith("| setting"))
+    assert header.index("pretrain entropy-nll") < header.index("midtrain nll") < header.index("base avg@4")
+
 def by(comparisons, metric, setting):
     return next(c for c in comparisons if c.metric == metric and c.setting == setting)
 

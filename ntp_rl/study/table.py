@@ -34,17 +34,18 @@ def label_settings(records: Sequence[Record]) -> dict[tuple[str, ...], str]:
 def record_values(record: Record) -> dict[str, float]:
     """The table's numbers for one record (a key is absent when its stage or metric is)."""
     values: dict[str, Any] = {}
+    for stage in ("pretrain", "midtrain"):  # a lineage's midtrain stage is what its base model is
+        val = record.results(stage).get("val") or {}
+        values |= {f"{stage} {key}": val.get(key) for key in ("nll", "ppl", "entropy")}
+        if _number(val.get("entropy")) and _number(val.get("nll")):
+            # Over- or under-confidence: the loss's shape shows here even when runs stopped at
+            # different NLLs, where raw entropy mostly tracks how far training got.
+            values[f"{stage} entropy-nll"] = val["entropy"] - val["nll"]
     pretrain = record.results("pretrain")
-    val = pretrain.get("val") or {}
-    values |= {f"pretrain {key}": val.get(key) for key in ("nll", "ppl", "entropy")}
     if "stopped_at" in pretrain:  # train.stop_at: the steps each prior needed to reach the accuracy are a result
         values["pretrain steps"] = pretrain.get("step")
     if "stopped_at" in record.results("rl"):  # rl.plateau: the steps each prior's RL took to level off are a result
         values["rl steps"] = record.results("rl").get("step")
-    if _number(val.get("entropy")) and _number(val.get("nll")):
-        # Over- or under-confidence: the loss's shape shows here even when runs stopped at
-        # different NLLs, where raw entropy mostly tracks how far training got.
-        values["pretrain entropy-nll"] = val["entropy"] - val["nll"]
     evals = (("eval_base", "base"), ("eval_rl", "rl"), ("eval", "eval"))
     if any(stage in record.stages for stage, _ in evals):
         for stage, prefix in evals:
@@ -84,7 +85,7 @@ def _number(value: Any) -> bool:
 
 def column_order(columns: Iterable[str]) -> list[str]:
     def key(name: str) -> tuple:
-        group = next((i for i, p in enumerate(("pretrain", "base", "eval", "rl", "gain")) if name.startswith(p)), 9)
+        group = next((i for i, p in enumerate(("pretrain", "midtrain", "base", "eval", "rl", "gain")) if name.startswith(p)), 9)
         metric = name.split(" ", 1)[1] if " " in name else name
         benchmark = SUITE_COLUMN.match(name)  # "base aime24 avg@128": after the means, by benchmark, then metric
         if benchmark:
