@@ -95,9 +95,7 @@ def validate_pipeline(cfg: Any) -> None:
             _positive(cfg.midtrain[key], f"midtrain.{key}")
         _check_optim(cfg.midtrain_optim, "midtrain_optim")
         if cfg.midtrain.loss is not None:
-            from ntp_rl.config.paths import conf_dir
-
-            presets = sorted(path.stem for path in (conf_dir() / "loss").glob("*.yaml"))
+            presets = _preset_names("loss")
             if cfg.midtrain.loss not in presets:
                 raise ConfigError("midtrain.loss", f"must name a loss preset in conf/loss: {', '.join(presets)}",
                                   cfg.midtrain.loss)
@@ -128,10 +126,15 @@ def _finite(value: float, key: str) -> None:
         raise ConfigError(key, "must be a finite number", value)
 
 
-def _check_benchmarks(ev: Any) -> None:
+def _preset_names(group: str) -> list[str]:
+    """The presets of a config group (conf/<group>/*.yaml), for keys that name one outside Hydra's defaults."""
     from ntp_rl.config.paths import conf_dir
 
-    presets = sorted(path.stem for path in (conf_dir() / "task").glob("*.yaml"))
+    return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))
+
+
+def _check_benchmarks(ev: Any) -> None:
+    presets = _preset_names("task")
     for name in ev.benchmarks:
         if name not in presets:
             raise ConfigError("eval.benchmarks", f"{name} is no task preset; choose from: {', '.join(presets)}",
